@@ -1,0 +1,51 @@
+"""Decoding untrusted image bytes, and the vision tower's preprocessing. No torch import here."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 224  # EfficientNet-Lite0's native resolution: a 7x7 feature map
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an image this service accepts; the message says why."""
+
+
+def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode PNG/JPEG bytes into an RGB image, refusing empty, oversized, truncated or bomb-like input."""
+    if not data:
+        raise InvalidImage("image is empty")
+    if len(data) > max_bytes:
+        raise InvalidImage(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ACCEPTED_FORMATS:
+                raise InvalidImage(f"image format {img.format} is not accepted; send PNG or JPEG")
+            # The header's size is checked before any pixel is decoded, so a bomb costs nothing.
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InvalidImage(f"image is {w}x{h} pixels; the limit is {max_pixels} pixels")
+            img.load()
+            return img.convert("RGB")
+    except InvalidImage:
+        raise
+    except Exception as exc:  # PIL raises a zoo of types for broken files
+        raise InvalidImage(f"image could not be decoded: {exc}") from None
+
+
+def preprocess(images: list[Image.Image]) -> np.ndarray:
+    """RGB images -> float32 array [B, 3, 224, 224], TF-style scaling (x - 127) / 128 of EfficientNet-Lite."""
+    arrays = [
+        np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+        for img in images
+    ]
+    batch = (np.stack(arrays) - 127.0) / 128.0
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

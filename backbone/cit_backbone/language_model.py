@@ -1,0 +1,213 @@
+"""The frozen language model (SmolLM2-135M-Instruct) and the decode loop that turns visual tokens into text."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .paths import LM_GGUF_FILE, cache_dir, lm_gguf_dir
+
+LM_CACHE_NAME = "smollm2-135m-instruct"
+MAX_NEW_TOKENS_LIMIT = 512
+# The chat template's default system prompt is left out on purpose: 24 constant tokens per row cost training
+# time and teach nothing the connector needs. The image sits at the start of the user turn.
+USER_PREFIX = "<|im_start|>user\n"
+ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def converted_lm_dir(progress: bool = True) -> Path:
+    """The LM as safetensors in the local cache, converted from the packaged GGUF on first use (~30 s)."""
+    target = cache_dir() / LM_CACHE_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"converting {LM_GGUF_FILE} to safetensors in {target} (once, ~30 s)", flush=True)
+    src = lm_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=LM_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=LM_GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantised to fp32 already; drop the GGUF quantizer so transformers lets us save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{LM_CACHE_NAME}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)  # atomic: a concurrent converter either wins or finds the finished copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode one request. temperature 0 is greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 5.0):
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if len(self.stop) > 8 or any(not s or len(s) > 64 for s in self.stop):
+            raise ValueError("stop takes at most 8 non-empty strings of at most 64 characters")
+
+
+@dataclass
+class RowState:
+    """One row of a decode: its tokens, the text so far (stop string cut off) and why it ended."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+    def stable_text(self, stop: Sequence[str]) -> str:
+        """Text that can no longer change: holds back a partial character and a possible partial stop string."""
+        text = self.text if self.finish_reason else self.text.rstrip("\ufffd")
+        if self.finish_reason:
+            return text
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[: len(text) - hold]
+
+
+class LanguageModel:
+    def __init__(self, path: Path | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = path or converted_lm_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.hidden_size: int = self.model.config.hidden_size
+        self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
+        self._prefix_ids = self.encode(USER_PREFIX)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the visual tokens."""
+        return self._prefix_ids, self.encode(instruction + ASSISTANT_PREFIX)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.encode(answer) + [self.eos_id]
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+    def _rows(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str] | None):
+        """Per row: (embeddings [L, H], label ids [L]) with -100 everywhere but the answer."""
+        for i, instruction in enumerate(instructions):
+            pre, post = self.prompt_ids(instruction)
+            ans = self.answer_ids(answers[i]) if answers is not None else []
+            emb = torch.cat([self._embed(pre), visual[i], self._embed(post + ans)])
+            labels = [-100] * (len(pre) + visual.shape[1] + len(post)) + ans
+            yield emb, torch.tensor(labels, dtype=torch.long)
+
+    def loss(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; gradients flow into `visual` (the connector's output)."""
+        rows = list(self._rows(visual, instructions, answers))
+        length = max(e.shape[0] for e, _ in rows)
+        emb = torch.zeros(len(rows), length, self.hidden_size)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, (e, lab) in enumerate(rows):  # right padding: positions start at 0 for every row
+            emb[i, : e.shape[0]], labels[i, : e.shape[0]], mask[i, : e.shape[0]] = e, lab, 1
+        return self.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+
+    @torch.inference_mode()
+    def decode(
+        self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling]
+    ) -> Iterator[list[RowState]]:
+        """Decode a batch, one step at a time; yields the row states after every step (the last with all finished)."""
+        rows = [emb for emb, _ in self._rows(visual, instructions, None)]
+        batch, length = len(rows), max(e.shape[0] for e in rows)
+        emb = torch.zeros(batch, length, self.hidden_size)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for i, e in enumerate(rows):  # left padding, so every row's next token sits in the last column
+            emb[i, length - e.shape[0] :], mask[i, length - e.shape[0] :] = e, 1
+        states = [RowState(prompt_tokens=e.shape[0]) for e in rows]
+        generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in sampling]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        for _ in range(max(s.max_new_tokens for s in sampling)):
+            logits = out.logits[:, -1, :]
+            next_ids = []
+            for i, (state, params) in enumerate(zip(states, sampling)):
+                if state.finish_reason:
+                    next_ids.append(self.eos_id)
+                    continue
+                token = _sample(logits[i], params, generators[i])
+                next_ids.append(token)
+                self._advance(state, token, params)
+            yield states
+            if all(s.finish_reason for s in states):
+                return
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=torch.tensor(next_ids).unsqueeze(1),
+                attention_mask=mask,
+                position_ids=positions,
+                cache=out.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    def _advance(self, state: RowState, token: int, params: Sampling) -> None:
+        if token in self.stop_ids:
+            state.finish_reason = "stop"
+            return
+        state.token_ids.append(token)
+        state.text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+        for stop in params.stop:
+            at = state.text.find(stop)
+            if at >= 0:
+                state.text, state.finish_reason = state.text[:at], "stop"
+                return
+        if len(state.token_ids) >= params.max_new_tokens:
+            state.finish_reason = "length"
+
+    def generate(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling]) -> list[RowState]:
+        states: list[RowState] = []
+        for states in self.decode(visual, instructions, sampling):
+            pass
+        return states
+
+
+def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
+    if params.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,112 @@
+"""cit: talk to a running cit-server."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import grpc
+import typer
+
+from .client import CitClient
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+SERVER = Annotated[str, typer.Option("--server", "-s", envvar="CIT_SERVER", help="host:port of cit-server")]
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _fail(exc: grpc.RpcError) -> None:
+    typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+    raise typer.Exit(1)
+
+
+def _route_line(route) -> str:
+    served = f"{route.task_id} v{route.version}" if route.task_id else "base connector"
+    why = "forced" if route.forced else ("below threshold" if route.below_threshold else "routed")
+    return f"[{served}, {why}, score {route.score:.3f}]"
+
+
+@app.command()
+def generate(
+    image: Path,
+    instruction: str,
+    server: SERVER = DEFAULT_SERVER,
+    task: Annotated[Optional[str], typer.Option(help="skip routing and use this task")] = None,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
+    stream: Annotated[bool, typer.Option(help="print tokens as they arrive")] = False,
+) -> None:
+    """Generate an answer for IMAGE and INSTRUCTION; the server picks the task."""
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    stop=stop)
+    with CitClient(server) as client:
+        try:
+            if stream:
+                for msg in client.generate_stream(image, instruction, task, **sampling):
+                    if msg.HasField("route"):
+                        typer.echo(_route_line(msg.route), err=True)
+                    sys.stdout.write(msg.delta)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            else:
+                r = client.generate(image, instruction, task, **sampling)
+                typer.echo(_route_line(r.route), err=True)
+                typer.echo(r.text)
+        except grpc.RpcError as exc:
+            _fail(exc)
+
+
+@app.command()
+def route(image: Path, instruction: str, server: SERVER = DEFAULT_SERVER, top_k: int = 5) -> None:
+    """Show where the server would route a request, with the top candidates."""
+    with CitClient(server) as client:
+        try:
+            r = client.route(image, instruction, top_k).route
+        except grpc.RpcError as exc:
+            _fail(exc)
+    typer.echo(_route_line(r))
+    for c in r.candidates:
+        typer.echo(f"  {c.task_id:<24} v{c.version:<4} {c.score:.3f}")
+
+
+@app.command()
+def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[Optional[str], typer.Argument()] = None) -> None:
+    """List the server's tasks, or print one task's card."""
+    with CitClient(server) as client:
+        try:
+            if task:
+                typer.echo(json.dumps(json.loads(client.get_task(task).card_json), indent=2))
+                return
+            for t in client.list_tasks():
+                typer.echo(f"{t.task_id:<24} v{t.version:<4} {t.adapter_kind:<6} {t.decision:<9} {t.created_at}")
+        except grpc.RpcError as exc:
+            _fail(exc)
+
+
+@app.command()
+def evaluate(
+    task_dirs: Annotated[list[Path], typer.Argument(help="task directories with a test.jsonl")],
+    server: SERVER = DEFAULT_SERVER,
+    limit: Annotated[Optional[int], typer.Option(help="at most N test samples per task")] = None,
+) -> None:
+    """Send every held-out test sample over gRPC; report routing and answer accuracy per task."""
+    from .evaluate import dataset_owners, evaluate_dataset
+
+    with CitClient(server) as client:
+        try:
+            owners = dataset_owners(client)
+            for task_dir in task_dirs:
+                s = evaluate_dataset(client, task_dir, limit, owners)
+                typer.echo(f"{s.dataset:<16} {s.requests:>4} requests  routed to {s.expected_task}: "
+                           f"{s.routing_accuracy:6.1%}  answers correct: {s.answer_accuracy:6.1%}  served by {s.served_by}")
+        except grpc.RpcError as exc:
+            _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

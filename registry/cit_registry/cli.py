@@ -1,0 +1,128 @@
+"""cit-registry: inspect a registry's tasks, their similarities and routes. Listing never imports torch."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .router import Router, task_similarity
+from .store import Registry, TaskNotFound
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
+REGISTRY = Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")]
+DEFAULT_REGISTRY = Path("cit-registry")
+
+
+def _open(path: Path) -> Registry:
+    try:
+        return Registry.open(path)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+@app.command("list")
+def list_tasks(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
+    """One line per task: version, adapter kind, decision, accuracy, creation time."""
+    table = Table("task", "version", "adapter", "decision", "data sets", "accuracy", "created")
+    for t in _open(registry).latest():
+        c = t.card
+        decision = c.decision.get("action", "")
+        if decision == "reused":
+            decision += f" ({c.decision.get('similarity', 0):.2f})"
+        table.add_row(t.task_id, str(t.version), c.adapter_kind, decision, ", ".join(d["name"] for d in c.datasets),
+                      _pct(c.metrics.get("accuracy_after")), c.created_at)
+    console.print(table)
+
+
+@app.command()
+def show(task: str, registry: REGISTRY = DEFAULT_REGISTRY, version: int | None = None) -> None:
+    """Print a task's card (task.json) and where its files are."""
+    try:
+        t = _open(registry).get(task, version)
+    except TaskNotFound as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    typer.echo(t.card.to_json(), nl=False)  # plain JSON, never re-wrapped: scripts can parse it
+    typer.echo(f"files: {t.path}")
+
+
+@app.command()
+def similarity(registry: REGISTRY = DEFAULT_REGISTRY, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The task-by-task similarity matrix (product of image, instruction and output key cosines)."""
+    tasks = _open(registry).latest()
+    keys = {t.task_id: t.key() for t in tasks}
+    matrix = {a: {b: task_similarity(keys[a], keys[b])["score"] for b in keys} for a in keys}
+    if as_json:
+        typer.echo(json.dumps(matrix, indent=2))
+        return
+    table = Table("", *keys)
+    for a in keys:
+        table.add_row(a, *(f"{matrix[a][b]:.3f}" for b in keys))
+    console.print(table)
+
+
+@app.command()
+def route(
+    image: Path,
+    instruction: str,
+    registry: REGISTRY = DEFAULT_REGISTRY,
+    top_k: int = 5,
+    routing_threshold: float = 1.0,
+) -> None:
+    """Route one request offline (no server): embeds it with the backbone, then searches the index."""
+    from cit_backbone.backbone import Backbone
+    from cit_backbone.embedder import TextEmbedder
+    from cit_backbone.images import decode_image
+
+    from .store import routing_query
+
+    reg = _open(registry)
+    img = decode_image(image.read_bytes())
+    features = Backbone().vision.encode([img]).numpy()
+    query = routing_query(features, TextEmbedder().embed([instruction]))
+    candidates = Router.load(reg).search(query, top_k)[0]
+    if not candidates or candidates[0].score < routing_threshold:
+        console.print(f"-> base connector (best score below {routing_threshold})")
+    else:
+        console.print(f"-> {candidates[0].task_id} v{candidates[0].version}")
+    for c in candidates:
+        console.print(f"  {c.task_id:<24} v{c.version:<4} {c.score:.3f}")
+
+
+@app.command()
+def verify(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
+    """Check that every task version is whole and that the routing index agrees with the store."""
+    reg = _open(registry)
+    problems = list(reg.verify())
+    meta_file = reg.root / "index" / "index.json"
+    fingerprint = reg.fingerprint()
+    if not meta_file.exists():
+        problems.append("routing index is missing (it is rebuilt on the next server start or add-task)")
+    else:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("fingerprint") != fingerprint:
+            problems.append("routing index is stale (it is rebuilt on the next server start or add-task)")
+        else:
+            built = Router.build(reg)
+            if [list(r) for r in built.rows] != [list(r) for r in meta["rows"]]:
+                problems.append("routing index rows disagree with the task keys")
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green]: {len(fingerprint)} tasks, store and index agree")
+
+
+if __name__ == "__main__":
+    app()

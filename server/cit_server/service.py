@@ -1,0 +1,148 @@
+"""The gRPC servicer: convert protobuf -> engine call -> protobuf. Errors map to status codes in one place."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cit_proto import cit_pb2, cit_pb2_grpc
+from cit_backbone.language_model import Sampling
+from cit_registry.store import TaskNotFound, TaskVersion
+
+from .config import ServerConfig
+from .engine import Engine, Request, RouteDecision
+
+log = logging.getLogger("cit.server")
+SERVICE_NAME = cit_pb2.DESCRIPTOR.services_by_name["Cit"].full_name
+MAX_ROUTE_CANDIDATES = 50
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, TaskNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ValueError):  # InvalidImage and every validation error are ValueErrors
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort_on_error(method: Callable) -> Callable:
+    """Bad input -> INVALID_ARGUMENT, unknown task -> NOT_FOUND, anything else -> INTERNAL with a log line."""
+
+    def fail(context: grpc.ServicerContext, exc: Exception):
+        code = _status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("internal error in %s", method.__name__)
+        context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(exc).__name__}")
+
+    if method.__name__.endswith("Stream"):
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error gets a status
+                fail(context, exc)
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            fail(context, exc)
+    return wrapper
+
+
+def to_sampling(p: cit_pb2.SamplingParams, default_max_new_tokens: int) -> Sampling:
+    return Sampling(
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new_tokens,
+        temperature=p.temperature if p.HasField("temperature") else 0.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+    )
+
+
+def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
+    finite = lambda x: x if math.isfinite(x) else 0.0  # noqa: E731 - no score when the registry is empty
+    return cit_pb2.RouteDecision(
+        task_id=d.adapter.task_id, version=d.adapter.version, score=finite(d.score),
+        below_threshold=d.below_threshold, forced=d.forced, threshold=d.threshold,
+        candidates=[cit_pb2.Candidate(task_id=c.task_id, version=c.version, score=c.score) for c in d.candidates],
+    )
+
+
+def to_summary_pb(t: TaskVersion) -> cit_pb2.TaskSummary:
+    return cit_pb2.TaskSummary(
+        task_id=t.task_id, version=t.version, adapter_kind=t.card.adapter_kind,
+        decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=len(t.card.datasets),
+    )
+
+
+class CitServicer(cit_pb2_grpc.CitServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _request(self, r: cit_pb2.GenerateRequest) -> Request:
+        return Request(r.image, r.instruction, to_sampling(r.sampling, self.engine.config.default_max_new_tokens),
+                       r.task_id if r.HasField("task_id") else None)
+
+    @_abort_on_error
+    def Generate(self, request, context):
+        decision, done = self.engine.generate(self._request(request))
+        return cit_pb2.GenerateResponse(text=done.text, route=to_route_pb(decision), finish_reason=done.finish_reason,
+                                        prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+    @_abort_on_error
+    def GenerateStream(self, request, context):
+        for decision, delta, done in self.engine.stream(self._request(request)):
+            if decision is not None:
+                yield cit_pb2.GenerateStreamResponse(route=to_route_pb(decision))
+            elif done is not None:
+                yield cit_pb2.GenerateStreamResponse(delta=delta, finish_reason=done.finish_reason,
+                                                     prompt_tokens=done.prompt_tokens,
+                                                     completion_tokens=done.completion_tokens)
+            else:
+                yield cit_pb2.GenerateStreamResponse(delta=delta)
+
+    @_abort_on_error
+    def Route(self, request, context):
+        k = request.top_k or 5
+        if k > MAX_ROUTE_CANDIDATES:
+            raise ValueError(f"top_k must be at most {MAX_ROUTE_CANDIDATES}, got {k}")
+        decision = self.engine.route(self.engine.embed(request.image, request.instruction), k=k)
+        return cit_pb2.RouteResponse(route=to_route_pb(decision))
+
+    @_abort_on_error
+    def ListTasks(self, request, context):
+        return cit_pb2.ListTasksResponse(tasks=[to_summary_pb(t) for t in self.engine.tasks()])
+
+    @_abort_on_error
+    def GetTask(self, request, context):
+        task = self.engine.task(request.task_id)
+        return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=task.card.to_json())
+
+
+def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int]:
+    """A started-ready gRPC server with cit, health checking and reflection; returns it and its bound port."""
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+    cit_pb2_grpc.add_CitServicer_to_server(CitServicer(engine), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    return server, port

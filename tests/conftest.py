@@ -1,0 +1,112 @@
+"""Shared fixtures. The expensive ones (the real backbone, a registry of real tasks, a running cit-server)
+are built once per session and shared by every test that needs them."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# CI budget for the end-to-end registry: small, but real data, real weights, real training.
+TRAIN_SAMPLES = int(os.environ.get("CIT_TEST_TRAIN", 320))
+TEST_SAMPLES = int(os.environ.get("CIT_TEST_EVAL", 100))
+EPOCHS = 2
+E2E_TASKS = ("fashion-mnist", "digits", "words")
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run one of the project's console scripts as a user would, failing loudly with its output."""
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from cit_backbone.backbone import Backbone
+
+    return Backbone()
+
+
+@pytest.fixture(scope="session")
+def task_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tasks")
+    run_cli("cit-trainer", "export", *E2E_TASKS, "--out", str(root), "--train", str(TRAIN_SAMPLES),
+            "--test", str(TEST_SAMPLES))
+    # The same clothing data drawn again with another seed: similar enough to be reused, not expanded.
+    more = tmp_path_factory.mktemp("more")
+    run_cli("cit-trainer", "export", "fashion-mnist", "--out", str(more), "--train", "64", "--test", "32",
+            "--seed", "7")
+    dirs = {name: root / name for name in E2E_TASKS}
+    dirs["fashion-more"] = more / "fashion-mnist"
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory, task_dirs) -> Path:
+    """A registry built by `cit-trainer add-task` from three real-data tasks, then one reused."""
+    reg = tmp_path_factory.mktemp("registry") / "reg"
+    for name in E2E_TASKS:
+        run_cli("cit-trainer", "add-task", str(task_dirs[name]), "--registry", str(reg), "--max-train",
+                str(TRAIN_SAMPLES), "--max-eval", str(TEST_SAMPLES), "--epochs", str(EPOCHS))
+    run_cli("cit-trainer", "add-task", str(task_dirs["fashion-more"]), "--registry", str(reg), "--name",
+            "fashion-more", "--epochs", "1")
+    return reg
+
+
+class ServerProcess:
+    def __init__(self, registry: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["cit-server", "--registry", str(registry), "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError("cit-server exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            m = re.search(r"listening on ([\d.]+:\d+)", line)
+            if m:
+                self.target = m.group(1)
+                return
+        raise RuntimeError("cit-server did not start:\n" + "".join(self.lines))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(registry):
+    srv = ServerProcess(registry)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from cit_client import CitClient
+
+    with CitClient(server.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,113 @@
+"""The shared backbone on its real weights: per-row connectors, decoding, sampling, image decoding."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cit_backbone.adapters import Connector
+from cit_backbone.images import InvalidImage, decode_image
+from cit_backbone.language_model import Sampling
+
+
+def png(img: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def features(backbone):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    return backbone.encode_images(images)
+
+
+def test_vision_tower_gives_one_pooled_feature_per_image(features):
+    assert features.shape == (3, 1280) and torch.isfinite(features).all()
+
+
+def test_per_row_connectors_in_one_batch_match_single_rows(backbone, features):
+    base = backbone.base_connector()
+    other = base.clone()
+    with torch.no_grad():
+        other.proj.weight.mul_(-1.0)
+    connectors = [base, other, base]
+    instructions = ["Describe the image.", "What is this?", "What colour is it?"]
+    greedy = [Sampling(max_new_tokens=8)] * 3
+    batch = backbone.generate(features, connectors, instructions, greedy)
+    for i in range(3):
+        alone = backbone.generate(features[i : i + 1], [connectors[i]], instructions[i : i + 1], greedy[:1])[0]
+        assert alone.token_ids == batch[i].token_ids
+    assert batch[0].token_ids != batch[1].token_ids or batch[0].text != batch[1].text
+
+
+def test_stop_string_ends_generation_and_is_cut(backbone, features):
+    base = backbone.base_connector()
+    full = backbone.generate(features[:1], [base], ["Describe the image in detail."], [Sampling(max_new_tokens=12)])[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = backbone.generate(features[:1], [base], ["Describe the image in detail."],
+                            [Sampling(max_new_tokens=12, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+
+def test_max_new_tokens_gives_finish_reason_length(backbone, features):
+    out = backbone.generate(features[:1], [backbone.base_connector()], ["Tell me a long story."],
+                            [Sampling(max_new_tokens=3)])[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_other_seeds(backbone, features):
+    base = backbone.base_connector()
+    run = lambda seed: backbone.generate(  # noqa: E731
+        features[:1], [base], ["Tell me a story."], [Sampling(max_new_tokens=12, temperature=1.5, seed=seed)]
+    )[0].token_ids
+    assert run(1) == run(1)
+    assert len({tuple(run(s)) for s in range(2, 6)}) > 1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_new_tokens": 0}, {"max_new_tokens": 10_000}, {"temperature": -1.0}, {"temperature": float("nan")},
+               {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"stop": ("",)}],
+)
+def test_invalid_sampling_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        Sampling(**kwargs)
+
+
+def test_connector_round_trips_bit_identical(tmp_path, backbone):
+    c = backbone.base_connector()
+    c.save(tmp_path / "a")
+    again = Connector.load(tmp_path / "a")
+    for k, v in c.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+
+
+def test_decode_accepts_png_and_jpeg():
+    img = Image.new("RGB", (40, 30), (10, 200, 30))
+    assert decode_image(png(img)).size == (40, 30)
+    assert decode_image(png(img, "JPEG")).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "could not be decoded"),
+        (png(Image.new("RGB", (64, 64)))[:60], "could not be decoded"),
+        (png(Image.new("RGB", (8, 8)), "GIF"), "not accepted"),
+    ],
+)
+def test_decode_refuses_bad_bytes(data, message):
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(data)
+
+
+def test_decode_refuses_bombs_and_oversized_bytes():
+    big = png(Image.new("L", (3000, 3000)))
+    with pytest.raises(InvalidImage, match="pixels"):
+        decode_image(big, max_pixels=1000 * 1000)
+    with pytest.raises(InvalidImage, match="bytes"):
+        decode_image(big, max_bytes=100)

@@ -1,0 +1,195 @@
+"""End to end on the real backbone: `cit-trainer add-task` builds a registry of real-data tasks, `cit-server`
+serves it, and everything below goes over real gRPC on loopback."""
+import hashlib
+import io
+import json
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from cit_client.evaluate import dataset_owners, evaluate_dataset
+from cit_proto import cit_pb2
+from cit_registry.store import Registry
+from cit_registry.taskdata import read_jsonl
+
+from .conftest import E2E_TASKS, run_cli
+
+# Chance is 10 % (clothing, digits) and 5 % (words); CI trains on 320 samples x 2 epochs only.
+MIN_ANSWER_ACCURACY = {"fashion-mnist": 0.5, "digits": 0.5, "words": 0.5}
+
+
+def first_test_sample(task_dirs, name="fashion-mnist"):
+    return read_jsonl(task_dirs[name] / "test.jsonl")[0]
+
+
+def test_distinct_tasks_expand_and_a_similar_one_is_reused(registry):
+    reg = Registry.open(registry)
+    assert reg.task_ids() == sorted(E2E_TASKS)  # "fashion-more" made no task of its own
+    for name in ("digits", "words"):
+        card = reg.get(name).card
+        assert card.decision["action"] == "expanded" and card.version == 1
+        assert card.decision["similarity"] < card.decision["threshold"]
+    reused = reg.get("fashion-mnist")
+    assert reused.version == 2 and reused.card.decision["action"] == "reused"
+    assert reused.card.decision["dataset"] == "fashion-more"
+    assert reused.card.decision["similarity"] >= reused.card.decision["threshold"]
+    assert [d["name"] for d in reused.card.datasets] == ["fashion-mnist", "fashion-more"]
+    assert len(reused.key().image) == 2  # one routing centroid per data set
+    first = reg.get("fashion-mnist", 1)
+    assert hashlib.sha256((first.adapter_dir / "adapter_model.safetensors").read_bytes()).digest() != \
+        hashlib.sha256((reused.adapter_dir / "adapter_model.safetensors").read_bytes()).digest()
+
+
+def test_training_later_tasks_leaves_earlier_answers_unchanged(registry):
+    """EProj: each task owns its projection, so re-measured accuracy of earlier tasks equals what they had."""
+    reg = Registry.open(registry)
+    for later in ("digits", "words"):
+        forgetting = reg.get(later).card.metrics["forgetting"]
+        assert "fashion-mnist" in forgetting
+        for dataset, f in forgetting.items():
+            assert f["now"] == pytest.approx(f["when_trained"]), (later, dataset, f)
+
+
+def test_tasks_learn_above_zero_shot(registry):
+    reg = Registry.open(registry)
+    for name in E2E_TASKS:
+        metrics = reg.get(name, 1).card.metrics
+        assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.3, (name, metrics)
+
+
+def test_held_out_requests_are_routed_and_answered_over_grpc(client, task_dirs, capsys):
+    owners = dataset_owners(client)
+    results = {name: evaluate_dataset(client, task_dirs[name], owners=owners) for name in E2E_TASKS}
+    with capsys.disabled():
+        for s in results.values():
+            print(f"\n  over gRPC: {s.dataset:<14} {s.requests} requests, routing {s.routing_accuracy:.1%}, "
+                  f"answers {s.answer_accuracy:.1%}, served by {s.served_by}")
+    total_routed = sum(s.routed for s in results.values()) / sum(s.requests for s in results.values())
+    assert total_routed >= 0.95
+    for name, s in results.items():
+        assert s.routing_accuracy >= 0.95, (name, s.served_by)
+        assert s.answer_accuracy >= MIN_ANSWER_ACCURACY[name], (name, s.answer_accuracy)
+
+
+def test_response_names_the_task_version_and_counts(client, task_dirs):
+    sample = first_test_sample(task_dirs, "digits")
+    r = client.generate(sample.image, sample.instruction)
+    assert r.route.task_id == "digits" and r.route.version == 1 and not r.route.below_threshold
+    assert r.route.candidates[0].task_id == "digits" and len(r.route.candidates) == 3
+    assert r.finish_reason == "stop" and r.completion_tokens >= 1 and r.prompt_tokens > 10
+
+
+def test_stream_deltas_add_up_to_the_unary_answer(client, task_dirs):
+    sample = first_test_sample(task_dirs)
+    unary = client.generate(sample.image, sample.instruction, max_new_tokens=16)
+    messages = list(client.generate_stream(sample.image, sample.instruction, max_new_tokens=16))
+    assert messages[0].HasField("route") and messages[0].route.task_id == unary.route.task_id
+    assert "".join(m.delta for m in messages) == unary.text
+    assert messages[-1].finish_reason == unary.finish_reason
+    assert messages[-1].completion_tokens == unary.completion_tokens
+
+
+def test_forced_task_skips_routing(client, task_dirs):
+    sample = first_test_sample(task_dirs)  # a clothing image, forced onto the digits adapter
+    r = client.generate(sample.image, sample.instruction, task_id="digits")
+    assert r.route.forced and r.route.task_id == "digits"
+
+
+def test_unrelated_request_falls_back_to_the_base_connector(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 120), (250, 120, 30)).save(buf, format="PNG")
+    r = client.generate(buf.getvalue(), "Compose a limerick about tax law in medieval Venice.")
+    assert r.route.below_threshold and r.route.task_id == "" and r.route.score < r.route.threshold
+
+
+def test_route_is_a_dry_run_with_top_k(client, task_dirs):
+    sample = first_test_sample(task_dirs, "words")
+    r = client.route(sample.image, sample.instruction, top_k=2).route
+    assert r.task_id == "words" and len(r.candidates) == 2
+    assert r.candidates[0].score >= r.candidates[1].score
+
+
+def test_list_and_get_task(client):
+    tasks = {t.task_id: t for t in client.list_tasks()}
+    assert set(tasks) == set(E2E_TASKS) and tasks["fashion-mnist"].version == 2
+    card = json.loads(client.get_task("digits").card_json)
+    assert card["task_id"] == "digits" and card["adapter_kind"] == "eproj"
+
+
+def test_health_and_reflection_are_on(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="cit.v1.Cit"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"cit.v1.Cit", "grpc.health.v1.Health"} <= names
+
+
+def _bad(task_dirs):
+    good = first_test_sample(task_dirs)
+    image, instr = good.image.read_bytes(), good.instruction
+    req = lambda **kw: cit_pb2.GenerateRequest(**{"image": image, "instruction": instr, **kw})  # noqa: E731
+    s = cit_pb2.SamplingParams
+    return {
+        "empty image": (req(image=b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        "undecodable image": (req(image=b"\x89PNG garbage"), grpc.StatusCode.INVALID_ARGUMENT, "decoded"),
+        "truncated png": (req(image=image[: len(image) // 2]), grpc.StatusCode.INVALID_ARGUMENT, "decoded"),
+        "empty instruction": (req(instruction="   "), grpc.StatusCode.INVALID_ARGUMENT, "instruction is empty"),
+        "oversized instruction": (req(instruction="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        "unknown task": (req(task_id="no-such-task"), grpc.StatusCode.NOT_FOUND, "no-such-task"),
+        "task id traversal": (req(task_id="../../etc"), grpc.StatusCode.NOT_FOUND, "no task"),
+        "max_new_tokens 0": (req(sampling=s(max_new_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        "temperature < 0": (req(sampling=s(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        "top_p 0": (req(sampling=s(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        "empty stop": (req(sampling=s(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "empty image", "undecodable image", "truncated png", "empty instruction", "oversized instruction",
+    "unknown task", "task id traversal", "max_new_tokens 0", "temperature < 0", "top_p 0", "empty stop"])
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(client, server, task_dirs, case, rpc):
+    request, code, message = _bad(task_dirs)[case]
+    with pytest.raises(grpc.RpcError) as err:
+        result = getattr(client.stub, rpc)(request, timeout=60)
+        if rpc == "GenerateStream":
+            list(result)
+    assert err.value.code() == code, err.value.details()
+    assert message in err.value.details()
+    assert server.alive()
+    good = first_test_sample(task_dirs)
+    assert client.generate(good.image, good.instruction, max_new_tokens=4).route.task_id == "fashion-mnist"
+
+
+def test_route_refuses_too_many_candidates(client, task_dirs):
+    sample = first_test_sample(task_dirs)
+    with pytest.raises(grpc.RpcError) as err:
+        client.route(sample.image, sample.instruction, top_k=1000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_client_generates_and_routes(server, task_dirs):
+    sample = first_test_sample(task_dirs, "digits")
+    out = run_cli("cit", "generate", str(sample.image), sample.instruction, "--server", server.target)
+    assert "digits v1" in out.stderr and out.stdout.strip()
+    out = run_cli("cit", "route", str(sample.image), sample.instruction, "--server", server.target)
+    assert out.stdout.startswith("[digits v1, routed")
+
+
+def test_registry_cli_lists_verifies_and_compares(registry, task_dirs):
+    listing = run_cli("cit-registry", "list", "--registry", str(registry)).stdout
+    assert all(name in listing for name in E2E_TASKS) and "reused" in listing
+    assert "agree" in run_cli("cit-registry", "verify", "--registry", str(registry)).stdout
+    matrix = json.loads(run_cli("cit-registry", "similarity", "--json", "--registry", str(registry)).stdout)
+    assert matrix["digits"]["digits"] == pytest.approx(1.0, abs=1e-4)
+    assert matrix["digits"]["words"] < 0.6
+    card = json.loads(run_cli("cit-registry", "show", "digits", "--registry", str(registry)).stdout.split("files:")[0])
+    assert card["task_id"] == "digits"
+    sample = first_test_sample(task_dirs, "words")
+    routed = run_cli("cit-registry", "route", str(sample.image), sample.instruction, "--registry", str(registry))
+    assert "-> words v1" in routed.stdout

@@ -1,0 +1,103 @@
+"""cit-trainer: export real tasks, train the base connector, add tasks to a registry."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
+REGISTRY = Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")]
+DEFAULT_REGISTRY = Path("cit-registry")
+
+
+@app.command()
+def prepare() -> None:
+    """Convert the packaged LM to safetensors in the cache (once) and check every shipped weight loads."""
+    from cit_backbone.backbone import Backbone
+    from cit_backbone.embedder import TextEmbedder
+
+    backbone = Backbone()
+    backbone.base_connector()
+    TextEmbedder()
+    console.print("[green]backbone ready[/green]: vision tower, base connector, language model, text embedder")
+
+
+@app.command()
+def export(
+    names: Annotated[list[str], typer.Argument(help="data sets: fashion-mnist digits easyvqa-shape easyvqa-color words")],
+    out: Annotated[Path, typer.Option(help="directory to write <name>/{train,test}.jsonl into")] = Path("tasks"),
+    train: Annotated[int, typer.Option(help="training samples per task")] = 1000,
+    test: Annotated[int, typer.Option(help="held-out test samples per task")] = 300,
+    seed: int = 0,
+) -> None:
+    """Write real-data tasks in the uniform image-instruction-output JSONL format."""
+    from .data import export_task
+
+    for name in names:
+        try:
+            path = export_task(name, out, train, test, seed)
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        console.print(f"wrote {path}/train.jsonl ({train}) and test.jsonl ({test})")
+
+
+@app.command("add-task")
+def add_task_cmd(
+    data: Annotated[Path, typer.Argument(help="task directory with train.jsonl [test.jsonl], or a JSONL file")],
+    registry: REGISTRY = DEFAULT_REGISTRY,
+    name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
+    threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = None,  # type: ignore[assignment]
+    method: Annotated[str, typer.Option(help="continual-learning method")] = "eproj",
+    epochs: int = 2,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_train: Annotated[Optional[int], typer.Option(help="use at most N training samples")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(help="evaluate on at most N test samples")] = 300,
+) -> None:
+    """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
+    from .add_task import DEFAULT_THRESHOLD, AddTaskOptions, add_task
+
+    opts = AddTaskOptions(
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, method=method, epochs=epochs,
+        batch_size=batch_size, lr=lr, seed=seed, max_train=max_train, max_eval=max_eval,
+    )
+    try:
+        result = add_task(registry, data, name, opts, log=console.print)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    t = result.task
+    pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    console.print(f"\n[bold]{t.task_id} v{t.version}[/bold] ({result.action}): test accuracy "
+                  f"{pct(result.accuracy_before)} before -> {pct(result.accuracy_after)} after training")
+    for dataset, f in result.forgetting.items():
+        console.print(f"  earlier data set {dataset}: {pct(f['when_trained'])} when trained, {pct(f['now'])} now")
+    console.print(f"adapter written to {t.adapter_dir}")
+
+
+@app.command("train-base")
+def train_base_cmd(
+    out: Annotated[Optional[Path], typer.Option(help="where to write the connector (default: the packaged one)")] = None,
+    samples: int = 1000,
+    epochs: int = 2,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> None:
+    """Train the base connector on the base mixture (easy-VQA captions): the backbone's pre-training."""
+    from cit_backbone.paths import BASE_CONNECTOR_DIR
+
+    from .base import train_base
+
+    card = train_base(out or BASE_CONNECTOR_DIR, samples, epochs, lr, seed)
+    console.print(card)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

@@ -1,0 +1,132 @@
+"""Exporters that write real data sets as cit tasks (see cit_registry.taskdata for the format)."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cit_registry.taskdata import Sample
+
+
+def load_images(samples: list[Sample]) -> list[Image.Image]:
+    out = []
+    for s in samples:
+        with Image.open(s.image) as img:
+            out.append(img.convert("RGB"))
+    return out
+
+
+# ---------------------------------------------------------------- exporters of real data sets
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "bread", "chair", "light", "green", "music",
+         "ocean", "paper", "house", "plant", "smile", "train", "water", "zebra", "honey", "lemon"]
+
+Example = tuple[Image.Image, str, str]  # image, instruction, output
+
+
+def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+    prefix = "train" if split == "train" else "t10k"
+    img_file, lab_file = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img_file.exists():
+        raise FileNotFoundError(f"{img_file} is missing: apt-get install dataset-fashion-mnist")
+    images = np.frombuffer(gzip.open(img_file).read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.frombuffer(gzip.open(lab_file).read(), np.uint8, offset=8)
+    for i in rng.sample(range(len(labels)), n):
+        yield Image.fromarray(images[i]), "What item of clothing is shown in the image?", FASHION_CLASSES[labels[i]]
+
+
+def _digits(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = list(range(len(digits.target)))
+    random.Random(0).shuffle(order)  # one fixed split of the 1,797 digits: 1,297 train, 500 test
+    pool = order[:1297] if split == "train" else order[1297:]
+    for i in rng.sample(pool, min(n, len(pool))):
+        pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
+        yield Image.fromarray(pixels), "Which digit is written in the image? Answer with a word.", DIGIT_WORDS[digits.target[i]]
+
+
+def _easyvqa(kind: str) -> Callable[[str, int, random.Random], Iterator[Example]]:
+    answers = {"shape": {"circle", "rectangle", "triangle"},
+               "color": {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}}[kind]
+
+    def export(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+        import easy_vqa
+
+        questions, outs, ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+        paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+        rows = [(q, a, i) for q, a, i in zip(questions, outs, ids) if a in answers]
+        for q, a, i in rng.sample(rows, min(n, len(rows))):
+            with Image.open(paths[i]) as img:
+                yield img.convert("RGB"), q[0].upper() + q[1:], a
+
+    return export
+
+
+def _words(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+    # Train and test draw different fonts sizes, offsets and colours from disjoint seeds: reading, not recall.
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        img = Image.new("RGB", (96, 48), tuple(rng.randint(200, 255) for _ in range(3)))
+        font = ImageFont.load_default(size=rng.randint(16, 22))
+        ink = tuple(rng.randint(0, 80) for _ in range(3))
+        ImageDraw.Draw(img).text((rng.randint(2, 20), rng.randint(4, 18)), word, fill=ink, font=font)
+        yield img, "What word is written in the image?", word
+
+
+EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Example]]] = {
+    "fashion-mnist": _fashion,
+    "digits": _digits,
+    "easyvqa-shape": _easyvqa("shape"),
+    "easyvqa-color": _easyvqa("color"),
+    "words": _words,
+}
+
+
+def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write <out_dir>/<name>/{train,test}.jsonl and images/; deterministic for a given seed."""
+    if name not in EXPORTERS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(EXPORTERS)}")
+    task_dir = Path(out_dir) / name
+    (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 10_000)):
+        lines = []
+        for k, (img, instruction, output) in enumerate(EXPORTERS[name](split, n, random.Random(split_seed))):
+            rel = f"images/{split}-{k:05d}.png"
+            img.save(task_dir / rel)
+            lines.append(json.dumps({"image": rel, "instruction": instruction, "output": output}))
+        (task_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return task_dir
+
+
+def base_mixture(n: int, seed: int = 0) -> list[Example]:
+    """The base connector's pre-training data: plain captions ("a blue circle") of easy-VQA training images.
+
+    It plays the part of BLIP-2's caption pre-training in the paper: the LM learns to see, but is taught
+    no task's instruction.
+    """
+    import easy_vqa
+
+    questions, outs, ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    shape, color = {}, {}
+    for q, a, i in zip(questions, outs, ids):
+        if a in {"circle", "rectangle", "triangle"}:
+            shape[i] = a
+        elif q == "what color is the shape?":
+            color[i] = a
+    both = sorted(set(shape) & set(color))
+    out = []
+    for i in random.Random(seed).sample(both, min(n, len(both))):
+        with Image.open(paths[i]) as img:
+            out.append((img.convert("RGB"), "Describe the image.", f"a {color[i]} {shape[i]}"))
+    return out

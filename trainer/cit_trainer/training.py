@@ -1,0 +1,109 @@
+"""Training and evaluating a connector on one task's samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cit_backbone.adapters import Connector
+from cit_backbone.backbone import Backbone
+from cit_backbone.embedder import TextEmbedder
+from cit_backbone.language_model import Sampling
+from cit_registry.store import TaskKey
+
+from cit_registry.taskdata import Sample, normalise_answer
+
+from .data import load_images
+
+
+@dataclass
+class EmbeddedTask:
+    """A task's samples with the features every later step needs, computed once."""
+
+    samples: list[Sample]
+    features: torch.Tensor     # [N, 1280] pooled vision features
+    instruction: np.ndarray    # [N, 384]
+    output: np.ndarray         # [N, 384]
+
+    @property
+    def instructions(self) -> list[str]:
+        return [s.instruction for s in self.samples]
+
+    @property
+    def answers(self) -> list[str]:
+        return [s.output for s in self.samples]
+
+    def key(self) -> TaskKey:
+        return TaskKey.from_embeddings(self.features.numpy(), self.instruction, self.output)
+
+
+def embed_task(backbone: Backbone, embedder: TextEmbedder, samples: list[Sample], desc: str, batch: int = 64) -> EmbeddedTask:
+    feats = []
+    for i in tqdm(range(0, len(samples), batch), desc=f"encoding {desc}", unit="batch", leave=False):
+        feats.append(backbone.encode_images(load_images(samples[i : i + batch])))
+
+    def embed_unique(texts: list[str]) -> np.ndarray:  # instructions repeat a lot: embed each once
+        unique = sorted(set(texts))
+        table = dict(zip(unique, embedder.embed(unique)))
+        return np.stack([table[t] for t in texts])
+
+    return EmbeddedTask(
+        samples,
+        torch.cat(feats),
+        embed_unique([s.instruction for s in samples]),
+        embed_unique([s.output for s in samples]),
+    )
+
+
+def train_connector(
+    backbone: Backbone,
+    connector: Connector,
+    task: EmbeddedTask,
+    epochs: int = 2,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    desc: str = "training",
+) -> list[float]:
+    """Train `connector` in place on the task (LM and vision tower frozen); returns the loss of each step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(connector.parameters(), lr=lr)
+    connector.train()
+    losses: list[float] = []
+    steps = epochs * ((len(task.samples) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(task.samples), generator=gen).tolist()
+            for i in range(0, len(order), batch_size):
+                rows = order[i : i + batch_size]
+                loss = backbone.lm.loss(
+                    connector(task.features[rows]),
+                    [task.instructions[r] for r in rows],
+                    [task.answers[r] for r in rows],
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    connector.eval()
+    return losses
+
+
+def evaluate(
+    backbone: Backbone, connector: Connector, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
+) -> tuple[float, list[str]]:
+    """Greedy exact-match accuracy of `connector` on the task, and the predictions."""
+    longest = max(len(backbone.lm.answer_ids(a)) for a in task.answers)
+    sampling = Sampling(max_new_tokens=min(longest + 2, 64))
+    predictions: list[str] = []
+    for i in tqdm(range(0, len(task.samples), batch_size), desc=desc, unit="batch", leave=False):
+        features = task.features[i : i + batch_size]
+        n = len(features)
+        states = backbone.generate(features, [connector] * n, task.instructions[i : i + n], [sampling] * n)
+        predictions += [s.text for s in states]
+    correct = sum(normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, task.answers))
+    return correct / len(task.samples), predictions
