@@ -111,3 +111,18 @@ def test_decode_refuses_bombs_and_oversized_bytes():
         decode_image(big, max_pixels=1000 * 1000)
     with pytest.raises(InvalidImage, match="bytes"):
         decode_image(big, max_bytes=100)
+
+
+def test_answer_only_loss_equals_the_full_causal_lm_loss(backbone, features):
+    """The training loss computes logits only at answer positions; it must equal transformers' own loss."""
+    lm, connector = backbone.lm, backbone.base_connector()
+    instructions, answers = ["What is it?", "Which digit is written in the image?", "Describe."], ["a dress", "seven", "x"]
+    visual = connector(features)
+    rows = list(lm._rows(visual, instructions, answers))
+    length = max(e.shape[0] for e, _ in rows)
+    emb, labels = torch.zeros(3, length, lm.hidden_size), torch.full((3, length), -100)
+    mask = torch.zeros(3, length, dtype=torch.long)
+    for i, (e, lab) in enumerate(rows):
+        emb[i, : len(e)], labels[i, : len(e)], mask[i, : len(e)] = e, lab, 1
+    reference = lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    assert lm.loss(visual, instructions, answers).item() == pytest.approx(reference.item(), rel=1e-5)

@@ -14,7 +14,7 @@ from cit_registry.router import Router, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
 from cit_registry.taskdata import read_jsonl, resolve_task_files
-from .training import EmbeddedTask, embed_task, evaluate, train_connector
+from .training import embed_task, evaluate, train_connector
 
 # Measured on the shipped tasks: the same data set redrawn scores 0.98, distinct tasks at most 0.30.
 DEFAULT_THRESHOLD = 0.6

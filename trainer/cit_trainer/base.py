@@ -11,7 +11,6 @@ from PIL import Image
 
 from cit_backbone.adapters import Connector
 from cit_backbone.backbone import Backbone
-from cit_backbone.embedder import TextEmbedder
 
 from cit_registry.taskdata import Sample
 
@@ -30,7 +29,7 @@ def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 
     def embedded(rows: list[tuple[Image.Image, str, str]]) -> EmbeddedTask:
         # The base mixture lives in memory: no task key or text embedding is needed, only features.
         feats = backbone.encode_images([img for img, _, _ in rows])
-        return EmbeddedTask([Sample(Path(), i, o) for _, i, o in rows], feats, None, None)  # type: ignore[arg-type]
+        return EmbeddedTask([Sample(Path(), i, o) for _, i, o in rows], feats, None, None)
 
     start = time.time()
     connector = Connector(backbone.connector_config())

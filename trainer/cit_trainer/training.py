@@ -24,8 +24,8 @@ class EmbeddedTask:
 
     samples: list[Sample]
     features: torch.Tensor     # [N, 1280] pooled vision features
-    instruction: np.ndarray    # [N, 384]
-    output: np.ndarray         # [N, 384]
+    instruction: np.ndarray | None  # [N, 384]; None where no task key is needed (the base mixture)
+    output: np.ndarray | None       # [N, 384]
 
     @property
     def instructions(self) -> list[str]:
@@ -36,6 +36,7 @@ class EmbeddedTask:
         return [s.output for s in self.samples]
 
     def key(self) -> TaskKey:
+        assert self.instruction is not None and self.output is not None, "no text embeddings: no key"
         return TaskKey.from_embeddings(self.features.numpy(), self.instruction, self.output)
 
 
