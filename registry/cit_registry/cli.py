@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .router import Router, task_similarity
+from .router import ROUTING_THRESHOLD, Router, task_similarity
 from .store import Registry, TaskNotFound
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -78,7 +78,7 @@ def route(
     instruction: str,
     registry: REGISTRY = DEFAULT_REGISTRY,
     top_k: int = 5,
-    routing_threshold: float = 1.0,
+    routing_threshold: float = ROUTING_THRESHOLD,
 ) -> None:
     """Route one request offline (no server): embeds it with the backbone, then searches the index."""
     from cit_backbone.backbone import Backbone

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from cit_registry.router import ROUTING_THRESHOLD
+
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
@@ -17,7 +19,7 @@ def serve(
     registry: Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")] = Path("cit-registry"),
     host: str = "127.0.0.1",
     port: Annotated[int, typer.Option(help="0 picks a free port")] = 50051,
-    routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = 1.0,
+    routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = ROUTING_THRESHOLD,
     adapter_cache_size: int = 16,
     workers: int = 8,
 ) -> None:

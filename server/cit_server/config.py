@@ -4,13 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cit_registry.router import ROUTING_THRESHOLD
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     registry: Path
     host: str = "127.0.0.1"
     port: int = 50051
-    routing_threshold: float = 1.0     # best cos(image)+cos(instruction) below this: the base connector answers
+    routing_threshold: float = ROUTING_THRESHOLD  # best cos(image)+cos(instruction) below: the base connector answers
     default_max_new_tokens: int = 32
     max_instruction_chars: int = 2000
     max_image_bytes: int = 8 * 1024 * 1024

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from cit_registry.router import REUSE_THRESHOLD
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
 REGISTRY = Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")]
@@ -51,7 +53,7 @@ def add_task_cmd(
     data: Annotated[Path, typer.Argument(help="task directory with train.jsonl [test.jsonl], or a JSONL file")],
     registry: REGISTRY = DEFAULT_REGISTRY,
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
-    threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = None,  # type: ignore[assignment]
+    threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
     method: Annotated[str, typer.Option(help="continual-learning method")] = "eproj",
     epochs: int = 2,
     batch_size: int = 16,
@@ -61,10 +63,10 @@ def add_task_cmd(
     max_eval: Annotated[Optional[int], typer.Option(help="evaluate on at most N test samples")] = 300,
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
-    from .add_task import DEFAULT_THRESHOLD, AddTaskOptions, add_task
+    from .add_task import AddTaskOptions, add_task
 
     opts = AddTaskOptions(
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, method=method, epochs=epochs,
+        threshold=threshold, method=method, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, max_train=max_train, max_eval=max_eval,
     )
     try:

@@ -96,8 +96,8 @@ def train_connector(
 
 def evaluate(
     backbone: Backbone, connector: Connector, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
-) -> tuple[float, list[str]]:
-    """Greedy exact-match accuracy of `connector` on the task, and the predictions."""
+) -> tuple[float, list[bool]]:
+    """Greedy exact-match accuracy of `connector` on the task, and which samples it got right."""
     longest = max(len(backbone.lm.answer_ids(a)) for a in task.answers)
     sampling = Sampling(max_new_tokens=min(longest + 2, 64))
     predictions: list[str] = []
@@ -106,5 +106,5 @@ def evaluate(
         n = len(features)
         states = backbone.generate(features, [connector] * n, task.instructions[i : i + n], [sampling] * n)
         predictions += [s.text for s in states]
-    correct = sum(normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, task.answers))
-    return correct / len(task.samples), predictions
+    correct = [normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, task.answers)]
+    return sum(correct) / len(correct), correct
