@@ -117,7 +117,8 @@ def test_answer_only_loss_equals_the_full_causal_lm_loss(backbone, features):
     """The training loss computes logits only at answer positions; it must equal transformers' own loss."""
     lm, connector = backbone.lm, backbone.base_connector()
     instructions, answers = ["What is it?", "Which digit is written in the image?", "Describe."], ["a dress", "seven", "x"]
-    visual = connector(features)
+    with torch.no_grad():
+        visual = connector(features.clone())  # clone: the fixture's features are inference-mode tensors
     rows = list(lm._rows(visual, instructions, answers))
     length = max(e.shape[0] for e, _ in rows)
     emb, labels = torch.zeros(3, length, lm.hidden_size), torch.full((3, length), -100)
