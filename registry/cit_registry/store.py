@@ -153,7 +153,8 @@ class Registry:
             if not create:
                 raise FileNotFoundError(f"no registry at {root} (create one with `cit-trainer add-task`)")
             root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(marker, json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n")
+            with atomic_path(marker) as tmp:
+                tmp.write_text(json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n")
         fmt = json.loads(marker.read_text()).get("format")
         if fmt != FORMAT_VERSION:
             raise ValueError(f"registry {root} has format {fmt}; this cit reads format {FORMAT_VERSION}")
@@ -241,13 +242,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 @contextmanager
