@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -105,8 +104,3 @@ def client(server):
 
     with CitClient(server.target) as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def python() -> str:
-    return sys.executable
