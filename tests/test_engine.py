@@ -23,5 +23,4 @@ def test_a_task_committed_while_serving_becomes_routable_without_restart(tmp_pat
     assert [r[0] for r in engine.router().rows] == ["first"]
     reg.commit(TaskCard("second", 1, "eproj", {"action": "expanded"}), synthetic_key(1), base.save)
     assert sorted({r[0] for r in engine.router().rows}) == ["first", "second"]
-    query = np.concatenate([synthetic_key(1).image, synthetic_key(1).instruction], axis=1)
-    assert engine.router().search(query, k=1)[0][0].task_id == "second"
+    assert engine.router().search(synthetic_key(1).routing_vectors, k=1)[0][0].task_id == "second"
