@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from cit_registry.router import Router, task_similarity
+from cit_registry.router import Candidate, Router, select, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id
 
 rng = np.random.default_rng(0)
@@ -125,6 +125,13 @@ def test_index_is_persisted_and_rebuilt_when_stale(tmp_path):
     (tmp_path / "reg" / "index" / "keys.faiss").write_bytes(b"corrupt")
     (tmp_path / "reg" / "index" / "index.json").write_text("{")
     assert len(Router.load(reg)) == 2  # unreadable index is derived state: rebuilt
+
+
+def test_select_serves_the_best_task_only_at_or_above_the_threshold():
+    ranked = [Candidate("a", 2, 1.4), Candidate("b", 1, 0.9)]
+    assert select(ranked, 1.4) == ranked[0]
+    assert select(ranked, 1.41) is None  # the base connector answers
+    assert select([], -2.0) is None
 
 
 def test_similarity_is_one_for_identical_tasks_and_symmetric():

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .router import ROUTING_THRESHOLD, Router, task_similarity
+from .router import ROUTING_THRESHOLD, Router, select, task_similarity
 from .store import Registry, TaskNotFound
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -92,10 +92,9 @@ def route(
     features = Backbone().vision.encode([img]).numpy()
     query = routing_query(features, TextEmbedder().embed([instruction]))
     candidates = Router.load(reg).search(query, top_k)[0]
-    if not candidates or candidates[0].score < routing_threshold:
-        console.print(f"-> base connector (best score below {routing_threshold})")
-    else:
-        console.print(f"-> {candidates[0].task_id} v{candidates[0].version}")
+    chosen = select(candidates, routing_threshold)
+    console.print(f"-> {chosen.task_id} v{chosen.version}" if chosen else
+                  f"-> base connector (best score below {routing_threshold})")
     for c in candidates:
         console.print(f"  {c.task_id:<24} v{c.version:<4} {c.score:.3f}")
 

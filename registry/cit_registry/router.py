@@ -26,6 +26,11 @@ class Candidate:
 ROUTING_THRESHOLD = 1.0
 
 
+def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
+    """The task that serves a request: the best candidate if it reaches the threshold, else None (base connector)."""
+    return candidates[0] if candidates and candidates[0].score >= threshold else None
+
+
 class Router:
     def __init__(self, vectors: np.ndarray, rows: list[tuple[str, int]], fingerprint: list) -> None:
         self.rows = rows  # index row -> (task id, version)

@@ -13,7 +13,7 @@ from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.images import decode_image
 from cit_backbone.language_model import Sampling
-from cit_registry.router import Candidate, Router
+from cit_registry.router import Candidate, Router, select
 from cit_registry.store import Registry, TaskVersion, routing_query
 
 from .adapter_cache import BASE, AdapterId, AdapterStore
@@ -99,11 +99,11 @@ class Engine:
             task = self.registry.get(task_id)  # TaskNotFound -> NOT_FOUND
             score = next((c.score for c in candidates if c.task_id == task_id), float("nan"))
             return RouteDecision(AdapterId(task.task_id, task.version), score, False, True, threshold, candidates)
-        if not candidates or candidates[0].score < threshold:
+        chosen = select(candidates, threshold)
+        if chosen is None:
             best = candidates[0].score if candidates else float("nan")
             return RouteDecision(BASE, best, True, False, threshold, candidates)
-        top = candidates[0]
-        return RouteDecision(AdapterId(top.task_id, top.version), top.score, False, False, threshold, candidates)
+        return RouteDecision(AdapterId(chosen.task_id, chosen.version), chosen.score, False, False, threshold, candidates)
 
     # -- route -> adapter -> backbone -> tokens
     def stream(self, request: Request) -> Iterator[tuple[RouteDecision | None, str, Completion | None]]:
