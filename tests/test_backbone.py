@@ -113,17 +113,27 @@ def test_decode_refuses_bombs_and_oversized_bytes():
         decode_image(big, max_bytes=100)
 
 
-def test_answer_only_loss_equals_the_full_causal_lm_loss(backbone, features):
-    """The training loss computes logits only at answer positions; it must equal transformers' own loss."""
+def test_training_loss_equals_the_full_causal_lm_loss(backbone, features):
+    """The loss reuses a cached prompt prefix per instruction and computes logits only at answer positions; loss and
+    gradient must equal transformers' own loss over the whole sequences."""
     lm, connector = backbone.lm, backbone.base_connector()
-    instructions, answers = ["What is it?", "Which digit is written in the image?", "Describe."], ["a dress", "seven", "x"]
+    instructions = ["What is it?", "Which digit is written in the image?", "What is it?"]
+    answers = ["a dress", "seven", "x"]
     with torch.no_grad():
         visual = connector(features.clone())  # clone: the fixture's features are inference-mode tensors
-    rows = list(lm._rows(visual, instructions, answers))
-    length = max(e.shape[0] for e, _ in rows)
+    visual.requires_grad_(True)
+    rows = [torch.cat([p, lm.model.get_input_embeddings()(torch.tensor(lm.answer_ids(a)))])
+            for p, a in zip(lm.prompt_embeddings(visual, instructions), answers)]
+    length = max(len(r) for r in rows)
     emb, labels = torch.zeros(3, length, lm.hidden_size), torch.full((3, length), -100)
     mask = torch.zeros(3, length, dtype=torch.long)
-    for i, (e, lab) in enumerate(rows):
-        emb[i, : len(e)], labels[i, : len(e)], mask[i, : len(e)] = e, lab, 1
+    for i, (r, a) in enumerate(zip(rows, answers)):
+        ans = lm.answer_ids(a)
+        emb[i, : len(r)], mask[i, : len(r)] = r, 1
+        labels[i, len(r) - len(ans) : len(r)] = torch.tensor(ans)
     reference = lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
-    assert lm.loss(visual, instructions, answers).item() == pytest.approx(reference.item(), rel=1e-5)
+    (ref_grad,) = torch.autograd.grad(reference, visual)
+    loss = lm.loss(visual, instructions, answers)
+    (grad,) = torch.autograd.grad(loss, visual)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert (grad - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()

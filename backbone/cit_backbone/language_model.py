@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,12 @@ import torch
 
 from .paths import LM_GGUF_FILE, cache_dir, lm_gguf_dir
 
+PREFIX_CACHE_SIZE = 64  # prompt prefixes (instructions) whose keys/values training keeps
 LM_CACHE_NAME = "smollm2-135m-instruct"
 MAX_NEW_TOKENS_LIMIT = 512
 # The chat template's default system prompt is left out on purpose: 24 constant tokens per row cost training
-# time and teach nothing the connector needs. The image sits at the start of the user turn.
+# time and teach nothing the connector needs. The image ends the user turn, after the instruction: everything
+# before it is then the same for all rows of a task, so training computes that prefix once (see `loss`).
 USER_PREFIX = "<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -101,14 +104,14 @@ class LanguageModel:
         self.hidden_size: int = self.model.config.hidden_size
         self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
-        self._prefix_ids = self.encode(USER_PREFIX)
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the visual tokens."""
-        return self._prefix_ids, self.encode(instruction + ASSISTANT_PREFIX)
+        return self.encode(USER_PREFIX + instruction + "\n"), self.encode(ASSISTANT_PREFIX)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
@@ -116,37 +119,76 @@ class LanguageModel:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
 
-    def _rows(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str] | None):
-        """Per row: (embeddings [L, H], label ids [L]) with -100 everywhere but the answer."""
+    def prompt_embeddings(self, visual: torch.Tensor, instructions: Sequence[str]) -> list[torch.Tensor]:
+        """Per row: the whole prompt's embeddings [L, H], visual tokens in place."""
+        rows = []
         for i, instruction in enumerate(instructions):
             pre, post = self.prompt_ids(instruction)
-            ans = self.answer_ids(answers[i]) if answers is not None else []
-            emb = torch.cat([self._embed(pre), visual[i], self._embed(post + ans)])
-            labels = [-100] * (len(pre) + visual.shape[1] + len(post)) + ans
-            yield emb, torch.tensor(labels, dtype=torch.long)
+            rows.append(torch.cat([self._embed(pre), visual[i], self._embed(post)]))
+        return rows
 
     def loss(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean cross-entropy over answer tokens; gradients flow into `visual` (the connector's output)."""
-        rows = list(self._rows(visual, instructions, answers))
-        length = max(e.shape[0] for e, _ in rows)
-        emb = torch.zeros(len(rows), length, self.hidden_size)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, (e, lab) in enumerate(rows):  # right padding: positions start at 0 for every row
-            emb[i, : e.shape[0]], labels[i, : e.shape[0]], mask[i, : e.shape[0]] = e, lab, 1
-        hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-        # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        return torch.nn.functional.cross_entropy(logits, targets[keep])
+        logits, targets = self.answer_logits(visual, instructions, answers)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    def answer_logits(
+        self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [T, vocab] at every position that predicts an answer token, and those tokens [T].
+
+        Rows are grouped by instruction: the prompt before the image is the same for every row of a group and the
+        LM is frozen, so its keys and values are computed once and only image + answer positions run per row.
+        """
+        from transformers import DynamicCache
+
+        groups: dict[str, list[int]] = {}
+        for row, instruction in enumerate(instructions):
+            groups.setdefault(instruction, []).append(row)
+        all_logits, all_targets = [], []
+        for instruction, rows in groups.items():
+            pre, post = self.prompt_ids(instruction)
+            suffixes = [(torch.cat([visual[r], self._embed(post + ans)]), [-100] * (visual.shape[1] + len(post)) + ans)
+                        for r, ans in ((r, self.answer_ids(answers[r])) for r in rows)]
+            n, length = len(rows), max(len(lab) for _, lab in suffixes)
+            emb = torch.zeros(n, length, self.hidden_size)
+            labels = torch.full((n, length), -100, dtype=torch.long)
+            mask = torch.ones(n, len(pre) + length, dtype=torch.long)
+            for i, (e, lab) in enumerate(suffixes):  # right padding after the shared prefix
+                emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
+                mask[i, len(pre) + len(lab) :] = 0
+            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self._prefix(pre)],
+                                 config=self.model.config)
+            positions = torch.arange(len(pre), len(pre) + length).expand(n, -1)
+            hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                                           cache=cache, use_cache=True).last_hidden_state
+            # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
+            targets = labels[:, 1:]
+            keep = targets != -100
+            all_logits.append(self.model.get_output_embeddings()(hidden[:, :-1][keep]))
+            all_targets.append(targets[keep])
+        return torch.cat(all_logits), torch.cat(all_targets)
+
+    def _prefix(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes."""
+        key = tuple(ids)
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
+        with torch.no_grad():
+            out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
+        kv = [(k, v) for k, v, *_ in out.cache]
+        self._prefixes[key] = kv
+        while len(self._prefixes) > PREFIX_CACHE_SIZE:
+            self._prefixes.popitem(last=False)
+        return kv
 
     @torch.inference_mode()
     def decode(
         self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling]
     ) -> Iterator[list[RowState]]:
         """Decode a batch, one step at a time; yields the row states after every step (the last with all finished)."""
-        rows = [emb for emb, _ in self._rows(visual, instructions, None)]
+        rows = self.prompt_embeddings(visual, instructions)
         batch, length = len(rows), max(e.shape[0] for e in rows)
         emb = torch.zeros(batch, length, self.hidden_size)
         mask = torch.zeros(batch, length, dtype=torch.long)
