@@ -22,7 +22,7 @@ from .training import embed_task, evaluate, train_connector
 class AddTaskOptions:
     threshold: float = REUSE_THRESHOLD  # reuse the most similar task's adapter when its similarity reaches this
     method: str = "eproj"
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0

@@ -33,7 +33,7 @@ def prepare() -> None:
 def export(
     names: Annotated[list[str], typer.Argument(help="data sets: fashion-mnist digits easyvqa-shape easyvqa-color words")],
     out: Annotated[Path, typer.Option(help="directory to write <name>/{train,test}.jsonl into")] = Path("tasks"),
-    train: Annotated[int, typer.Option(help="training samples per task")] = 1000,
+    train: Annotated[int, typer.Option(help="training samples per task (fewer where the source has fewer)")] = 3000,
     test: Annotated[int, typer.Option(help="held-out test samples per task")] = 300,
     seed: int = 0,
 ) -> None:
@@ -42,10 +42,10 @@ def export(
 
     for name in names:
         try:
-            path = export_task(name, out, train, test, seed)
+            path, written = export_task(name, out, train, test, seed)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from None
-        console.print(f"wrote {path}/train.jsonl ({train}) and test.jsonl ({test})")
+        console.print(f"wrote {path}/train.jsonl ({written['train']}) and test.jsonl ({written['test']})")
 
 
 @app.command("add-task")
@@ -55,9 +55,9 @@ def add_task_cmd(
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
     method: Annotated[str, typer.Option(help="continual-learning method")] = "eproj",
-    epochs: int = 2,
+    epochs: int = 3,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
     seed: int = 0,
     max_train: Annotated[Optional[int], typer.Option(help="use at most N training samples")] = None,
     max_eval: Annotated[Optional[int], typer.Option(help="evaluate on at most N test samples")] = 300,

@@ -92,12 +92,15 @@ EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Example]]] = {
 }
 
 
-def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Write <out_dir>/<name>/{train,test}.jsonl and images/; deterministic for a given seed."""
+def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, dict[str, int]]:
+    """Write <out_dir>/<name>/{train,test}.jsonl and images/; deterministic for a given seed.
+
+    Returns the task directory and the samples written per split (fewer than asked where the source has fewer)."""
     if name not in EXPORTERS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(EXPORTERS)}")
     task_dir = Path(out_dir) / name
     (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    written = {}
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 10_000)):
         lines = []
         for k, (img, instruction, output) in enumerate(EXPORTERS[name](split, n, random.Random(split_seed))):
@@ -105,7 +108,8 @@ def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int =
             img.save(task_dir / rel)
             lines.append(json.dumps({"image": rel, "instruction": instruction, "output": output}))
         (task_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return task_dir
+        written[split] = len(lines)
+    return task_dir, written
 
 
 def base_mixture(n: int, seed: int = 0) -> list[Example]:
