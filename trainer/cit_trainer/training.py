@@ -16,6 +16,7 @@ from cit_registry.store import TaskKey
 from cit_registry.taskdata import Sample, normalise_answer
 
 from .data import load_images
+from .methods import Batch, Method
 
 
 @dataclass
@@ -34,6 +35,9 @@ class EmbeddedTask:
     @property
     def answers(self) -> list[str]:
         return [s.output for s in self.samples]
+
+    def batch(self) -> Batch:
+        return Batch(self.features, self.instructions, self.answers)
 
     def key(self) -> TaskKey:
         assert self.instruction is not None and self.output is not None, "no text embeddings: no key"
@@ -67,35 +71,50 @@ def train_connector(
     lr: float = 1e-3,
     seed: int = 0,
     desc: str = "training",
+    method: Method | None = None,
 ) -> list[float]:
     """Train `connector` in place on the task (LM and vision tower frozen); returns the loss of each step.
 
     AdamW with a one-cycle schedule (10 % warm-up, cosine decay): at a constant rate the last steps' noise decides
-    the final accuracy, which then swings by several points from epoch to epoch.
+    the final accuracy, which then swings by several points from epoch to epoch. A continual-learning `method`
+    (methods.py) may add replayed rows or a penalty to each step and adjust its gradient; it is told when the
+    task begins and ends (needs the task's key).
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(connector.parameters(), lr=lr)
     steps = epochs * ((len(task.samples) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    method = method or Method()
+    data = task.batch()
+
+    def loss_fn(batch: Batch, logits: bool = False) -> torch.Tensor:
+        visual = connector(batch.features)
+        if logits:
+            return backbone.lm.answer_logits(visual, batch.instructions, batch.answers)[0]
+        return backbone.lm.loss(visual, batch.instructions, batch.answers)
+
+    key = task.key() if task.instruction is not None else None
+    method.begin_task(connector, key)
     connector.train()
     losses: list[float] = []
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         for _ in range(epochs):
             order = torch.randperm(len(task.samples), generator=gen).tolist()
             for i in range(0, len(order), batch_size):
-                rows = order[i : i + batch_size]
-                loss = backbone.lm.loss(
-                    connector(task.features[rows]),
-                    [task.instructions[r] for r in rows],
-                    [task.answers[r] for r in rows],
-                )
+                batch = data.take(order[i : i + batch_size])
+                replayed = method.replay(batch_size, gen)
+                loss = loss_fn(Batch.concat([batch, replayed]) if replayed else batch)
+                penalty = method.penalty(connector)
                 opt.zero_grad()
-                loss.backward()
+                (loss + penalty if penalty is not None else loss).backward()
+                method.adjust_gradient(connector, loss_fn, gen)
                 opt.step()
                 schedule.step()
+                method.after_step(connector)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
+    method.end_task(connector, key, data, loss_fn)
     connector.eval()
     return losses
 

@@ -1,0 +1,150 @@
+"""The continual-learning methods change training the way the paper says, on the real backbone and tiny data."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cit_registry.store import TaskKey
+from cit_registry.taskdata import Sample
+from cit_trainer.methods import Batch, ImportanceMethod, ReplayMethod, make_method, tir_similarity
+from cit_trainer.training import EmbeddedTask, train_connector
+
+
+def tiny_task(seed: int, answers=("red", "blue"), n=8, instruction="What colour is it?") -> EmbeddedTask:
+    rng = np.random.default_rng(seed)
+    features = torch.from_numpy(rng.random((n, 1280), dtype=np.float32))
+    samples = [Sample(Path(f"{seed}-{i}.png"), instruction, answers[i % len(answers)]) for i in range(n)]
+    text = rng.normal(size=(n, 384)).astype(np.float32)
+    return EmbeddedTask(samples, features, text, text + 0.1)
+
+
+def key(image, instruction, output) -> TaskKey:
+    arr = lambda v: np.asarray([v], dtype=np.float32)  # noqa: E731 - one centroid, already unit length
+    return TaskKey(arr(image), arr(instruction), arr(output), np.array([1]))
+
+
+def train(backbone, connector, task, method, epochs=1):
+    return train_connector(backbone, connector, task, epochs=epochs, batch_size=4, lr=1e-3, method=method)
+
+
+@pytest.mark.parametrize("kind", ["ewc", "mas", "si"])
+def test_penalty_is_zero_at_the_old_parameters_and_grows_quadratically(backbone, kind):
+    connector = backbone.base_connector().clone()
+    method = make_method(kind, strength=1.0)
+    train(backbone, connector, tiny_task(0), method)
+    method.begin_task(connector, tiny_task(1).key())
+    assert method.penalty(connector).item() == 0.0
+    importance = torch.cat([v.flatten() for v in method.importance.values()])
+    assert (importance >= 0).all() and importance.mean().item() == pytest.approx(1.0, rel=1e-4)
+    direction = {n: torch.randn_like(p) * 1e-3 for n, p in connector.named_parameters()}
+    penalties = []
+    for scale in (1.0, 2.0):
+        moved = connector.clone()
+        with torch.no_grad():
+            for n, p in moved.named_parameters():
+                p.add_(scale * direction[n])
+        penalties.append(method.penalty(moved).item())
+    assert penalties[0] > 0 and penalties[1] == pytest.approx(4 * penalties[0], rel=1e-3)
+
+
+def test_importance_is_merged_by_max_and_remembers_its_owner(backbone):
+    connector = backbone.base_connector().clone()
+    method = ImportanceMethod("mas")
+    train(backbone, connector, tiny_task(0), method)
+    first = {n: v.clone() for n, v in method.importance.items()}
+    train(backbone, connector, tiny_task(1, answers=("circle", "square")), method)
+    for n, merged in method.importance.items():
+        assert torch.all(merged >= first[n])
+        assert set(method.owner[n].unique().tolist()) <= {0, 1}
+        assert torch.equal(merged[method.owner[n] == 0], first[n][method.owner[n] == 0])
+
+
+def test_tir_similarity_matches_the_formula_by_hand():
+    # Two tasks: the raw cosines multiplied.
+    a = key([1, 0], [1, 0], [1, 0])
+    b = key([0.6, 0.8], [0.8, 0.6], [0.0, 1.0])
+    assert tir_similarity([a, b])[0, 1] == pytest.approx(0.6 * 0.8 * 0.0)
+    c = key([0.8, 0.6], [0.6, 0.8], [0.6, 0.8])
+    # Three tasks: per part, cosines of the pairs (ab, ac, bc) standardised, sigmoid, product.
+    cos = {"image": [0.6, 0.8, 0.96], "instruction": [0.8, 0.6, 0.96], "output": [0.0, 0.6, 0.8]}
+    sig = {p: 1 / (1 + np.exp(-(np.array(v) - np.mean(v)) / np.std(v))) for p, v in cos.items()}
+    expected = sig["image"] * sig["instruction"] * sig["output"]
+    s = tir_similarity([a, b, c])
+    assert [s[0, 1], s[0, 2], s[1, 2]] == pytest.approx(expected.tolist())
+    assert np.allclose(s, s.T) and np.allclose(np.diag(s), 1.0)
+
+
+def test_tir_scales_importance_by_one_minus_the_similarity_to_its_owner(backbone):
+    connector = backbone.base_connector().clone()
+    method = ImportanceMethod("ewc", tir=True)
+    first = tiny_task(0)
+    train(backbone, connector, first, method)
+    second = tiny_task(1, answers=("circle", "square"))
+    method.begin_task(connector, second.key())
+    s = tir_similarity([first.key(), second.key()])[0, 1]
+    for n, imp in method.importance.items():
+        assert torch.allclose(method.scaled[n], imp * (1 - s))
+    plain = ImportanceMethod("ewc")
+    plain.importance, plain.anchor, plain.owner, plain.keys = method.importance, method.anchor, method.owner, method.keys
+    plain.begin_task(connector, second.key())
+    assert plain.scaled is plain.importance  # the plain regulariser does not scale
+
+
+def test_er_batches_contain_buffer_samples(backbone, monkeypatch):
+    connector = backbone.base_connector().clone()
+    method = ReplayMethod("er", fraction=0.5, min_per_task=2)
+    old = tiny_task(0, answers=("red", "blue"))
+    train(backbone, connector, old, method)
+    assert len(method.buffer) == 4 and set(method.buffer.answers) <= {"red", "blue"}
+    seen = []
+    real_loss = backbone.lm.loss
+
+    def recording_loss(visual, instructions, answers):
+        seen.append(list(answers))
+        return real_loss(visual, instructions, answers)
+
+    monkeypatch.setattr(backbone.lm, "loss", recording_loss)
+    train(backbone, connector, tiny_task(1, answers=("circle", "square")), method)
+    assert seen and all({"red", "blue"} & set(step) for step in seen)
+    assert all({"circle", "square"} & set(step) for step in seen)
+
+
+def test_agem_projects_only_gradients_that_conflict_with_the_buffer(backbone):
+    connector = backbone.base_connector().clone()
+    method = ReplayMethod("agem", fraction=1.0)
+    train(backbone, connector, tiny_task(0), method)  # the buffer (8 rows) is the whole reference batch
+
+    def loss_fn(b: Batch, logits=False):
+        return backbone.lm.loss(connector(b.features), b.instructions, b.answers)
+
+    params = list(connector.parameters())
+    connector.zero_grad()
+    loss_fn(method.buffer).backward()
+    reference = torch.cat([p.grad.flatten() for p in params])
+    noise = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0)) * reference.norm() / 100
+
+    def adjusted(gradient):
+        offset = 0
+        for p in params:
+            p.grad = gradient[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        method.adjust_gradient(connector, loss_fn, torch.Generator().manual_seed(1))
+        return torch.cat([p.grad.flatten() for p in params])
+
+    agreeing = reference + noise
+    assert torch.equal(adjusted(agreeing), agreeing)
+    conflicting = -reference + noise
+    projected = adjusted(conflicting)
+    expected = conflicting - torch.dot(conflicting, reference) / torch.dot(reference, reference) * reference
+    assert torch.allclose(projected, expected, atol=1e-5 * conflicting.abs().max())
+    assert abs(torch.dot(projected, reference).item()) <= 1e-4 * conflicting.norm().item() * reference.norm().item()
+
+
+def test_seqft_has_no_memory_and_unknown_methods_are_refused(backbone):
+    shared = backbone.base_connector().clone()
+    method = make_method("seqft")
+    train(backbone, shared, tiny_task(0), method)
+    assert method.penalty(shared) is None and method.replay(4, torch.Generator()) is None
+    with pytest.raises(ValueError, match="shared-connector method"):
+        make_method("eproj")
