@@ -14,6 +14,7 @@ from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
 from cit_registry.taskdata import read_jsonl, resolve_task_files
+from .methods import METHODS
 from .training import embed_task, evaluate, train_connector
 
 
@@ -56,7 +57,8 @@ def add_task(
 ) -> AddTaskResult:
     opts = options or AddTaskOptions()
     if opts.method != "eproj":
-        raise ValueError(f"method {opts.method!r} is not available yet; this version trains 'eproj'")
+        known = f"; `cit-trainer bench` runs {', '.join(METHODS)}" if opts.method in METHODS else ""
+        raise ValueError(f"add-task trains method 'eproj' only so far, not {opts.method!r}{known}")
     if not 0.0 <= opts.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {opts.threshold}")
     train_file, test_file = resolve_task_files(data)

@@ -54,7 +54,7 @@ def add_task_cmd(
     registry: REGISTRY = DEFAULT_REGISTRY,
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
-    method: Annotated[str, typer.Option(help="continual-learning method")] = "eproj",
+    method: Annotated[str, typer.Option(help="continual-learning method (add-task: eproj; the others run in `bench`)")] = "eproj",
     epochs: int = 3,
     batch_size: int = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
@@ -81,6 +81,39 @@ def add_task_cmd(
     for dataset, f in result.forgetting.items():
         console.print(f"  earlier data set {dataset}: {pct(f['when_trained'])} when trained, {pct(f['now'])} now")
     console.print(f"adapter written to {t.adapter_dir}")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="directory for results.json, results.md, heatmaps and the task data")] = Path("bench-results"),
+    preset: Annotated[str, typer.Option(help="small (all methods, ~30 min on 2 cores) or full")] = "small",
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "seqft,ewc,tir-ewc,mas,tir-mas,si,tir-si,er,agem,eproj,joint",
+    tasks: Annotated[str, typer.Option(help="comma-separated task order")] = "fashion-mnist,digits,easyvqa-shape,easyvqa-color,words",
+    shuffle: Annotated[bool, typer.Option(help="shuffle the task order with --seed")] = False,
+    seed: int = 0,
+    thresholds: Annotated[str, typer.Option(help="reuse thresholds to sweep for similarity-informed EProj ('' skips)")] = "0.1,0.2,0.4,0.6",
+) -> None:
+    """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
+    import random
+
+    from .bench import run_benchmark
+
+    order = _csv(tasks)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    command = " ".join(["cit-trainer", "bench", *sys.argv[2:]]) if len(sys.argv) > 2 else "cit-trainer bench"
+    try:
+        run_benchmark(out, _csv(methods), tuple(order), preset, seed, [float(t) for t in _csv(thresholds)], command,
+                      log=console.print)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print((out / "results.md").read_text())
+    console.print(f"written: {out}/results.json, results.md, heatmap-*.png")
 
 
 @app.command("train-base")

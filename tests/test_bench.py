@@ -1,0 +1,37 @@
+"""The benchmark: its metrics by hand, and a tiny end-to-end run on real data and the real backbone."""
+import json
+
+import numpy as np
+import pytest
+
+from cit_trainer.bench import Preset, metrics, run_benchmark
+
+
+def test_average_accuracy_and_forgetting_by_hand():
+    nan = np.nan
+    acc = np.array([[0.8, 0.1, nan],
+                    [0.6, 0.9, 0.2],
+                    [0.4, 0.7, 0.5]])
+    average, forgetting = metrics(acc)
+    assert average == pytest.approx([0.8, 0.75, (0.4 + 0.7 + 0.5) / 3])
+    # F_2: task 0 fell from its best 0.8 to 0.6; F_3: task 0 from 0.8 to 0.4, task 1 from 0.9 to 0.7
+    assert forgetting == pytest.approx([0.0, 0.2, (0.4 + 0.2) / 2])
+
+
+def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
+    out = tmp_path / "bench"
+    results = run_benchmark(out, ["seqft", "ewc", "er", "eproj", "joint"], ("digits", "easyvqa-shape"),
+                            Preset(train=16, test=8, epochs=1), seed=0, thresholds=[0.0, 1.0], command="test")
+    report = json.loads((out / "results.json").read_text())
+    assert [m["method"] for m in report["methods"]] == ["seqft", "ewc", "er", "eproj", "joint"]
+    for r in results:
+        assert len(r.accuracy) == 2 and r.accuracy[0][0] is not None and r.accuracy[0][1] is not None  # next: zero-shot
+        assert all(0.0 <= v <= 1.0 for row in r.accuracy for v in row if v is not None)
+        assert (out / f"heatmap-{r.method}.png").read_bytes()[:4] == b"\x89PNG"
+    eproj = next(r for r in results if r.method == "eproj")
+    assert eproj.adapters == 2 and eproj.routing_accuracy[-1] >= 0.9  # digits and shapes look nothing alike
+    assert eproj.trainable_parameters == 2 * results[0].trainable_parameters
+    sweep = {s["threshold"]: s["adapters"] for s in report["threshold_sweep"]}
+    assert sweep == {0.0: 1, 1.0: 2}  # threshold 0 reuses everything; 1 expands for every distinct task
+    table = (out / "results.md").read_text()
+    assert "| eproj |" in table and "| threshold | adapters | A_T |" in table

@@ -1,0 +1,259 @@
+"""The continual-instruction-tuning benchmark of He et al. (arXiv 2311.16206) on real data, on a CPU.
+
+Tasks are learned one after another; after each stage every task seen so far (and the next one, zero-shot) is
+evaluated, giving each method an accuracy matrix acc[stage, task]. From it:
+
+    A_t = mean over tasks j <= t of acc[t, j]                               (average accuracy)
+    F_t = mean over tasks j < t of (max over stages l in [j, t-1] of acc[l, j]) - acc[t, j]   (forgetting)
+
+EProj (and its similarity-informed variant with a reuse threshold) routes each test request through a FAISS index
+of task keys exactly as the server does, so its accuracy includes routing mistakes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cit_backbone.adapters import Connector
+from cit_backbone.backbone import Backbone
+from cit_backbone.embedder import TextEmbedder
+from cit_registry.router import ROUTING_THRESHOLD, Router, select, task_similarity
+from cit_registry.store import TaskKey, routing_query
+from cit_registry.taskdata import read_jsonl
+
+from .data import export_task
+from .methods import METHODS, SHARED_METHODS, make_method
+from .training import EmbeddedTask, embed_task, evaluate, train_connector
+
+DEFAULT_ORDER = ("fashion-mnist", "digits", "easyvqa-shape", "easyvqa-color", "words")
+
+
+@dataclass(frozen=True)
+class Preset:
+    train: int    # training samples per task
+    test: int     # held-out samples per task
+    epochs: int
+
+
+PRESETS = {"small": Preset(train=160, test=60, epochs=2), "full": Preset(train=1000, test=300, epochs=3)}
+
+
+@dataclass
+class MethodResult:
+    method: str
+    accuracy: list[list[float | None]]   # [stage][task]: None where not evaluated
+    average_accuracy: list[float]        # A_t per stage
+    forgetting: list[float]              # F_t per stage (0 at stage 1)
+    routing_accuracy: list[float | None] = field(default_factory=list)  # per stage, routed methods only
+    adapters: int = 1
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+
+def metrics(acc: np.ndarray) -> tuple[list[float], list[float]]:
+    """A_t and F_t from an accuracy matrix acc[stage, task] (NaN where not evaluated)."""
+    stages = acc.shape[0]
+    average = [float(np.mean(acc[t, : t + 1])) for t in range(stages)]
+    forgetting = [0.0 if t == 0 else float(np.mean([acc[j:t, j].max() - acc[t, j] for j in range(t)]))
+                  for t in range(stages)]
+    return average, forgetting
+
+
+class Bench:
+    """Embedded tasks and the shared backbone, reused by every method of one run."""
+
+    def __init__(self, out: Path, order: tuple[str, ...], preset: Preset, seed: int, log=print) -> None:
+        self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
+        self.backbone = Backbone()
+        self.embedder = TextEmbedder()
+        self.train: list[EmbeddedTask] = []
+        self.test: list[EmbeddedTask] = []
+        for name in order:
+            task_dir, _ = export_task(name, self.out / "tasks", preset.train, preset.test, seed)
+            self.train.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "train.jsonl"), f"{name} train"))
+            self.test.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "test.jsonl"), f"{name} test"))
+        self.keys = [t.key() for t in self.train]
+
+    def fit(self, connector: Connector, task: EmbeddedTask, desc: str, method=None) -> None:
+        train_connector(self.backbone, connector, task, self.preset.epochs, seed=self.seed, desc=desc, method=method)
+
+    def score(self, connector: Connector, j: int) -> float:
+        return evaluate(self.backbone, connector, self.test[j], desc=f"evaluating {self.order[j]}")[0]
+
+    # ---------------------------------------------------------------------------------- one method
+
+    def run(self, method: str) -> MethodResult:
+        torch.manual_seed(self.seed)
+        start = time.time()
+        if method == "eproj":
+            result = self._run_routed(threshold=math.inf)
+        elif method == "joint":
+            result = self._run_joint()
+        elif method in SHARED_METHODS:
+            result = self._run_shared(method)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        result.seconds = round(time.time() - start, 1)
+        self.log(f"{method}: A_T {result.average_accuracy[-1]:.1%}, F_T {result.forgetting[-1]:.1%}, "
+                 f"{result.adapters} adapter(s), {result.seconds:.0f} s")
+        return result
+
+    def _matrix(self) -> np.ndarray:
+        return np.full((len(self.order), len(self.order)), np.nan)
+
+    def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None) -> MethodResult:
+        average, forgetting = metrics(acc)
+        params = sum(p.numel() for p in self.backbone.base_connector().parameters()) * adapters
+        rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
+        return MethodResult(name, rows, average, forgetting, routing or [], adapters, params)
+
+    def _run_shared(self, name: str) -> MethodResult:
+        connector, method, acc = self.backbone.base_connector().clone(), make_method(name), self._matrix()
+        for t in range(len(self.order)):
+            self.fit(connector, self.train[t], f"{name}: {self.order[t]}", method)
+            for j in range(min(t + 2, len(self.order))):  # seen tasks and the next one, zero-shot
+                acc[t, j] = self.score(connector, j)
+        return self._result(name, acc, adapters=1)
+
+    def _run_joint(self) -> MethodResult:
+        acc = self._matrix()
+        for t in range(len(self.order)):
+            seen = self.train[: t + 1]  # multi-task training from the start on every task so far: the upper bound
+            mixed = EmbeddedTask([s for task in seen for s in task.samples], torch.cat([task.features for task in seen]),
+                                 None, None)
+            connector = self.backbone.base_connector().clone()
+            self.fit(connector, mixed, f"joint: {t + 1} task(s)")
+            for j in range(min(t + 2, len(self.order))):
+                acc[t, j] = self.score(connector, j)
+        return self._result("joint", acc, adapters=1)
+
+    def _run_routed(self, threshold: float, final_only: bool = False) -> MethodResult:
+        """EProj: a projection per task (or the most similar task's, reused at similarity >= threshold)."""
+        connectors: list[Connector] = []
+        owner_keys: list[TaskKey] = []
+        owner_of: list[int] = []  # benchmark task -> adapter index
+        acc, routing = self._matrix(), []
+        for t in range(len(self.order)):
+            sims = [task_similarity(self.keys[t], k)["score"] for k in owner_keys]
+            best = int(np.argmax(sims)) if sims else None
+            if best is not None and sims[best] >= threshold:
+                owner_keys[best] = owner_keys[best].merged(self.keys[t])
+                owner_of.append(best)
+            else:
+                connectors.append(self.backbone.base_connector().clone())
+                owner_keys.append(self.keys[t])
+                owner_of.append(len(connectors) - 1)
+            self.fit(connectors[owner_of[t]], self.train[t], f"eproj: {self.order[t]}")
+            if final_only and t < len(self.order) - 1:
+                continue
+            router = self._router(owner_keys)
+            routed = []
+            for j in range(min(t + 2, len(self.order))):
+                acc[t, j], share = self._routed_score(router, connectors, j, owner_of[j] if j <= t else None)
+                if j <= t:
+                    routed.append(share)
+            routing.append(float(np.mean(routed)))
+        name = "eproj" if math.isinf(threshold) else f"eproj@{threshold:g}"
+        return self._result(name, acc, adapters=len(connectors), routing=routing)
+
+    @staticmethod
+    def _router(keys: list[TaskKey]) -> Router:
+        vectors = np.concatenate([k.routing_vectors for k in keys])
+        rows = [(str(i), 1) for i, k in enumerate(keys) for _ in range(len(k.routing_vectors))]
+        return Router(vectors, rows, fingerprint=[])
+
+    def _routed_score(self, router: Router, connectors: list[Connector], j: int, own: int | None) -> tuple[float, float]:
+        """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
+        requests routed to the task's own adapter."""
+        test = self.test[j]
+        query = routing_query(test.features.numpy(), test.instruction)
+        chosen = [select(candidates, ROUTING_THRESHOLD) for candidates in router.search(query, k=1)]
+        adapter = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
+        correct = np.zeros(len(adapter), dtype=bool)
+        for a in set(adapter):
+            rows = [i for i, x in enumerate(adapter) if x == a]
+            connector = connectors[a] if a >= 0 else self.backbone.base_connector()
+            subset = EmbeddedTask([test.samples[i] for i in rows], test.features[rows], None, None)
+            correct[rows] = evaluate(self.backbone, connector, subset, desc=f"evaluating {self.order[j]}")[1]
+        own_share = float(np.mean([a == own for a in adapter])) if own is not None else 0.0
+        return float(correct.mean()), own_share
+
+    def threshold_sweep(self, thresholds: list[float]) -> list[dict]:
+        """Similarity-informed EProj: adapters created and final average accuracy as the reuse threshold moves."""
+        out = []
+        for threshold in thresholds:
+            r = self._run_routed(threshold, final_only=True)
+            out.append({"threshold": threshold, "adapters": r.adapters, "final_average_accuracy": r.average_accuracy[-1]})
+            self.log(f"threshold {threshold:g}: {r.adapters} adapter(s), A_T {r.average_accuracy[-1]:.1%}")
+        return out
+
+
+# -------------------------------------------------------------------------------------- the report
+
+
+def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult], sweep: list[dict], config: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"config": config, "tasks": list(order), "methods": [asdict(r) for r in results], "threshold_sweep": sweep}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = [f"Tasks, in order: {', '.join(order)}. Command: `{config['command']}`", "",
+             "| method | A_T | F_T | routing (own adapter) | adapters | trainable params | wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        routing = pct(r.routing_accuracy[-1]) if r.routing_accuracy else "–"
+        lines.append(f"| {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | {routing} | "
+                     f"{r.adapters} | {r.trainable_parameters:,} | {r.seconds:.0f} s |")
+    if sweep:
+        lines += ["", "Reuse threshold sweep (similarity-informed EProj):", "",
+                  "| threshold | adapters | A_T |", "|---|---|---|"]
+        lines += [f"| {s['threshold']:g} | {s['adapters']} | {pct(s['final_average_accuracy'])} |" for s in sweep]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    for r in results:
+        acc = np.array([[np.nan if v is None else 100 * v for v in row] for row in r.accuracy])
+        fig, ax = plt.subplots(figsize=(6, 4.8))
+        image = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(acc):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_yticks(range(len(order)), [f"after {n}" for n in order])
+        ax.set_title(f"{r.method}: accuracy (%) after each stage")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / f"heatmap-{r.method}.png", dpi=100)
+        plt.close(fig)
+
+
+def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset: str | Preset, seed: int,
+                  thresholds: list[float], command: str, log=print) -> list[MethodResult]:
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if len(set(order)) != len(order) or len(order) < 2:
+        raise ValueError("the task order needs at least two distinct tasks")
+    random.seed(seed)
+    np.random.seed(seed)
+    bench = Bench(out, order, preset, seed, log)
+    results = [bench.run(m) for m in methods]
+    sweep = bench.threshold_sweep(thresholds) if thresholds else []
+    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods}
+    write_report(out, order, results, sweep, config)
+    return results
