@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default backbone: export three real-data tasks, add them with the default
 # `cit-trainer add-task` settings, start cit-server, and evaluate every held-out test request over gRPC.
-# About 40 minutes on 2 CPU cores. Outputs: ./tasks, ./cit-registry, and the report printed at the end.
+# About 30 minutes on 2 CPU cores. Outputs: ./tasks, ./cit-registry, and the report printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASKS=${TASKS:-"fashion-mnist digits words"}

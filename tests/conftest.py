@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 # CI budget for the end-to-end registry: small, but real data, real weights, real training.
-TRAIN_SAMPLES = int(os.environ.get("CIT_TEST_TRAIN", 320))
+TRAIN_SAMPLES = int(os.environ.get("CIT_TEST_TRAIN", 400))
 TEST_SAMPLES = int(os.environ.get("CIT_TEST_EVAL", 100))
-EPOCHS = 2
+EPOCHS = 3  # the add-task default
 E2E_TASKS = ("fashion-mnist", "digits", "words")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
