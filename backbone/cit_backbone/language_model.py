@@ -175,7 +175,8 @@ class LanguageModel:
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             return self._prefixes[key]
-        with torch.no_grad():
+        # Plain tensors even when first asked under inference mode: later training steps save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
             out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
         kv = [(k, v) for k, v, *_ in out.cache]
         self._prefixes[key] = kv
