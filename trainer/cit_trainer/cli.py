@@ -90,7 +90,7 @@ def _csv(text: str) -> list[str]:
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="directory for results.json, results.md, heatmaps and the task data")] = Path("bench-results"),
-    preset: Annotated[str, typer.Option(help="small (all methods, ~30 min on 2 cores) or full")] = "small",
+    preset: Annotated[str, typer.Option(help="small (3-5 min per method on 2 cores) or full")] = "small",
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "seqft,ewc,tir-ewc,mas,tir-mas,si,tir-si,er,agem,eproj,joint",
     tasks: Annotated[str, typer.Option(help="comma-separated task order")] = "fashion-mnist,digits,easyvqa-shape,easyvqa-color,words",
     shuffle: Annotated[bool, typer.Option(help="shuffle the task order with --seed")] = False,
