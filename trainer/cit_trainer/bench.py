@@ -73,6 +73,7 @@ class Bench:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
         self.backbone = Backbone()
         self.embedder = TextEmbedder()
+        self.base = self.backbone.base_connector()  # read once; every method starts from clones of it
         self.train: list[EmbeddedTask] = []
         self.test: list[EmbeddedTask] = []
         for name in order:
@@ -110,12 +111,12 @@ class Bench:
 
     def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None) -> MethodResult:
         average, forgetting = metrics(acc)
-        params = sum(p.numel() for p in self.backbone.base_connector().parameters()) * adapters
+        params = sum(p.numel() for p in self.base.parameters()) * adapters
         rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
         return MethodResult(name, rows, average, forgetting, routing or [], adapters, params)
 
     def _run_shared(self, name: str) -> MethodResult:
-        connector, method, acc = self.backbone.base_connector().clone(), make_method(name), self._matrix()
+        connector, method, acc = self.base.clone(), make_method(name), self._matrix()
         for t in range(len(self.order)):
             self.fit(connector, self.train[t], f"{name}: {self.order[t]}", method)
             for j in range(min(t + 2, len(self.order))):  # seen tasks and the next one, zero-shot
@@ -128,7 +129,7 @@ class Bench:
             seen = self.train[: t + 1]  # multi-task training from the start on every task so far: the upper bound
             mixed = EmbeddedTask([s for task in seen for s in task.samples], torch.cat([task.features for task in seen]),
                                  None, None)
-            connector = self.backbone.base_connector().clone()
+            connector = self.base.clone()
             self.fit(connector, mixed, f"joint: {t + 1} task(s)")
             for j in range(min(t + 2, len(self.order))):
                 acc[t, j] = self.score(connector, j)
@@ -147,7 +148,7 @@ class Bench:
                 owner_keys[best] = owner_keys[best].merged(self.keys[t])
                 owner_of.append(best)
             else:
-                connectors.append(self.backbone.base_connector().clone())
+                connectors.append(self.base.clone())
                 owner_keys.append(self.keys[t])
                 owner_of.append(len(connectors) - 1)
             self.fit(connectors[owner_of[t]], self.train[t], f"eproj: {self.order[t]}")
@@ -179,7 +180,7 @@ class Bench:
         correct = np.zeros(len(adapter), dtype=bool)
         for a in set(adapter):
             rows = [i for i, x in enumerate(adapter) if x == a]
-            connector = connectors[a] if a >= 0 else self.backbone.base_connector()
+            connector = connectors[a] if a >= 0 else self.base
             subset = EmbeddedTask([test.samples[i] for i in rows], test.features[rows], None, None)
             correct[rows] = evaluate(self.backbone, connector, subset, desc=f"evaluating {self.order[j]}")[1]
         own_share = float(np.mean([a == own for a in adapter])) if own is not None else 0.0
