@@ -15,6 +15,7 @@ TRAIN_SAMPLES = int(os.environ.get("CIT_TEST_TRAIN", 400))
 TEST_SAMPLES = int(os.environ.get("CIT_TEST_EVAL", 100))
 EPOCHS = 3  # the add-task default
 E2E_TASKS = ("fashion-mnist", "digits", "words")
+E2E_METHODS = {"words": "lora"}  # one LoRA task (projection + LoRA on the LM) among the EProj ones
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +27,24 @@ def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def full_sequence_loss(lm, visual, instructions, answers, lora=None):
+    """transformers' own causal-LM loss over whole sequences (prompt, visual tokens, answer): the reference that
+    the trainer's prefix-cached, answer-only loss must equal."""
+    import torch
+
+    rows = [torch.cat([p, lm.model.get_input_embeddings()(torch.tensor(lm.answer_ids(a)))])
+            for p, a in zip(lm.prompt_embeddings(visual, instructions), answers)]
+    n, length = len(rows), max(len(r) for r in rows)
+    emb, labels = torch.zeros(n, length, lm.hidden_size), torch.full((n, length), -100)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i, (r, a) in enumerate(zip(rows, answers)):
+        ans = lm.answer_ids(a)
+        emb[i, : len(r)], mask[i, : len(r)] = r, 1
+        labels[i, len(r) - len(ans) : len(r)] = torch.tensor(ans)
+    with lm._rows([lora] * n):
+        return lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +70,13 @@ def task_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory, task_dirs) -> Path:
-    """A registry built by `cit-trainer add-task` from three real-data tasks, then one reused."""
+    """A registry built by `cit-trainer add-task` from three real-data tasks (one of them a LoRA task), then one
+    reused."""
     reg = tmp_path_factory.mktemp("registry") / "reg"
     for name in E2E_TASKS:
         run_cli("cit-trainer", "add-task", str(task_dirs[name]), "--registry", str(reg), "--max-train",
-                str(TRAIN_SAMPLES), "--max-eval", str(TEST_SAMPLES), "--epochs", str(EPOCHS))
+                str(TRAIN_SAMPLES), "--max-eval", str(TEST_SAMPLES), "--epochs", str(EPOCHS),
+                "--method", E2E_METHODS.get(name, "eproj"))
     run_cli("cit-trainer", "add-task", str(task_dirs["fashion-more"]), "--registry", str(reg), "--name",
             "fashion-more", "--epochs", "1")
     return reg

@@ -1,4 +1,4 @@
-"""The server's adapter store: an LRU of task connectors with the registry on disk as the cold tier."""
+"""The server's adapter store: an LRU of task adapters with the registry on disk as the cold tier."""
 import torch
 
 from cit_backbone.adapters import Connector, ConnectorConfig
@@ -10,18 +10,25 @@ from .test_registry import make_key
 TINY = ConnectorConfig(feature_dim=4, hidden_size=3)
 
 
-def registry_with(tmp_path, names):
+def registry_with(tmp_path, names, lm=None):
+    """Tasks with constant connectors (weight = their index); names starting with "l" are LoRA tasks."""
     reg = Registry.open(tmp_path / "reg", create=True)
     for i, name in enumerate(names):
         connector = Connector(TINY)
         torch.nn.init.constant_(connector.proj.weight, float(i))
-        reg.commit(TaskCard(name, 1, "eproj", {"action": "expanded"}), make_key(), connector.save)
+        if name.startswith("l"):
+            lm.add_lora("fresh")
+            reg.commit(TaskCard(name, 1, "lora", {"action": "expanded"}), make_key(), connector.save,
+                       lambda d: lm.save_lora("fresh", d))
+            lm.unload_lora("fresh")
+        else:
+            reg.commit(TaskCard(name, 1, "eproj", {"action": "expanded"}), make_key(), connector.save)
     return reg
 
 
-def test_lru_keeps_capacity_and_evicts_the_least_recent(tmp_path):
+def test_lru_keeps_capacity_and_evicts_the_least_recent(tmp_path, backbone):
     reg = registry_with(tmp_path, ["a", "b", "c"])
-    store = AdapterStore(reg, Connector(TINY), capacity=2)
+    store = AdapterStore(reg, backbone, capacity=2)
     a, b, c = (AdapterId(n, 1) for n in "abc")
     store.get(a)
     store.get(b)
@@ -30,13 +37,23 @@ def test_lru_keeps_capacity_and_evicts_the_least_recent(tmp_path):
     store.get(c)  # evicts b
     assert store.resident() == [a, c]
     assert (store.hits, store.misses, store.evictions) == (1, 3, 1)
-    again = store.get(b)  # reloaded from disk, transparently
+    again = store.get(b).connector  # reloaded from disk, transparently
     assert torch.equal(again.proj.weight, torch.full_like(again.proj.weight, 1.0))
     assert store.resident() == [c, b]
 
 
-def test_base_is_never_cached_or_evicted(tmp_path):
+def test_a_lora_lives_in_the_lm_while_resident_and_leaves_it_on_eviction(tmp_path, backbone):
+    reg = registry_with(tmp_path, ["la", "lb"], backbone.lm)
+    store = AdapterStore(reg, backbone, capacity=1)
+    la, lb = AdapterId("la", 1), AdapterId("lb", 1)
+    assert store.get(la).lora == "la@v1" and "la@v1" in backbone.lm.loras()
+    assert store.get(lb).lora == "lb@v1"  # evicts la
+    assert backbone.lm.loras() == ["lb@v1"]
+    assert store.get(la).lora == "la@v1" and backbone.lm.loras() == ["la@v1"]
+    backbone.unload_adapter(store.get(la))  # leave the session LM as it was
+
+
+def test_base_is_never_cached_or_evicted(tmp_path, backbone):
     reg = registry_with(tmp_path, ["a"])
-    base = Connector(TINY)
-    store = AdapterStore(reg, base, capacity=1)
-    assert store.get(BASE) is base and store.resident() == []
+    store = AdapterStore(reg, backbone, capacity=1)
+    assert store.get(BASE) is store.base and store.base.lora is None and store.resident() == []

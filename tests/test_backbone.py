@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.images import InvalidImage, decode_image
 from cit_backbone.language_model import Sampling
+
+from .conftest import full_sequence_loss
 
 
 def png(img: Image.Image, fmt="PNG") -> bytes:
@@ -33,7 +35,7 @@ def test_per_row_connectors_in_one_batch_match_single_rows(backbone, features):
     other = base.clone()
     with torch.no_grad():
         other.proj.weight.mul_(-1.0)
-    connectors = [base, other, base]
+    connectors = [TaskAdapter(base), TaskAdapter(other), TaskAdapter(base)]
     instructions = ["Describe the image.", "What is this?", "What colour is it?"]
     greedy = [Sampling(max_new_tokens=8)] * 3
     batch = backbone.generate(features, connectors, instructions, greedy)
@@ -44,7 +46,7 @@ def test_per_row_connectors_in_one_batch_match_single_rows(backbone, features):
 
 
 def test_stop_string_ends_generation_and_is_cut(backbone, features):
-    base = backbone.base_connector()
+    base = TaskAdapter(backbone.base_connector())
     full = backbone.generate(features[:1], [base], ["Describe the image in detail."], [Sampling(max_new_tokens=12)])[0]
     assert len(full.text) > 4
     stop = full.text[2:4]
@@ -54,13 +56,13 @@ def test_stop_string_ends_generation_and_is_cut(backbone, features):
 
 
 def test_max_new_tokens_gives_finish_reason_length(backbone, features):
-    out = backbone.generate(features[:1], [backbone.base_connector()], ["Tell me a long story."],
+    out = backbone.generate(features[:1], [TaskAdapter(backbone.base_connector())], ["Tell me a long story."],
                             [Sampling(max_new_tokens=3)])[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_other_seeds(backbone, features):
-    base = backbone.base_connector()
+    base = TaskAdapter(backbone.base_connector())
     run = lambda seed: backbone.generate(  # noqa: E731
         features[:1], [base], ["Tell me a story."], [Sampling(max_new_tokens=12, temperature=1.5, seed=seed)]
     )[0].token_ids
@@ -122,16 +124,7 @@ def test_training_loss_equals_the_full_causal_lm_loss(backbone, features):
     with torch.no_grad():
         visual = connector(features.clone())  # clone: the fixture's features are inference-mode tensors
     visual.requires_grad_(True)
-    rows = [torch.cat([p, lm.model.get_input_embeddings()(torch.tensor(lm.answer_ids(a)))])
-            for p, a in zip(lm.prompt_embeddings(visual, instructions), answers)]
-    length = max(len(r) for r in rows)
-    emb, labels = torch.zeros(3, length, lm.hidden_size), torch.full((3, length), -100)
-    mask = torch.zeros(3, length, dtype=torch.long)
-    for i, (r, a) in enumerate(zip(rows, answers)):
-        ans = lm.answer_ids(a)
-        emb[i, : len(r)], mask[i, : len(r)] = r, 1
-        labels[i, len(r) - len(ans) : len(r)] = torch.tensor(ans)
-    reference = lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    reference = full_sequence_loss(lm, visual, instructions, answers)
     (ref_grad,) = torch.autograd.grad(reference, visual)
     loss = lm.loss(visual, instructions, answers)
     (grad,) = torch.autograd.grad(loss, visual)

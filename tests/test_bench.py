@@ -20,10 +20,10 @@ def test_average_accuracy_and_forgetting_by_hand():
 
 def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     out = tmp_path / "bench"
-    results = run_benchmark(out, ["seqft", "ewc", "er", "eproj", "joint"], ("digits", "easyvqa-shape"),
+    results = run_benchmark(out, ["seqft", "ewc", "er", "eproj", "lora", "joint"], ("digits", "easyvqa-shape"),
                             Preset(train=16, test=8, epochs=1), seed=0, thresholds=[0.0, 1.0], command="test")
     report = json.loads((out / "results.json").read_text())
-    assert [m["method"] for m in report["methods"]] == ["seqft", "ewc", "er", "eproj", "joint"]
+    assert [m["method"] for m in report["methods"]] == ["seqft", "ewc", "er", "eproj", "lora", "joint"]
     for r in results:
         assert len(r.accuracy) == 2 and r.accuracy[0][0] is not None and r.accuracy[0][1] is not None  # next: zero-shot
         assert all(0.0 <= v <= 1.0 for row in r.accuracy for v in row if v is not None)
@@ -31,7 +31,12 @@ def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     eproj = next(r for r in results if r.method == "eproj")
     assert eproj.adapters == 2 and eproj.routing_accuracy[-1] >= 0.9  # digits and shapes look nothing alike
     assert eproj.trainable_parameters == 2 * results[0].trainable_parameters
+    lora = next(r for r in results if r.method == "lora")
+    assert lora.adapters == 2 and lora.routing_accuracy == eproj.routing_accuracy  # routed alike
+    assert lora.trainable_parameters > eproj.trainable_parameters
     sweep = {s["threshold"]: s["adapters"] for s in report["threshold_sweep"]}
     assert sweep == {0.0: 1, 1.0: 2}  # threshold 0 reuses everything; 1 expands for every distinct task
+    # threshold 1 assigns tasks to adapters as plain EProj does: the same run
+    assert report["threshold_sweep"][1]["final_average_accuracy"] == eproj.average_accuracy[-1]
     table = (out / "results.md").read_text()
     assert "| eproj |" in table and "| threshold | adapters | A_T |" in table

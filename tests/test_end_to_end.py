@@ -116,6 +116,23 @@ def test_route_is_a_dry_run_with_top_k(client, task_dirs):
     assert r.candidates[0].score >= r.candidates[1].score
 
 
+def test_a_lora_task_is_in_peft_format_and_served_like_an_eproj_task(registry, client, task_dirs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cit_backbone.language_model import converted_lm_dir
+
+    words = Registry.open(registry).get("words")
+    assert words.card.adapter_kind == "lora"
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted_lm_dir()), words.lora_dir)
+    trained_b = [p for n, p in plain.named_parameters() if "lora_B" in n]
+    assert trained_b and all(p.abs().max() > 0 for p in trained_b)  # B starts at 0: it was trained and saved
+    assert [t.adapter_kind for t in client.list_tasks() if t.task_id == "words"] == ["lora"]
+    sample = first_test_sample(task_dirs, "words")
+    r = client.generate(sample.image, sample.instruction)
+    assert (r.route.task_id, r.route.version, r.route.below_threshold) == ("words", 1, False)
+
+
 def test_list_and_get_task(client):
     tasks = {t.task_id: t for t in client.list_tasks()}
     assert set(tasks) == set(E2E_TASKS) and tasks["fashion-mnist"].version == 2

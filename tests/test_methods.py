@@ -100,9 +100,9 @@ def test_er_batches_contain_buffer_samples(backbone, monkeypatch):
     seen = []
     real_loss = backbone.lm.loss
 
-    def recording_loss(visual, instructions, answers):
+    def recording_loss(visual, instructions, answers, lora=None):
         seen.append(list(answers))
-        return real_loss(visual, instructions, answers)
+        return real_loss(visual, instructions, answers, lora)
 
     monkeypatch.setattr(backbone.lm, "loss", recording_loss)
     train(backbone, connector, tiny_task(1, answers=("circle", "square")), method)

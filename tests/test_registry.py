@@ -57,6 +57,21 @@ def test_failed_write_leaves_no_trace(tmp_path):
     assert reg.task_ids() == [] and not list((tmp_path / "reg" / ".staging").iterdir())
 
 
+def test_a_lora_task_is_written_with_its_lora_and_verify_notices_a_missing_one(tmp_path):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    card = TaskCard("gamma", 1, "lora", {"action": "expanded"})
+    with pytest.raises(ValueError, match="needs LoRA"):
+        reg.commit(card, make_key(), write_adapter)
+    with pytest.raises(ValueError, match="has no LoRA"):
+        reg.commit(TaskCard("delta", 1, "eproj", {}), make_key(), write_adapter, write_adapter)
+    t = reg.commit(card, make_key(), write_adapter, write_adapter)
+    assert t.lora_dir == t.path / "lora" and (t.lora_dir / "adapter_model.safetensors").is_file()
+    assert add(reg, "eps", make_key()).lora_dir is None
+    assert list(reg.verify()) == []
+    (t.lora_dir / "adapter_model.safetensors").unlink()
+    assert list(reg.verify()) == ["gamma v1: missing lora/adapter_model.safetensors"]
+
+
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "", "UPPER", ".hidden", "x" * 65, "a..b"])
 def test_task_ids_cannot_escape_the_registry(bad):
     with pytest.raises(ValueError, match="invalid task id"):

@@ -1,7 +1,8 @@
-"""Adapters: the per-task projection (EProj connector) and its on-disk format.
+"""Adapters: the per-task projection (EProj connector), its on-disk format, and what a row is generated with.
 
-The format follows PEFT's habit: a directory with `adapter_config.json` and `adapter_model.safetensors`,
-holding only the adapter's own weights. Nothing is ever unpickled.
+The connector's format follows PEFT's habit: a directory with `adapter_config.json` and
+`adapter_model.safetensors`, holding only the adapter's own weights. A LoRA task adds a LoRA on the language model,
+saved in PEFT's own format (language_model.py). Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -61,3 +62,11 @@ class Connector(nn.Module):
         connector = cls(config)
         connector.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return connector.eval()
+
+
+@dataclass(frozen=True)
+class TaskAdapter:
+    """What one row is generated with: a projection and, for a LoRA task, the name of a LoRA loaded in the LM."""
+
+    connector: Connector
+    lora: str | None = None

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .adapters import Connector, ConnectorConfig
+from .adapters import Connector, ConnectorConfig, TaskAdapter
 from .language_model import LanguageModel, RowState, Sampling
 from .paths import BASE_CONNECTOR_DIR
 from .vision import FEATURE_DIM, VisionTower
 
 
 class Backbone:
-    """One shared backbone. It knows nothing of tasks or caching: callers hand it a connector per row."""
+    """One shared backbone. It knows nothing of tasks or caching: callers hand it an adapter per row."""
 
     def __init__(self, vision: VisionTower | None = None, lm: LanguageModel | None = None) -> None:
         self.vision = vision or VisionTower()
@@ -28,35 +29,49 @@ class Backbone:
             raise FileNotFoundError(f"no base connector at {BASE_CONNECTOR_DIR}; run `cit-trainer train-base`")
         return Connector.load(BASE_CONNECTOR_DIR)
 
+    def load_adapter(self, name: str, connector_dir: Path, lora_dir: Path | None = None,
+                     trainable: bool = False) -> TaskAdapter:
+        """A task's adapter from disk; its LoRA (if any) is loaded into the LM under `name`."""
+        connector = Connector.load(connector_dir)
+        if lora_dir is None:
+            return TaskAdapter(connector)
+        self.lm.load_lora(name, lora_dir, trainable=trainable)
+        return TaskAdapter(connector, name)
+
+    def unload_adapter(self, adapter: TaskAdapter) -> None:
+        if adapter.lora is not None:
+            self.lm.unload_lora(adapter.lora)
+
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return self.vision.encode(images)
 
     @staticmethod
-    def project(features: torch.Tensor, connectors: Sequence[Connector]) -> torch.Tensor:
+    def project(features: torch.Tensor, adapters: Sequence[TaskAdapter]) -> torch.Tensor:
         """Per-row projection: rows sharing a connector are projected together."""
-        out = torch.empty(features.shape[0], connectors[0].config.num_tokens, connectors[0].config.hidden_size)
+        first = adapters[0].connector.config
+        out = torch.empty(features.shape[0], first.num_tokens, first.hidden_size)
         groups: dict[int, list[int]] = {}
-        for row, connector in enumerate(connectors):
-            groups.setdefault(id(connector), []).append(row)
+        for row, adapter in enumerate(adapters):
+            groups.setdefault(id(adapter.connector), []).append(row)
         with torch.inference_mode():
             for rows in groups.values():
-                out[rows] = connectors[rows[0]](features[rows])
+                out[rows] = adapters[rows[0]].connector(features[rows])
         return out
 
     def stream(
         self,
         features: torch.Tensor,
-        connectors: Sequence[Connector],
+        adapters: Sequence[TaskAdapter],
         instructions: Sequence[str],
         sampling: Sequence[Sampling],
     ) -> Iterator[list[RowState]]:
-        return self.lm.decode(self.project(features, connectors), instructions, sampling)
+        return self.lm.decode(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
 
     def generate(
         self,
         features: torch.Tensor,
-        connectors: Sequence[Connector],
+        adapters: Sequence[TaskAdapter],
         instructions: Sequence[str],
         sampling: Sequence[Sampling],
     ) -> list[RowState]:
-        return self.lm.generate(self.project(features, connectors), instructions, sampling)
+        return self.lm.generate(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])

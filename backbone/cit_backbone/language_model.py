@@ -1,6 +1,7 @@
 """The frozen language model (SmolLM2-135M-Instruct) and the decode loop that turns visual tokens into text."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -16,6 +17,8 @@ from .paths import LM_GGUF_FILE, cache_dir, lm_gguf_dir
 
 PREFIX_CACHE_SIZE = 64  # prompt prefixes (instructions) whose keys/values training keeps
 LM_CACHE_NAME = "smollm2-135m-instruct"
+LM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into LoRA configs as their base model
+BASE_ROWS = "__base__"  # PEFT's name for "no LoRA" in a mixed batch
 MAX_NEW_TOKENS_LIMIT = 512
 # The chat template's default system prompt is left out on purpose: 24 constant tokens per row cost training
 # time and teach nothing the connector needs. The image ends the user turn, after the instruction: everything
@@ -104,7 +107,107 @@ class LanguageModel:
         self.hidden_size: int = self.model.config.hidden_size
         self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
-        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.peft = None              # peft.PeftModel around `model`, created when the first LoRA arrives
+        self._names: dict[str, str] = {}  # LoRA name -> PEFT's adapter name
+        self._counter = itertools.count()
+        self._training: set[str] = set()  # LoRAs being trained: their prefixes change every step, never cached
+
+    # -- LoRA adapters (PEFT). Rows name the LoRA they use; the model holds any number of them at once.
+    # Callers' names (task ids, versions) may hold characters PEFT cannot use in module names ("." or "training"),
+    # so each LoRA gets an internal name of its own.
+    def add_lora(self, name: str, rank: int = 8, alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> None:
+        """A new trainable LoRA (B = 0, so it starts as the frozen LM)."""
+        from peft import LoraConfig, PeftModel
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                            base_model_name_or_path=LM_NAME, task_type="CAUSAL_LM")
+        internal = self._new_name(name)
+        if self.peft is None:
+            self.peft = PeftModel(self.model, config, adapter_name=internal)
+        else:
+            self.peft.add_adapter(internal, config)
+        self._training.add(name)
+        self._settle()
+
+    def load_lora(self, name: str, directory: Path, trainable: bool = False) -> None:
+        """Load a LoRA saved in PEFT's format (by `save_lora`, or by PEFT itself)."""
+        from peft import PeftModel
+
+        internal = self._new_name(name)
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(directory), adapter_name=internal)
+        else:
+            self.peft.load_adapter(str(directory), adapter_name=internal)
+        if trainable:
+            self._training.add(name)
+        self._settle()
+
+    def save_lora(self, name: str, directory: Path) -> None:
+        """PEFT's own on-disk format: `PeftModel.from_pretrained(lm, directory)` (and vLLM) load it as is."""
+        from dataclasses import replace
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        internal = self._internal(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        replace(self.peft.peft_config[internal], inference_mode=True).save_pretrained(str(directory))
+        weights = get_peft_model_state_dict(self.peft, adapter_name=internal, save_embedding_layers=False)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(directory / "adapter_model.safetensors"))
+
+    def set_lora_trainable(self, name: str, trainable: bool) -> None:
+        self._internal(name)
+        (self._training.add if trainable else self._training.discard)(name)
+        self._settle()
+
+    def unload_lora(self, name: str) -> None:
+        import warnings
+
+        with warnings.catch_warnings():  # PEFT warns that the deleted adapter was "active"; rows never use that
+            warnings.simplefilter("ignore")
+            self.peft.delete_adapter(self._names.pop(name))
+        self._training.discard(name)
+        for key in [k for k in self._prefixes if k[0] == name]:
+            del self._prefixes[key]
+
+    def loras(self) -> list[str]:
+        return list(self._names)
+
+    def lora_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        internal = self._internal(name)
+        return [p for n, p in self.model.named_parameters() if f".{internal}." in n and "lora_" in n]
+
+    def _new_name(self, name: str) -> str:
+        if name in self._names:
+            raise ValueError(f"a LoRA named {name!r} is loaded already")
+        self._names[name] = f"lora{next(self._counter)}"
+        return self._names[name]
+
+    def _internal(self, name: str) -> str:
+        if name not in self._names:
+            raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self._names)})")
+        return self._names[name]
+
+    def _settle(self) -> None:
+        """PEFT marks adapters trainable as it adds them; only the LoRAs being trained may be."""
+        training = {f".{self._names[n]}." for n in self._training}
+        for n, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in n and any(t in n for t in training))
+        self.peft.eval()  # PEFT refuses per-row adapter names in training mode; there is no dropout anyway
+
+    def _rows(self, loras: Sequence[str | None]):
+        """Context in which row i of the next forward passes uses LoRA loras[i] (None: the plain LM)."""
+        from contextlib import nullcontext
+
+        if self.peft is None:
+            if any(loras):
+                raise ValueError(f"no LoRA is loaded, but rows ask for {sorted({n for n in loras if n})}")
+            return nullcontext()
+        names = [self._internal(n) if n else BASE_ROWS for n in loras]
+        # Private in PEFT, but it is exactly what PeftModel.forward does with `adapter_names`; calling it directly
+        # lets the trainer run the bare decoder (no LM head over every position) with per-row adapters too.
+        return self.peft.base_model._enable_peft_forward_hooks(adapter_names=names)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -127,18 +230,20 @@ class LanguageModel:
             rows.append(torch.cat([self._embed(pre), visual[i], self._embed(post)]))
         return rows
 
-    def loss(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens; gradients flow into `visual` (the connector's output)."""
-        logits, targets = self.answer_logits(visual, instructions, answers)
+    def loss(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str],
+             lora: str | None = None) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; gradients flow into `visual` (the connector's output) and into
+        `lora` when it is being trained."""
+        logits, targets = self.answer_logits(visual, instructions, answers, lora)
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def answer_logits(
-        self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]
+        self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], lora: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [T, vocab] at every position that predicts an answer token, and those tokens [T].
 
-        Rows are grouped by instruction: the prompt before the image is the same for every row of a group and the
-        LM is frozen, so its keys and values are computed once and only image + answer positions run per row.
+        Rows are grouped by instruction: the prompt before the image is the same for every row of a group, so its
+        keys and values are computed once and only image + answer positions run per row.
         """
         from transformers import DynamicCache
 
@@ -157,11 +262,12 @@ class LanguageModel:
             for i, (e, lab) in enumerate(suffixes):  # right padding after the shared prefix
                 emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
                 mask[i, len(pre) + len(lab) :] = 0
-            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self._prefix(pre)],
-                                 config=self.model.config)
+            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                  for k, v in self._prefix(pre, lora)], config=self.model.config)
             positions = torch.arange(len(pre), len(pre) + length).expand(n, -1)
-            hidden = self.model.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
-                                           cache=cache, use_cache=True).last_hidden_state
+            with self._rows([lora] * n):
+                hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                                          cache=cache, use_cache=True).last_hidden_state
             # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
             targets = labels[:, 1:]
             keep = targets != -100
@@ -169,15 +275,20 @@ class LanguageModel:
             all_targets.append(targets[keep])
         return torch.cat(all_logits), torch.cat(all_targets)
 
-    def _prefix(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes."""
-        key = tuple(ids)
+    def _prefix(self, ids: list[int], lora: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes.
+        A LoRA being trained changes the prefix at every step: it is recomputed, with gradients, each time."""
+        if lora in self._training:
+            with self._rows([lora]):
+                out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
+            return [(k, v) for k, v, *_ in out.cache]
+        key = (lora, *ids)
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             return self._prefixes[key]
         # Plain tensors even when first asked under inference mode: later training steps save them for backward.
-        with torch.inference_mode(False), torch.no_grad():
-            out = self.model.base_model(input_ids=torch.tensor([ids]), use_cache=True)
+        with torch.inference_mode(False), torch.no_grad(), self._rows([lora]):
+            out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
         kv = [(k, v) for k, v, *_ in out.cache]
         self._prefixes[key] = kv
         while len(self._prefixes) > PREFIX_CACHE_SIZE:
@@ -186,9 +297,12 @@ class LanguageModel:
 
     @torch.inference_mode()
     def decode(
-        self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling]
+        self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+        loras: Sequence[str | None] | None = None,
     ) -> Iterator[list[RowState]]:
-        """Decode a batch, one step at a time; yields the row states after every step (the last with all finished)."""
+        """Decode a batch, one step at a time; yields the row states after every step (the last with all finished).
+        Row i runs through LoRA loras[i] (None or absent: the plain LM)."""
+        loras = list(loras) if loras is not None else [None] * len(instructions)
         rows = self.prompt_embeddings(visual, instructions)
         batch, length = len(rows), max(e.shape[0] for e in rows)
         emb = torch.zeros(batch, length, self.hidden_size)
@@ -198,8 +312,9 @@ class LanguageModel:
         states = [RowState(prompt_tokens=e.shape[0]) for e in rows]
         generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in sampling]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        with self._rows(loras):
+            out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
         for _ in range(max(s.max_new_tokens for s in sampling)):
             logits = out.logits[:, -1, :]
             next_ids = []
@@ -215,14 +330,15 @@ class LanguageModel:
                 return
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(
-                input_ids=torch.tensor(next_ids).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=positions,
-                cache=out.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with self._rows(loras):
+                out = self.model(
+                    input_ids=torch.tensor(next_ids).unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=out.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
 
     def _advance(self, state: RowState, token: int, params: Sampling) -> None:
         if token in self.stop_ids:
@@ -238,9 +354,10 @@ class LanguageModel:
         if len(state.token_ids) >= params.max_new_tokens:
             state.finish_reason = "length"
 
-    def generate(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling]) -> list[RowState]:
+    def generate(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+                 loras: Sequence[str | None] | None = None) -> list[RowState]:
         states: list[RowState] = []
-        for states in self.decode(visual, instructions, sampling):
+        for states in self.decode(visual, instructions, sampling, loras):
             pass
         return states
 

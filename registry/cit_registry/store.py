@@ -3,7 +3,8 @@
     <root>/registry.json                         marks the directory as a registry
     <root>/tasks/<task_id>/v0001/task.json       the task card of version 1
                                /key.safetensors  the task key (centroids)
-                               /adapter/         adapter_config.json + adapter_model.safetensors
+                               /adapter/         the projection: adapter_config.json + adapter_model.safetensors
+                               /lora/            LoRA tasks only: a LoRA on the LM in PEFT's own format
     <root>/index/                                derived routing index (see router.py)
     <root>/.staging/                             versions being written
 
@@ -137,6 +138,11 @@ class TaskVersion:
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def lora_dir(self) -> Path | None:
+        """The LoRA directory (PEFT's format) of a LoRA task; None for an EProj task."""
+        return self.path / "lora" if self.card.adapter_kind == "lora" else None
+
     def key(self) -> TaskKey:
         return TaskKey.load(self.path / "key.safetensors")
 
@@ -191,8 +197,12 @@ class Registry:
         """(task id, version) of every served task: the routing index is stale when this changes."""
         return [[t, self._versions(t)[-1]] for t in self.task_ids()]
 
-    def commit(self, card: TaskCard, key: TaskKey, write_adapter: Callable[[Path], None]) -> TaskVersion:
-        """Write a new task version atomically. card.version must be the next version of card.task_id."""
+    def commit(self, card: TaskCard, key: TaskKey, write_adapter: Callable[[Path], None],
+               write_lora: Callable[[Path], None] | None = None) -> TaskVersion:
+        """Write a new task version atomically. card.version must be the next version of card.task_id.
+        write_adapter(dir) writes the projection; write_lora(dir) the LoRA, which a "lora" card must have."""
+        if (card.adapter_kind == "lora") != (write_lora is not None):
+            raise ValueError(f"a {card.adapter_kind!r} task {'needs' if card.adapter_kind == 'lora' else 'has no'} LoRA")
         validate_task_id(card.task_id)
         expected = (self._versions(card.task_id) or [0])[-1] + 1
         if card.version != expected:
@@ -201,6 +211,8 @@ class Registry:
         staging.mkdir(parents=True)
         try:
             write_adapter(staging / "adapter")
+            if write_lora is not None:
+                write_lora(staging / "lora")
             key.save(staging / "key.safetensors")
             (staging / "task.json").write_text(card.to_json())
             for f in staging.rglob("*"):
@@ -222,11 +234,16 @@ class Registry:
         for task_id in self.task_ids():
             for v in self._versions(task_id):
                 path = self.tasks_dir / task_id / f"v{v:04d}"
-                for rel in ("task.json", "key.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+                files = ["task.json", "key.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+                for rel in files:
                     if not (path / rel).is_file():
                         yield f"{task_id} v{v}: missing {rel}"
                 try:
                     card = TaskCard.from_json((path / "task.json").read_text())
+                    if card.adapter_kind == "lora":
+                        for rel in ("lora/adapter_config.json", "lora/adapter_model.safetensors"):
+                            if not (path / rel).is_file():
+                                yield f"{task_id} v{v}: missing {rel}"
                     if (card.task_id, card.version) != (task_id, v):
                         yield f"{task_id} v{v}: card says {card.task_id} v{card.version}"
                     key = TaskKey.load(path / "key.safetensors")

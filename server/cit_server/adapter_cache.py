@@ -1,11 +1,16 @@
-"""Resident adapters: an LRU of task connectors keyed by (task id, version), the registry as the cold tier."""
+"""Resident adapters: an LRU of task adapters keyed by (task id, version), the registry as the cold tier.
+
+A LoRA task's LoRA lives inside the shared LM while resident (named "<task>@v<version>") and is unloaded from it on
+eviction; the backbone itself knows nothing of this cache.
+"""
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import TaskAdapter
+from cit_backbone.backbone import Backbone
 from cit_registry.store import Registry
 
 
@@ -16,18 +21,24 @@ class AdapterId:
     task_id: str
     version: int
 
+    def __str__(self) -> str:
+        return f"{self.task_id}@v{self.version}"
+
 
 BASE = AdapterId("", 0)
 
 
 class AdapterStore:
-    def __init__(self, registry: Registry, base: Connector, capacity: int) -> None:
-        self.registry, self.base, self.capacity = registry, base, capacity
-        self._resident: OrderedDict[AdapterId, Connector] = OrderedDict()
+    """Callers hold the backbone's model lock: loading or unloading a LoRA changes the LM's modules."""
+
+    def __init__(self, registry: Registry, backbone: Backbone, capacity: int) -> None:
+        self.registry, self.backbone, self.capacity = registry, backbone, capacity
+        self.base = TaskAdapter(backbone.base_connector())
+        self._resident: OrderedDict[AdapterId, TaskAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, adapter: AdapterId) -> Connector:
+    def get(self, adapter: AdapterId) -> TaskAdapter:
         if adapter == BASE:
             return self.base
         with self._lock:
@@ -35,14 +46,15 @@ class AdapterStore:
                 self.hits += 1
                 self._resident.move_to_end(adapter)
                 return self._resident[adapter]
-        connector = Connector.load(self.registry.get(adapter.task_id, adapter.version).adapter_dir)
-        with self._lock:
+            version = self.registry.get(adapter.task_id, adapter.version)
+            loaded = self.backbone.load_adapter(str(adapter), version.adapter_dir, version.lora_dir)
             self.misses += 1
-            self._resident[adapter] = connector
+            self._resident[adapter] = loaded
             while len(self._resident) > self.capacity:
-                self._resident.popitem(last=False)
+                _, evicted = self._resident.popitem(last=False)
+                self.backbone.unload_adapter(evicted)
                 self.evictions += 1
-        return connector
+            return loaded
 
     def resident(self) -> list[AdapterId]:
         with self._lock:

@@ -60,7 +60,7 @@ class Engine:
         self.registry = Registry.open(config.registry)
         self.backbone = backbone or Backbone()
         self.embedder = embedder or TextEmbedder()
-        self.adapters = AdapterStore(self.registry, self.backbone.base_connector(), config.adapter_cache_size)
+        self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size)
         self._router = Router.load(self.registry)
         self._router_checked = time.monotonic()
         self._router_lock = threading.Lock()
@@ -110,11 +110,11 @@ class Engine:
         """Yields (route, "", None) first, then (None, delta, None) per step, and (None, delta, completion) last."""
         embedded = self.embed(request.image, request.instruction)
         decision = self.route(embedded, request.task_id)
-        connector = self.adapters.get(decision.adapter)
-        yield decision, "", None
         stops, sent = request.sampling.stop, 0
-        with self._model_lock:
-            for (state,) in self.backbone.stream(embedded.features, [connector], [request.instruction], [request.sampling]):
+        with self._model_lock:  # held from loading the adapter to the last token: nothing evicts it in between
+            adapter = self.adapters.get(decision.adapter)
+            yield decision, "", None
+            for (state,) in self.backbone.stream(embedded.features, [adapter], [request.instruction], [request.sampling]):
                 text = state.stable_text(stops)
                 delta, sent = text[sent:], len(text)
                 if state.finish_reason:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
@@ -17,6 +17,8 @@ from cit_registry.taskdata import read_jsonl, resolve_task_files
 from .methods import METHODS
 from .training import embed_task, evaluate, train_connector
 
+ADAPTER_METHODS = ("eproj", "lora")  # what add-task trains: a projection per task, or a projection plus a LoRA
+TRAINING = "add-task"                 # the LM's name for the LoRA being trained
 
 
 @dataclass
@@ -56,9 +58,9 @@ def add_task(
     log=print,
 ) -> AddTaskResult:
     opts = options or AddTaskOptions()
-    if opts.method != "eproj":
+    if opts.method not in ADAPTER_METHODS:
         known = f"; `cit-trainer bench` runs {', '.join(METHODS)}" if opts.method in METHODS else ""
-        raise ValueError(f"add-task trains method 'eproj' only so far, not {opts.method!r}{known}")
+        raise ValueError(f"add-task trains methods {' and '.join(ADAPTER_METHODS)} so far, not {opts.method!r}{known}")
     if not 0.0 <= opts.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {opts.threshold}")
     train_file, test_file = resolve_task_files(data)
@@ -85,69 +87,85 @@ def add_task(
 
     if reuse:
         previous = registry.get(best)
-        connector = Connector.load(previous.adapter_dir).clone()
+        # A reused task keeps what its adapter has: a LoRA task's LoRA trains further with its projection.
+        kind = "lora" if previous.card.adapter_kind == "lora" else opts.method
+        adapter = backbone.load_adapter(TRAINING, previous.adapter_dir, previous.lora_dir, trainable=True)
         target_id, version, key = best, previous.version + 1, previous.key().merged(key)
         datasets = list(previous.card.datasets)
         log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}); "
-            f"its adapter is trained further as version {version}")
+            f"its {kind} adapter is trained further as version {version}")
     else:
         if name in sims:
             raise ValueError(
                 f"task {name!r} exists, but this data is not similar enough to reuse it "
                 f"(similarity {sims[name]['score']:.3f} < threshold {opts.threshold}); choose another --name"
             )
-        connector = backbone.base_connector().clone()
+        kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
         target_id, version, datasets = name, 1, []
         why = f"best similarity {sims[best]['score']:.3f} < {opts.threshold}" if best else "the registry is empty"
-        log(f"expanding with a new adapter for task {name!r} ({why})")
+        log(f"expanding with a new {kind} adapter for task {name!r} ({why})")
+    if kind == "lora" and adapter.lora is None:
+        backbone.lm.add_lora(TRAINING)
+        adapter = TaskAdapter(adapter.connector, TRAINING)
 
-    accuracy_before = evaluate(backbone, connector, test, desc="accuracy before")[0] if test else None
-    start = time.time()
-    losses = train_connector(backbone, connector, train, opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                             desc=f"training {target_id} v{version}")
-    seconds = time.time() - start
-    accuracy_after, correct = evaluate(backbone, connector, test, desc="accuracy after") if test else (None, [])
-    datasets.append({
-        "name": name, "train": str(train_file.resolve()), "test": str(test_file.resolve()) if test_file else None,
-        "samples": len(train_samples), "accuracy_after": accuracy_after,
-        # which test samples were right, in file order: later re-measurements compare on the very same samples
-        "eval_correct": "".join("1" if c else "0" for c in correct),
-    })
-    forgetting = _remeasure(backbone, embedder, registry, target_id, connector, datasets[:-1], opts, log)
-
-    card = TaskCard(
-        task_id=target_id,
-        version=version,
-        adapter_kind="eproj",
-        decision={"action": "reused" if reuse else "expanded", "dataset": name, "most_similar": best,
-                  "similarity": sims[best]["score"] if best else None, "threshold": opts.threshold},
-        similarities=sims,
-        metrics={"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
-                 "eval_samples": len(test_samples), "forgetting": forgetting},
-        training={"method": opts.method, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
-                  "seed": opts.seed, "samples": len(train_samples), "steps": len(losses),
-                  "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)},
-        datasets=datasets,
-    )
-    written = registry.commit(card, key, connector.save)
+    try:
+        accuracy_before = evaluate(backbone, adapter, test, desc="accuracy before")[0] if test else None
+        start = time.time()
+        losses = train_connector(backbone, adapter.connector, train, opts.epochs, opts.batch_size, opts.lr, opts.seed,
+                                 desc=f"training {target_id} v{version}", lora=adapter.lora)
+        seconds = time.time() - start
+        if adapter.lora:
+            backbone.lm.set_lora_trainable(adapter.lora, False)
+        accuracy_after, correct = evaluate(backbone, adapter, test, desc="accuracy after") if test else (None, [])
+        datasets.append({
+            "name": name, "train": str(train_file.resolve()), "test": str(test_file.resolve()) if test_file else None,
+            "samples": len(train_samples), "accuracy_after": accuracy_after,
+            # which test samples were right, in file order: later re-measurements compare on the very same samples
+            "eval_correct": "".join("1" if c else "0" for c in correct),
+        })
+        forgetting = _remeasure(backbone, embedder, registry, target_id, adapter, datasets[:-1], opts, log)
+        card = TaskCard(
+            task_id=target_id,
+            version=version,
+            adapter_kind=kind,
+            decision={"action": "reused" if reuse else "expanded", "dataset": name, "most_similar": best,
+                      "similarity": sims[best]["score"] if best else None, "threshold": opts.threshold},
+            similarities=sims,
+            metrics={"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
+                     "eval_samples": len(test_samples), "forgetting": forgetting},
+            training={"method": opts.method, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
+                      "seed": opts.seed, "samples": len(train_samples), "steps": len(losses),
+                      "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)},
+            datasets=datasets,
+        )
+        save_lora = (lambda d: backbone.lm.save_lora(adapter.lora, d)) if adapter.lora else None  # noqa: E731
+        written = registry.commit(card, key, adapter.connector.save, save_lora)
+    finally:
+        backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
     return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting)
 
 
-def _remeasure(backbone, embedder, registry, target_id, new_connector, reused_datasets, opts, log) -> dict:
+def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_datasets, opts, log) -> dict:
     """Accuracy of every earlier data set now, against what it reached when trained: forgetting, measured."""
-    jobs = [(t.task_id, d, Connector.load(t.adapter_dir)) for t in registry.latest() if t.task_id != target_id
-            for d in t.card.datasets]
-    jobs += [(target_id, d, new_connector) for d in reused_datasets]  # a reused adapter may forget its old data
+    jobs = [(t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
+    jobs += [(None, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
     out = {}
-    for task_id, dataset, connector in jobs:
+    for version, dataset in jobs:
         flags = dataset.get("eval_correct", "")
         if not flags or not dataset.get("test") or not Path(dataset["test"]).exists():
             continue
         samples = read_jsonl(Path(dataset["test"]))[: min(opts.forgetting_samples, len(flags))]
         then = flags[: len(samples)].count("1") / len(samples)
         task = embed_task(backbone, embedder, samples, dataset["name"])
-        now, _ = evaluate(backbone, connector, task, desc=f"re-measuring {dataset['name']}")
+        task_id = version.task_id if version else target_id
+        adapter = new_adapter if version is None else backbone.load_adapter(
+            f"{task_id}@v{version.version}", version.adapter_dir, version.lora_dir)
+        try:
+            now, _ = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}")
+        finally:
+            if version is not None:
+                backbone.unload_adapter(adapter)
         out[dataset["name"]] = {"task": task_id, "when_trained": then, "now": now, "samples": len(samples)}
         log(f"  {dataset['name']:<24} (task {task_id}): {now:.1%} now, {then:.1%} when trained "
             f"(same {len(samples)} test samples)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 
 from cit_registry.taskdata import Sample
@@ -35,7 +35,7 @@ def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 
     connector = Connector(backbone.connector_config())
     train_set, test_set = embedded(train), embedded(held_out)
     losses = train_connector(backbone, connector, train_set, epochs=epochs, lr=lr, seed=seed, desc="base connector")
-    accuracy, _ = evaluate(backbone, connector, test_set)
+    accuracy, _ = evaluate(backbone, TaskAdapter(connector), test_set)
     card = {
         "command": f"cit-trainer train-base --samples {samples} --epochs {epochs} --lr {lr} --seed {seed}",
         "data": "easy-VQA training images captioned 'a <colour> <shape>', instruction 'Describe the image.'",

@@ -6,8 +6,8 @@ evaluated, giving each method an accuracy matrix acc[stage, task]. From it:
     A_t = mean over tasks j <= t of acc[t, j]                               (average accuracy)
     F_t = mean over tasks j < t of (max over stages l in [j, t-1] of acc[l, j]) - acc[t, j]   (forgetting)
 
-EProj (and its similarity-informed variant with a reuse threshold) routes each test request through a FAISS index
-of task keys exactly as the server does, so its accuracy includes routing mistakes.
+EProj and LoRA (and the similarity-informed variant with a reuse threshold) route each test request through a FAISS
+index of task keys exactly as the server does, so their accuracy includes routing mistakes.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import ROUTING_THRESHOLD, Router, select, task_similarity
@@ -81,20 +81,22 @@ class Bench:
             self.train.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "train.jsonl"), f"{name} train"))
             self.test.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "test.jsonl"), f"{name} test"))
         self.keys = [t.key() for t in self.train]
+        self._routed: dict[tuple, MethodResult] = {}  # routed runs by (adapter of each task, lora, final only)
 
-    def fit(self, connector: Connector, task: EmbeddedTask, desc: str, method=None) -> None:
-        train_connector(self.backbone, connector, task, self.preset.epochs, seed=self.seed, desc=desc, method=method)
+    def fit(self, adapter: TaskAdapter, task: EmbeddedTask, desc: str, method=None) -> None:
+        train_connector(self.backbone, adapter.connector, task, self.preset.epochs, seed=self.seed, desc=desc,
+                        method=method, lora=adapter.lora)
 
-    def score(self, connector: Connector, j: int) -> float:
-        return evaluate(self.backbone, connector, self.test[j], desc=f"evaluating {self.order[j]}")[0]
+    def score(self, adapter: TaskAdapter, j: int) -> float:
+        return evaluate(self.backbone, adapter, self.test[j], desc=f"evaluating {self.order[j]}")[0]
 
     # ---------------------------------------------------------------------------------- one method
 
     def run(self, method: str) -> MethodResult:
         torch.manual_seed(self.seed)
         start = time.time()
-        if method == "eproj":
-            result = self._run_routed(threshold=math.inf)
+        if method in ("eproj", "lora"):
+            result = self._run_routed(threshold=math.inf, lora=method == "lora")
         elif method == "joint":
             result = self._run_joint()
         elif method in SHARED_METHODS:
@@ -109,18 +111,18 @@ class Bench:
     def _matrix(self) -> np.ndarray:
         return np.full((len(self.order), len(self.order)), np.nan)
 
-    def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None) -> MethodResult:
+    def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None, lora_params: int = 0) -> MethodResult:
         average, forgetting = metrics(acc)
-        params = sum(p.numel() for p in self.base.parameters()) * adapters
+        params = (sum(p.numel() for p in self.base.parameters()) + lora_params) * adapters
         rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
         return MethodResult(name, rows, average, forgetting, routing or [], adapters, params)
 
     def _run_shared(self, name: str) -> MethodResult:
-        connector, method, acc = self.base.clone(), make_method(name), self._matrix()
+        adapter, method, acc = TaskAdapter(self.base.clone()), make_method(name), self._matrix()
         for t in range(len(self.order)):
-            self.fit(connector, self.train[t], f"{name}: {self.order[t]}", method)
+            self.fit(adapter, self.train[t], f"{name}: {self.order[t]}", method)
             for j in range(min(t + 2, len(self.order))):  # seen tasks and the next one, zero-shot
-                acc[t, j] = self.score(connector, j)
+                acc[t, j] = self.score(adapter, j)
         return self._result(name, acc, adapters=1)
 
     def _run_joint(self) -> MethodResult:
@@ -129,61 +131,96 @@ class Bench:
             seen = self.train[: t + 1]  # multi-task training from the start on every task so far: the upper bound
             mixed = EmbeddedTask([s for task in seen for s in task.samples], torch.cat([task.features for task in seen]),
                                  None, None)
-            connector = self.base.clone()
-            self.fit(connector, mixed, f"joint: {t + 1} task(s)")
+            adapter = TaskAdapter(self.base.clone())
+            self.fit(adapter, mixed, f"joint: {t + 1} task(s)")
             for j in range(min(t + 2, len(self.order))):
-                acc[t, j] = self.score(connector, j)
+                acc[t, j] = self.score(adapter, j)
         return self._result("joint", acc, adapters=1)
 
-    def _run_routed(self, threshold: float, final_only: bool = False) -> MethodResult:
-        """EProj: a projection per task (or the most similar task's, reused at similarity >= threshold)."""
-        connectors: list[Connector] = []
+    def _assign(self, threshold: float) -> list[int]:
+        """Adapter of each task in order: the most similar earlier adapter at similarity >= threshold, else new."""
         owner_keys: list[TaskKey] = []
-        owner_of: list[int] = []  # benchmark task -> adapter index
-        acc, routing = self._matrix(), []
-        for t in range(len(self.order)):
-            sims = [task_similarity(self.keys[t], k)["score"] for k in owner_keys]
+        owner_of: list[int] = []
+        for key in self.keys:
+            sims = [task_similarity(key, k)["score"] for k in owner_keys]
             best = int(np.argmax(sims)) if sims else None
             if best is not None and sims[best] >= threshold:
-                owner_keys[best] = owner_keys[best].merged(self.keys[t])
+                owner_keys[best] = owner_keys[best].merged(key)
                 owner_of.append(best)
             else:
-                connectors.append(self.base.clone())
-                owner_keys.append(self.keys[t])
-                owner_of.append(len(connectors) - 1)
-            self.fit(connectors[owner_of[t]], self.train[t], f"eproj: {self.order[t]}")
-            if final_only and t < len(self.order) - 1:
-                continue
-            router = self._router(owner_keys)
-            routed = []
-            for j in range(min(t + 2, len(self.order))):
-                acc[t, j], share = self._routed_score(router, connectors, j, owner_of[j] if j <= t else None)
-                if j <= t:
-                    routed.append(share)
-            routing.append(float(np.mean(routed)))
-        name = "eproj" if math.isinf(threshold) else f"eproj@{threshold:g}"
-        return self._result(name, acc, adapters=len(connectors), routing=routing)
+                owner_keys.append(key)
+                owner_of.append(len(owner_keys) - 1)
+        return owner_of
+
+    def _run_routed(self, threshold: float, lora: bool = False, final_only: bool = False) -> MethodResult:
+        """EProj (or LoRA): an adapter per task, or the most similar task's, reused at similarity >= threshold.
+        Thresholds that assign tasks to adapters alike train alike: such runs are done once."""
+        owner_of = self._assign(threshold)
+        name = ("lora" if lora else "eproj") + ("" if math.isinf(threshold) else f"@{threshold:g}")
+        for done in ((tuple(owner_of), lora, False), (tuple(owner_of), lora, final_only)):
+            if done in self._routed:
+                return replace(self._routed[done], method=name)
+        adapters: list[TaskAdapter] = []
+        acc, routing = self._matrix(), []
+        try:
+            for t in range(len(self.order)):
+                if owner_of[t] == len(adapters):
+                    if lora:
+                        self.backbone.lm.add_lora(f"bench-{t}")
+                    adapters.append(TaskAdapter(self.base.clone(), f"bench-{t}" if lora else None))
+                adapter = adapters[owner_of[t]]
+                if adapter.lora:
+                    self.backbone.lm.set_lora_trainable(adapter.lora, True)
+                self.fit(adapter, self.train[t], f"{name}: {self.order[t]}")
+                if adapter.lora:
+                    self.backbone.lm.set_lora_trainable(adapter.lora, False)
+                if final_only and t < len(self.order) - 1:
+                    continue
+                seen = sorted(set(owner_of[: t + 1]))
+                keys = [self._owner_key(a, owner_of[: t + 1]) for a in seen]
+                router = self._router(keys, seen)
+                routed = []
+                for j in range(min(t + 2, len(self.order))):
+                    acc[t, j], share = self._routed_score(router, adapters, j, owner_of[j] if j <= t else None)
+                    if j <= t:
+                        routed.append(share)
+                routing.append(float(np.mean(routed)))
+            lora_params = sum(p.numel() for p in self.backbone.lm.lora_parameters(adapters[0].lora)) if lora else 0
+        finally:
+            for adapter in adapters:
+                self.backbone.unload_adapter(adapter)
+        result = self._result(name, acc, adapters=len(adapters), routing=routing, lora_params=lora_params)
+        self._routed[(tuple(owner_of), lora, final_only)] = result
+        return result
+
+    def _owner_key(self, adapter: int, owner_of: list[int]) -> TaskKey:
+        """The routing key of an adapter: its tasks' keys merged, as a reused registry task keeps them."""
+        keys = [self.keys[t] for t, a in enumerate(owner_of) if a == adapter]
+        merged = keys[0]
+        for k in keys[1:]:
+            merged = merged.merged(k)
+        return merged
 
     @staticmethod
-    def _router(keys: list[TaskKey]) -> Router:
+    def _router(keys: list[TaskKey], ids: list[int]) -> Router:
         vectors = np.concatenate([k.routing_vectors for k in keys])
-        rows = [(str(i), 1) for i, k in enumerate(keys) for _ in range(len(k.routing_vectors))]
+        rows = [(str(i), 1) for i, k in zip(ids, keys) for _ in range(len(k.routing_vectors))]
         return Router(vectors, rows, fingerprint=[])
 
-    def _routed_score(self, router: Router, connectors: list[Connector], j: int, own: int | None) -> tuple[float, float]:
+    def _routed_score(self, router: Router, adapters: list[TaskAdapter], j: int, own: int | None) -> tuple[float, float]:
         """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
         requests routed to the task's own adapter."""
         test = self.test[j]
         query = routing_query(test.features.numpy(), test.instruction)
         chosen = [select(candidates, ROUTING_THRESHOLD) for candidates in router.search(query, k=1)]
-        adapter = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
-        correct = np.zeros(len(adapter), dtype=bool)
-        for a in set(adapter):
-            rows = [i for i, x in enumerate(adapter) if x == a]
-            connector = connectors[a] if a >= 0 else self.base
+        routed_to = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
+        correct = np.zeros(len(routed_to), dtype=bool)
+        for a in set(routed_to):
+            rows = [i for i, x in enumerate(routed_to) if x == a]
+            adapter = adapters[a] if a >= 0 else TaskAdapter(self.base)
             subset = EmbeddedTask([test.samples[i] for i in rows], test.features[rows], None, None)
-            correct[rows] = evaluate(self.backbone, connector, subset, desc=f"evaluating {self.order[j]}")[1]
-        own_share = float(np.mean([a == own for a in adapter])) if own is not None else 0.0
+            correct[rows] = evaluate(self.backbone, adapter, subset, desc=f"evaluating {self.order[j]}")[1]
+        own_share = float(np.mean([a == own for a in routed_to])) if own is not None else 0.0
         return float(correct.mean()), own_share
 
     def threshold_sweep(self, thresholds: list[float]) -> list[dict]:

@@ -54,7 +54,7 @@ def add_task_cmd(
     registry: REGISTRY = DEFAULT_REGISTRY,
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
-    method: Annotated[str, typer.Option(help="continual-learning method (add-task: eproj; the others run in `bench`)")] = "eproj",
+    method: Annotated[str, typer.Option(help="adapter of a new task: eproj (projection) or lora (projection + LoRA on the LM); the shared-connector methods run in `bench`")] = "eproj",
     epochs: int = 3,
     batch_size: int = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
@@ -80,7 +80,7 @@ def add_task_cmd(
                   f"{pct(result.accuracy_before)} before -> {pct(result.accuracy_after)} after training")
     for dataset, f in result.forgetting.items():
         console.print(f"  earlier data set {dataset}: {pct(f['when_trained'])} when trained, {pct(f['now'])} now")
-    console.print(f"adapter written to {t.adapter_dir}")
+    console.print(f"adapter written to {t.adapter_dir}" + (f", LoRA (PEFT format) to {t.lora_dir}" if t.lora_dir else ""))
 
 
 def _csv(text: str) -> list[str]:
@@ -91,7 +91,7 @@ def _csv(text: str) -> list[str]:
 def bench(
     out: Annotated[Path, typer.Option(help="directory for results.json, results.md, heatmaps and the task data")] = Path("bench-results"),
     preset: Annotated[str, typer.Option(help="small (3-5 min per method on 2 cores) or full")] = "small",
-    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "seqft,ewc,tir-ewc,mas,tir-mas,si,tir-si,er,agem,eproj,joint",
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "seqft,ewc,tir-ewc,mas,tir-mas,si,tir-si,er,agem,eproj,lora,joint",
     tasks: Annotated[str, typer.Option(help="comma-separated task order")] = "fashion-mnist,digits,easyvqa-shape,easyvqa-color,words",
     shuffle: Annotated[bool, typer.Option(help="shuffle the task order with --seed")] = False,
     seed: int = 0,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cit_backbone.adapters import Connector
+from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.language_model import Sampling
@@ -72,8 +72,10 @@ def train_connector(
     seed: int = 0,
     desc: str = "training",
     method: Method | None = None,
+    lora: str | None = None,
 ) -> list[float]:
-    """Train `connector` in place on the task (LM and vision tower frozen); returns the loss of each step.
+    """Train `connector` in place on the task (vision tower and LM frozen, except the LoRA named `lora`, loaded
+    trainable in the LM, which trains with it); returns the loss of each step.
 
     AdamW with a one-cycle schedule (10 % warm-up, cosine decay): at a constant rate the last steps' noise decides
     the final accuracy, which then swings by several points from epoch to epoch. A continual-learning `method`
@@ -81,7 +83,8 @@ def train_connector(
     task begins and ends (needs the task's key).
     """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(connector.parameters(), lr=lr)
+    params = [*connector.parameters(), *(backbone.lm.lora_parameters(lora) if lora else [])]
+    opt = torch.optim.AdamW(params, lr=lr)
     steps = epochs * ((len(task.samples) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     method = method or Method()
@@ -90,8 +93,8 @@ def train_connector(
     def loss_fn(batch: Batch, logits: bool = False) -> torch.Tensor:
         visual = connector(batch.features)
         if logits:
-            return backbone.lm.answer_logits(visual, batch.instructions, batch.answers)[0]
-        return backbone.lm.loss(visual, batch.instructions, batch.answers)
+            return backbone.lm.answer_logits(visual, batch.instructions, batch.answers, lora)[0]
+        return backbone.lm.loss(visual, batch.instructions, batch.answers, lora)
 
     key = task.key() if task.instruction is not None else None
     method.begin_task(connector, key)
@@ -120,16 +123,16 @@ def train_connector(
 
 
 def evaluate(
-    backbone: Backbone, connector: Connector, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
+    backbone: Backbone, adapter: TaskAdapter, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
 ) -> tuple[float, list[bool]]:
-    """Greedy exact-match accuracy of `connector` on the task, and which samples it got right."""
+    """Greedy exact-match accuracy of `adapter` on the task, and which samples it got right."""
     longest = max(len(backbone.lm.answer_ids(a)) for a in task.answers)
     sampling = Sampling(max_new_tokens=min(longest + 2, 64))
     predictions: list[str] = []
     for i in tqdm(range(0, len(task.samples), batch_size), desc=desc, unit="batch", leave=False):
         features = task.features[i : i + batch_size]
         n = len(features)
-        states = backbone.generate(features, [connector] * n, task.instructions[i : i + n], [sampling] * n)
+        states = backbone.generate(features, [adapter] * n, task.instructions[i : i + n], [sampling] * n)
         predictions += [s.text for s in states]
     correct = [normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, task.answers)]
     return sum(correct) / len(correct), correct

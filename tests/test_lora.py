@@ -1,0 +1,95 @@
+"""LoRA adapters on the real language model: PEFT's own format, per-row LoRAs in one batch, training through them."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cit_backbone.adapters import TaskAdapter
+from cit_backbone.language_model import Sampling, converted_lm_dir
+
+from .conftest import full_sequence_loss
+
+
+@pytest.fixture(scope="module")
+def lm_with_lora(backbone):
+    """The session LM with two LoRAs whose B matrices are random (a fresh LoRA is the identity: B = 0)."""
+    lm = backbone.lm
+    gen = torch.Generator().manual_seed(0)
+    for name in ("alpha", "beta"):
+        lm.add_lora(name)
+        with torch.no_grad():
+            for n, p in lm.model.named_parameters():
+                if f"lora_B.{lm._internal(name)}." in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        lm.set_lora_trainable(name, False)
+    yield lm
+    for name in ("alpha", "beta"):
+        lm.unload_lora(name)
+
+
+@pytest.fixture(scope="module")
+def features(backbone):
+    rng = np.random.default_rng(1)
+    return backbone.encode_images([Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)])
+
+
+def test_lora_directory_loads_with_plain_peft(tmp_path, lm_with_lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lm = lm_with_lora
+    lm.save_lora("alpha", tmp_path / "alpha")
+    weights = load_file(str(tmp_path / "alpha" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in weights  # PEFT's key names
+    assert all("alpha" not in k for k in weights)  # adapter names are not part of the saved format
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted_lm_dir()), tmp_path / "alpha").eval()
+    ids = torch.tensor([lm.encode("<|im_start|>user\nWhat is in the image?<|im_end|>\n")])
+    with torch.no_grad():
+        theirs = plain(input_ids=ids).logits
+        with lm._rows(["alpha"]):
+            ours = lm.model(input_ids=ids).logits
+        with lm._rows([None]):
+            base = lm.model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert (ours - base).abs().max() > 1e-2  # the LoRA does change the model
+
+
+def test_rows_with_different_loras_in_one_batch_match_single_rows(backbone, lm_with_lora, features):
+    base = backbone.base_connector()
+    adapters = [TaskAdapter(base, "alpha"), TaskAdapter(base), TaskAdapter(base, "beta")]
+    instructions = ["Describe the image.", "Describe the image.", "What is this?"]
+    greedy = [Sampling(max_new_tokens=8)] * 3
+    batch = backbone.generate(features, adapters, instructions, greedy)
+    for i in range(3):
+        alone = backbone.generate(features[i : i + 1], adapters[i : i + 1], instructions[i : i + 1], greedy[:1])[0]
+        assert alone.token_ids == batch[i].token_ids
+    plain = backbone.generate(features[:1], [TaskAdapter(base)], instructions[:1], greedy[:1])[0]
+    assert plain.token_ids != batch[0].token_ids  # the LoRA row is not the base row
+
+
+def test_training_loss_through_a_lora_equals_the_full_peft_loss(backbone, features):
+    """With a LoRA in training the prompt prefix is recomputed with gradients; loss and LoRA gradients must equal
+    PEFT's whole-sequence loss."""
+    lm, connector = backbone.lm, backbone.base_connector()
+    lm.add_lora("training")
+    try:
+        with torch.no_grad():
+            for p in lm.lora_parameters("training"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        instructions, answers = ["What is it?", "Which digit is it?", "What is it?"], ["a dress", "seven", "x"]
+        with torch.no_grad():
+            visual = connector(features.clone())
+        params = lm.lora_parameters("training")
+        assert params and all(p.requires_grad for p in params)
+        reference = full_sequence_loss(lm, visual, instructions, answers, lora="training")
+        ref_grads = torch.autograd.grad(reference, params)
+        loss = lm.loss(visual, instructions, answers, "training")
+        grads = torch.autograd.grad(loss, params)
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).abs().max() <= 1e-3 * max(r.abs().max(), 1e-8)
+    finally:
+        lm.unload_lora("training")
+    assert "training" not in lm.loras() and not any(p.requires_grad for p in lm.model.parameters())
