@@ -3,8 +3,8 @@
 A `Method` shapes `train_connector` through four hooks (begin a task, add rows or a penalty to a step, adjust the
 gradient, end a task) and remembers what it needs of earlier tasks: anchor parameters and their importance
 (EWC, MAS, SI and their task-similarity-informed TIR variants), or a replay buffer (ER, A-GEM).
-SeqFT is the method with no memory. EProj and joint training need no hooks: EProj trains a fresh connector per
-task, joint training trains one connector on every task seen so far.
+SeqFT is the method with no memory. EProj, LoRA and joint training need no hooks: EProj trains a fresh connector
+per task (LoRA: a connector and a LoRA on the LM), joint training trains one connector on every task seen so far.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from cit_registry.store import TaskKey
 IMPORTANCE_METHODS = ("ewc", "mas", "si")
 REPLAY_METHODS = ("er", "agem")
 SHARED_METHODS = ("seqft", *IMPORTANCE_METHODS, *(f"tir-{m}" for m in IMPORTANCE_METHODS), *REPLAY_METHODS)
-METHODS = ("eproj", "joint", *SHARED_METHODS)
-IMPORTANCE_SAMPLES = 256  # training samples over which EWC's Fisher and MAS's sensitivity are estimated
+ROUTED_METHODS = ("eproj", "lora")  # an adapter per task, chosen by routing: no hooks needed
+METHODS = (*ROUTED_METHODS, "joint", *SHARED_METHODS)
+IMPORTANCE_SAMPLES = 64  # training samples over which EWC's Fisher and MAS's sensitivity are estimated
 
 
 @dataclass
