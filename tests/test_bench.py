@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cit_trainer.bench import Preset, metrics, run_benchmark
 
@@ -21,13 +22,17 @@ def test_average_accuracy_and_forgetting_by_hand():
 def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     out = tmp_path / "bench"
     results = run_benchmark(out, ["seqft", "ewc", "er", "eproj", "lora", "joint"], ("digits", "easyvqa-shape"),
-                            Preset(train=16, test=8, epochs=1), seed=0, thresholds=[0.0, 1.0], command="test")
+                            Preset(train=16, test=8, epochs=1), seed=0, thresholds=[0.0, 1.0], command="test",
+                            starts=("base", "instruct"))
     report = json.loads((out / "results.json").read_text())
-    assert [m["method"] for m in report["methods"]] == ["seqft", "ewc", "er", "eproj", "lora", "joint"]
+    methods = ["seqft", "ewc", "er", "eproj", "lora", "joint"]
+    assert [(m["start"], m["method"]) for m in report["methods"]] == [(s, m) for s in ("base", "instruct") for m in methods]
+    results = [r for r in results if r.start == "base"]
+    assert (out / "heatmap-instruct-joint.png").exists()
     for r in results:
         assert len(r.accuracy) == 2 and r.accuracy[0][0] is not None and r.accuracy[0][1] is not None  # next: zero-shot
         assert all(0.0 <= v <= 1.0 for row in r.accuracy for v in row if v is not None)
-        assert (out / f"heatmap-{r.method}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"heatmap-base-{r.method}.png").read_bytes()[:4] == b"\x89PNG"
     eproj = next(r for r in results if r.method == "eproj")
     assert eproj.adapters == 2 and eproj.routing_accuracy[-1] >= 0.9  # digits and shapes look nothing alike
     assert eproj.trainable_parameters == 2 * results[0].trainable_parameters
@@ -40,3 +45,10 @@ def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     assert report["threshold_sweep"][1]["final_average_accuracy"] == eproj.average_accuracy[-1]
     table = (out / "results.md").read_text()
     assert "| eproj |" in table and "| threshold | adapters | A_T |" in table
+
+
+def test_both_starting_connectors_ship_and_differ(backbone):
+    base, instruct = backbone.base_connector("base"), backbone.base_connector("instruct")
+    assert not torch.equal(base.proj.weight, instruct.proj.weight)
+    with pytest.raises(ValueError, match="unknown starting point"):
+        backbone.base_connector("blip")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .adapters import Connector, ConnectorConfig, TaskAdapter
 from .language_model import LanguageModel, RowState, Sampling
-from .paths import BASE_CONNECTOR_DIR
+from .paths import STARTING_CONNECTORS
 from .vision import FEATURE_DIM, VisionTower
 
 
@@ -23,11 +23,15 @@ class Backbone:
     def connector_config(self, num_tokens: int = 1) -> ConnectorConfig:
         return ConnectorConfig(feature_dim=FEATURE_DIM, hidden_size=self.lm.hidden_size, num_tokens=num_tokens)
 
-    def base_connector(self) -> Connector:
-        """The connector trained once on the base mixture (`cit-trainer train-base`), shipped with the package."""
-        if not (BASE_CONNECTOR_DIR / "adapter_model.safetensors").exists():
-            raise FileNotFoundError(f"no base connector at {BASE_CONNECTOR_DIR}; run `cit-trainer train-base`")
-        return Connector.load(BASE_CONNECTOR_DIR)
+    def base_connector(self, start: str = "base") -> Connector:
+        """A starting connector shipped with the package: "base" (captions only, what new tasks start from and
+        unrouted requests use) or "instruct" (instruction-tuned), made by `cit-trainer train-base`."""
+        if start not in STARTING_CONNECTORS:
+            raise ValueError(f"unknown starting point {start!r}; choose from {', '.join(STARTING_CONNECTORS)}")
+        directory = STARTING_CONNECTORS[start]
+        if not (directory / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(f"no {start} connector at {directory}; run `cit-trainer train-base`")
+        return Connector.load(directory)
 
     def load_adapter(self, name: str, connector_dir: Path, lora_dir: Path | None = None,
                      trainable: bool = False) -> TaskAdapter:

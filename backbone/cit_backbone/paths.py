@@ -7,6 +7,9 @@ from pathlib import Path
 
 LM_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_CONNECTOR_DIR = Path(__file__).parent / "weights" / "base_connector"
+# The two starting points of the paper: a connector trained on plain captions only (its BLIP-2 case) and one
+# instruction-tuned on a multi-task mixture (its InstructBLIP case). `cit-trainer train-base --mixture` makes them.
+STARTING_CONNECTORS = {"base": BASE_CONNECTOR_DIR, "instruct": Path(__file__).parent / "weights" / "instruct_connector"}
 
 
 def cache_dir() -> Path:

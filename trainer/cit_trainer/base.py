@@ -1,4 +1,4 @@
-"""Training the base connector: the one-off step that lets the shared backbone see at all."""
+"""Training a starting connector: the one-off step that lets the shared backbone see at all."""
 from __future__ import annotations
 
 import json
@@ -18,11 +18,18 @@ from .data import base_mixture
 from .training import EmbeddedTask, evaluate, train_connector
 
 
-def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 1e-3, seed: int = 0) -> dict:
-    """Train a fresh connector on the base mixture; write it (and a card of how it was made) to out_dir."""
+MIXTURE_DATA = {
+    "caption": "easy-VQA training images captioned 'a <colour> <shape>', instruction 'Describe the image.'",
+    "instruct": "easy-VQA training images: half captioned as in 'caption', half with easy-VQA's yes/no questions",
+}
+
+
+def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 1e-3, seed: int = 0,
+               mixture: str = "caption") -> dict:
+    """Train a fresh connector on a starting mixture; write it (and a card of how it was made) to out_dir."""
     torch.manual_seed(seed)
     backbone = Backbone()
-    examples = base_mixture(samples + 100, seed=seed)
+    examples = base_mixture(samples + 100, seed=seed, mixture=mixture)
     random.Random(seed).shuffle(examples)
     train, held_out = examples[:samples], examples[samples:]
 
@@ -37,10 +44,11 @@ def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 
     losses = train_connector(backbone, connector, train_set, epochs=epochs, lr=lr, seed=seed, desc="base connector")
     accuracy, _ = evaluate(backbone, TaskAdapter(connector), test_set)
     card = {
-        "command": f"cit-trainer train-base --samples {samples} --epochs {epochs} --lr {lr} --seed {seed}",
-        "data": "easy-VQA training images captioned 'a <colour> <shape>', instruction 'Describe the image.'",
+        "command": f"cit-trainer train-base --mixture {mixture} --samples {samples} --epochs {epochs} --lr {lr} "
+                   f"--seed {seed}",
+        "data": MIXTURE_DATA[mixture],
         "samples": len(train), "epochs": epochs, "lr": lr, "seed": seed,
-        "final_loss": losses[-1], "held_out_caption_accuracy": accuracy,
+        "final_loss": losses[-1], "held_out_accuracy": accuracy,
         "seconds": round(time.time() - start, 1),
     }
     connector.save(out_dir)

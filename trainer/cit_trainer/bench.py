@@ -48,6 +48,7 @@ PRESETS = {"small": Preset(train=160, test=60, epochs=2), "full": Preset(train=1
 @dataclass
 class MethodResult:
     method: str
+    start: str                           # starting connector: "base" (captions) or "instruct" (instruction-tuned)
     accuracy: list[list[float | None]]   # [stage][task]: None where not evaluated
     average_accuracy: list[float]        # A_t per stage
     forgetting: list[float]              # F_t per stage (0 at stage 1)
@@ -73,7 +74,7 @@ class Bench:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
         self.backbone = Backbone()
         self.embedder = TextEmbedder()
-        self.base = self.backbone.base_connector()  # read once; every method starts from clones of it
+        self.use_start("base")
         self.train: list[EmbeddedTask] = []
         self.test: list[EmbeddedTask] = []
         for name in order:
@@ -81,6 +82,10 @@ class Bench:
             self.train.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "train.jsonl"), f"{name} train"))
             self.test.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "test.jsonl"), f"{name} test"))
         self.keys = [t.key() for t in self.train]
+
+    def use_start(self, start: str) -> None:
+        """Every method from now on starts from clones of this starting connector (read once)."""
+        self.start, self.base = start, self.backbone.base_connector(start)
         self._routed: dict[tuple, MethodResult] = {}  # routed runs by (adapter of each task, lora, final only)
 
     def fit(self, adapter: TaskAdapter, task: EmbeddedTask, desc: str, method=None) -> None:
@@ -104,7 +109,7 @@ class Bench:
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         result.seconds = round(time.time() - start, 1)
-        self.log(f"{method}: A_T {result.average_accuracy[-1]:.1%}, F_T {result.forgetting[-1]:.1%}, "
+        self.log(f"{method} (from {self.start}): A_T {result.average_accuracy[-1]:.1%}, F_T {result.forgetting[-1]:.1%}, "
                  f"{result.adapters} adapter(s), {result.seconds:.0f} s")
         return result
 
@@ -115,7 +120,7 @@ class Bench:
         average, forgetting = metrics(acc)
         params = (sum(p.numel() for p in self.base.parameters()) + lora_params) * adapters
         rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
-        return MethodResult(name, rows, average, forgetting, routing or [], adapters, params)
+        return MethodResult(name, self.start, rows, average, forgetting, routing or [], adapters, params)
 
     def _run_shared(self, name: str) -> MethodResult:
         adapter, method, acc = TaskAdapter(self.base.clone()), make_method(name), self._matrix()
@@ -248,14 +253,14 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
 
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Tasks, in order: {', '.join(order)}. Command: `{config['command']}`", "",
-             "| method | A_T | F_T | routing (own adapter) | adapters | trainable params | wall time |",
-             "|---|---|---|---|---|---|---|"]
+             "| start | method | A_T | F_T | routing (own adapter) | adapters | trainable params | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         routing = pct(r.routing_accuracy[-1]) if r.routing_accuracy else "–"
-        lines.append(f"| {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | {routing} | "
+        lines.append(f"| {r.start} | {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | {routing} | "
                      f"{r.adapters} | {r.trainable_parameters:,} | {r.seconds:.0f} s |")
     if sweep:
-        lines += ["", "Reuse threshold sweep (similarity-informed EProj):", "",
+        lines += ["", f"Reuse threshold sweep (similarity-informed EProj, from {results[0].start}):", "",
                   "| threshold | adapters | A_T |", "|---|---|---|"]
         lines += [f"| {s['threshold']:g} | {s['adapters']} | {pct(s['final_average_accuracy'])} |" for s in sweep]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -269,15 +274,16 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
         ax.set_yticks(range(len(order)), [f"after {n}" for n in order])
-        ax.set_title(f"{r.method}: accuracy (%) after each stage")
+        ax.set_title(f"{r.method} from {r.start}: accuracy (%) after each stage")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        fig.savefig(out / f"heatmap-{r.method}.png", dpi=100)
+        fig.savefig(out / f"heatmap-{r.start}-{r.method}.png", dpi=100)
         plt.close(fig)
 
 
 def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset: str | Preset, seed: int,
-                  thresholds: list[float], command: str, log=print) -> list[MethodResult]:
+                  thresholds: list[float], command: str, starts: tuple[str, ...] = ("base",),
+                  log=print) -> list[MethodResult]:
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -289,9 +295,17 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
         raise ValueError("the task order needs at least two distinct tasks")
     random.seed(seed)
     np.random.seed(seed)
+    from cit_backbone.paths import STARTING_CONNECTORS
+
+    if not starts or any(s not in STARTING_CONNECTORS for s in starts):
+        raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
     bench = Bench(out, order, preset, seed, log)
-    results = [bench.run(m) for m in methods]
-    sweep = bench.threshold_sweep(thresholds) if thresholds else []
-    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods}
+    results, sweep = [], []
+    for start in starts:
+        bench.use_start(start)
+        results += [bench.run(m) for m in methods]
+        if thresholds and not sweep:  # the sweep runs from the first starting point only
+            sweep = bench.threshold_sweep(thresholds)
+    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods, "starts": list(starts)}
     write_report(out, order, results, sweep, config)
     return results

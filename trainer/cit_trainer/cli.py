@@ -96,6 +96,7 @@ def bench(
     shuffle: Annotated[bool, typer.Option(help="shuffle the task order with --seed")] = False,
     seed: int = 0,
     thresholds: Annotated[str, typer.Option(help="reuse thresholds to sweep for similarity-informed EProj ('' skips)")] = "0.1,0.2,0.4,0.6",
+    starts: Annotated[str, typer.Option(help="starting connectors to run every method from: base (captions only), instruct (instruction-tuned)")] = "base,instruct",
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
@@ -108,28 +109,33 @@ def bench(
     command = " ".join(["cit-trainer", "bench", *sys.argv[2:]]) if len(sys.argv) > 2 else "cit-trainer bench"
     try:
         run_benchmark(out, _csv(methods), tuple(order), preset, seed, [float(t) for t in _csv(thresholds)], command,
-                      log=console.print)
+                      tuple(_csv(starts)), log=console.print)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print((out / "results.md").read_text())
-    console.print(f"written: {out}/results.json, results.md, heatmap-*.png")
+    console.print(f"written: {out}/results.json, results.md, heatmap-<start>-<method>.png")
 
 
 @app.command("train-base")
 def train_base_cmd(
+    mixture: Annotated[str, typer.Option(help="caption (the base connector) or instruct (the instruction-tuned one)")] = "caption",
     out: Annotated[Optional[Path], typer.Option(help="where to write the connector (default: the packaged one)")] = None,
     samples: int = 1000,
     epochs: int = 2,
     lr: float = 1e-3,
     seed: int = 0,
 ) -> None:
-    """Train the base connector on the base mixture (easy-VQA captions): the backbone's pre-training."""
-    from cit_backbone.paths import BASE_CONNECTOR_DIR
+    """Train a starting connector: on easy-VQA captions (base) or captions + yes/no questions (instruct)."""
+    from cit_backbone.paths import STARTING_CONNECTORS
 
     from .base import train_base
+    from .data import MIXTURES
 
-    card = train_base(out or BASE_CONNECTOR_DIR, samples, epochs, lr, seed)
+    if mixture not in MIXTURES:
+        raise typer.BadParameter(f"unknown mixture {mixture!r}; choose from {', '.join(MIXTURES)}")
+    default_out = STARTING_CONNECTORS["base" if mixture == "caption" else "instruct"]
+    card = train_base(out or default_out, samples, epochs, lr, seed, mixture)
     console.print(card)
 
 

@@ -112,25 +112,40 @@ def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int =
     return task_dir, written
 
 
-def base_mixture(n: int, seed: int = 0) -> list[Example]:
-    """The base connector's pre-training data: plain captions ("a blue circle") of easy-VQA training images.
+MIXTURES = ("caption", "instruct")
 
-    It plays the part of BLIP-2's caption pre-training in the paper: the LM learns to see, but is taught
-    no task's instruction.
+
+def base_mixture(n: int, seed: int = 0, mixture: str = "caption") -> list[Example]:
+    """A starting connector's training data, from easy-VQA training images.
+
+    "caption": plain captions ("a blue circle") under one instruction, "Describe the image." It plays BLIP-2's
+    caption pre-training in the paper: the LM learns to see, but is taught no task's instruction.
+    "instruct": half captions, half easy-VQA's yes/no questions ("is there not a red shape?"), a multi-task
+    instruction mixture playing InstructBLIP's part. Neither holds a benchmark task: those ask for a shape or a
+    colour, never yes/no.
     """
     import easy_vqa
 
+    if mixture not in MIXTURES:
+        raise ValueError(f"unknown mixture {mixture!r}; choose from {', '.join(MIXTURES)}")
     questions, outs, ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
-    shape, color = {}, {}
+    shape, color, yes_no = {}, {}, []
     for q, a, i in zip(questions, outs, ids):
         if a in {"circle", "rectangle", "triangle"}:
             shape[i] = a
         elif q == "what color is the shape?":
             color[i] = a
+        elif a in {"yes", "no"}:
+            yes_no.append((i, q[0].upper() + q[1:], a))
+    rng = random.Random(seed)
     both = sorted(set(shape) & set(color))
+    captions = min(n, len(both)) if mixture == "caption" else min(n - n // 2, len(both))
+    rows = [(i, "Describe the image.", f"a {color[i]} {shape[i]}") for i in rng.sample(both, captions)]
+    if mixture == "instruct":
+        rows += rng.sample(yes_no, n // 2)
     out = []
-    for i in random.Random(seed).sample(both, min(n, len(both))):
+    for i, instruction, answer in rows:
         with Image.open(paths[i]) as img:
-            out.append((img.convert("RGB"), "Describe the image.", f"a {color[i]} {shape[i]}"))
+            out.append((img.convert("RGB"), instruction, answer))
     return out
