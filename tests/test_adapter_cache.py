@@ -18,11 +18,11 @@ def registry_with(tmp_path, names, lm=None):
         torch.nn.init.constant_(connector.proj.weight, float(i))
         if name.startswith("l"):
             lm.add_lora("fresh")
-            reg.commit(TaskCard(name, 1, "lora", {"action": "expanded"}), make_key(), connector.save,
-                       lambda d: lm.save_lora("fresh", d))
+            reg.commit(TaskCard(name, 1, "lora", {"action": "expanded"}), make_key(),
+                       {"adapter": connector.save, "lora": lambda d: lm.save_lora("fresh", d)})
             lm.unload_lora("fresh")
         else:
-            reg.commit(TaskCard(name, 1, "eproj", {"action": "expanded"}), make_key(), connector.save)
+            reg.commit(TaskCard(name, 1, "eproj", {"action": "expanded"}), make_key(), {"adapter": connector.save})
     return reg
 
 

@@ -18,9 +18,9 @@ def synthetic_key(seed: int) -> TaskKey:
 def test_a_task_committed_while_serving_becomes_routable_without_restart(tmp_path, backbone):
     reg = Registry.open(tmp_path / "reg", create=True)
     base = backbone.base_connector()
-    reg.commit(TaskCard("first", 1, "eproj", {"action": "expanded"}), synthetic_key(0), base.save)
+    reg.commit(TaskCard("first", 1, "eproj", {"action": "expanded"}), synthetic_key(0), {"adapter": base.save})
     engine = Engine(ServerConfig(registry=tmp_path / "reg", refresh_seconds=0.0), backbone=backbone)
     assert [r[0] for r in engine.router().rows] == ["first"]
-    reg.commit(TaskCard("second", 1, "eproj", {"action": "expanded"}), synthetic_key(1), base.save)
+    reg.commit(TaskCard("second", 1, "eproj", {"action": "expanded"}), synthetic_key(1), {"adapter": base.save})
     assert sorted({r[0] for r in engine.router().rows}) == ["first", "second"]
     assert engine.router().search(synthetic_key(1).routing_vectors, k=1)[0][0].task_id == "second"

@@ -1,7 +1,9 @@
 """The registry on disk and the FAISS router, with synthetic keys (no model needed)."""
+import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ def write_adapter(path):
 
 def add(reg, task_id, key, version=1):
     card = TaskCard(task_id=task_id, version=version, adapter_kind="eproj", decision={"action": "expanded"})
-    return reg.commit(card, key, write_adapter)
+    return reg.commit(card, key, {"adapter": write_adapter})
 
 
 def test_commit_is_whole_versioned_and_immutable(tmp_path):
@@ -53,18 +55,18 @@ def test_failed_write_leaves_no_trace(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        reg.commit(TaskCard("beta", 1, "eproj", {}), make_key(), broken)
+        reg.commit(TaskCard("beta", 1, "eproj", {}), make_key(), {"adapter": broken})
     assert reg.task_ids() == [] and not list((tmp_path / "reg" / ".staging").iterdir())
 
 
 def test_a_lora_task_is_written_with_its_lora_and_verify_notices_a_missing_one(tmp_path):
     reg = Registry.open(tmp_path / "reg", create=True)
     card = TaskCard("gamma", 1, "lora", {"action": "expanded"})
-    with pytest.raises(ValueError, match="needs LoRA"):
-        reg.commit(card, make_key(), write_adapter)
-    with pytest.raises(ValueError, match="has no LoRA"):
-        reg.commit(TaskCard("delta", 1, "eproj", {}), make_key(), write_adapter, write_adapter)
-    t = reg.commit(card, make_key(), write_adapter, write_adapter)
+    with pytest.raises(ValueError, match="written as parts adapter, lora, not adapter"):
+        reg.commit(card, make_key(), {"adapter": write_adapter})
+    with pytest.raises(ValueError, match="written as parts adapter, not adapter, lora"):
+        reg.commit(TaskCard("delta", 1, "eproj", {}), make_key(), {"adapter": write_adapter, "lora": write_adapter})
+    t = reg.commit(card, make_key(), {"adapter": write_adapter, "lora": write_adapter})
     assert t.lora_dir == t.path / "lora" and (t.lora_dir / "adapter_model.safetensors").is_file()
     assert add(reg, "eps", make_key()).lora_dir is None
     assert list(reg.verify()) == []
@@ -166,3 +168,123 @@ def test_registry_listing_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "reg")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "a" in out.stdout and "OK" in out.stdout
+
+
+def test_verify_proves_versions_unchanged_with_their_manifest(tmp_path):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    t = add(reg, "alpha", make_key())
+    manifest = json.loads((t.path / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"task.json", "key.safetensors", "adapter/adapter_config.json",
+                             "adapter/adapter_model.safetensors"}
+    assert list(reg.verify()) == []
+    weights = t.adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(b"weightz")  # one byte changed
+    (t.path / "adapter" / "extra.bin").write_bytes(b"?")
+    assert list(reg.verify()) == ["alpha v1: adapter/adapter_model.safetensors changed since it was written (sha256 differs)",
+                                  "alpha v1: unlisted file adapter/extra.bin"]
+
+
+def test_one_writer_at_a_time_and_a_dead_writers_leftovers_are_removed(tmp_path):
+    import os
+
+    from cit_registry.store import RegistryLocked
+
+    reg = Registry.open(tmp_path / "reg", create=True)
+    orphan = tmp_path / "reg" / ".staging" / "alpha-v0001-dead"
+    orphan.mkdir(parents=True)
+    with reg.writing():
+        assert not orphan.exists()
+        with reg.writing():  # re-entrant for the holder: commit inside add-task's lock
+            add(reg, "alpha", make_key())
+        other = Registry.open(tmp_path / "reg")
+        with pytest.raises(RegistryLocked, match=f"another process \\(pid {os.getpid()}\\)"):
+            with other.writing():
+                pass
+        with pytest.raises(RegistryLocked):
+            add(other, "beta", make_key())
+    add(other, "beta", make_key())  # released
+    assert reg.task_ids() == ["alpha", "beta"]
+
+
+def test_a_writer_in_another_process_blocks_this_one(tmp_path):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cit_registry.store import Registry; "
+         f"r = Registry.open({str(tmp_path / 'reg')!r}); cm = r.writing(); cm.__enter__(); print('held', flush=True); "
+         "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from cit_registry.store import RegistryLocked
+
+        with pytest.raises(RegistryLocked, match=f"pid {holder.pid}"):
+            add(reg, "alpha", make_key())
+    finally:
+        holder.kill()
+        holder.wait()
+    add(reg, "alpha", make_key())  # a killed holder's lock is gone with its process
+
+
+def test_a_task_moves_between_registries_as_a_checked_bundle(tmp_path):
+    import tarfile
+
+    from cit_registry.store import BundleError
+
+    src = Registry.open(tmp_path / "a", create=True)
+    t = add(src, "alpha", make_key())
+    bundle = src.export_bundle("alpha", tmp_path / "alpha.tar")
+    dst = Registry.open(tmp_path / "b", create=True)
+    add(dst, "alpha", make_key())  # the target already has alpha v1: the import becomes v2
+    moved = dst.import_bundle(bundle)
+    assert (moved.task_id, moved.version) == ("alpha", 2)
+    assert moved.card.decision["imported_from"]["version"] == 1 and moved.card.decision["action"] == "expanded"
+    for rel in ("key.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (moved.path / rel).read_bytes() == (t.path / rel).read_bytes()
+    assert list(dst.verify()) == []
+
+    # Tampered with: one byte of the weights differs from the sha256 in bundle.json.
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bundle) as tar, tarfile.open(bad, "w") as out:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            if m.name.endswith("adapter_model.safetensors"):
+                data = data[:-1] + b"X"
+            m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        dst.import_bundle(bad)
+    # A member outside the listed files (e.g. a path escaping the registry) is refused before anything is read.
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(bundle) as tar, tarfile.open(evil, "w") as out:
+        for m in tar.getmembers():
+            out.addfile(m, tar.extractfile(m))
+        info = tarfile.TarInfo("../../escape")
+        info.size = 0
+        out.addfile(info, io.BytesIO(b""))
+    with pytest.raises(BundleError, match="not listed"):
+        dst.import_bundle(evil)
+    with pytest.raises(BundleError, match="not a readable task bundle"):
+        (tmp_path / "junk.tar").write_bytes(b"junk" * 100)
+        dst.import_bundle(tmp_path / "junk.tar")
+    assert dst.fingerprint() == [["alpha", 2]] and list(dst.verify()) == []
+
+
+def test_registry_cli_exports_and_imports_a_task(tmp_path):
+    src = Registry.open(tmp_path / "a", create=True)
+    add(src, "alpha", make_key())
+    run = lambda *args: subprocess.run(["cit-registry", *args], capture_output=True, text=True)  # noqa: E731
+    out = run("export", "alpha", "--out", str(tmp_path / "alpha.tar"), "--registry", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run("import", str(tmp_path / "alpha.tar"), "--name", "copied", "--registry", str(tmp_path / "b"))
+    assert out.returncode == 0 and "imported copied v1 (eproj)" in out.stdout, out.stdout + out.stderr
+    assert run("verify", "--registry", str(tmp_path / "b")).returncode == 0  # store and routing index agree
+    (tmp_path / "junk.tar").write_bytes(b"junk")
+    out = run("import", str(tmp_path / "junk.tar"), "--registry", str(tmp_path / "b"))
+    assert out.returncode == 2 and "not a readable task bundle" in out.stdout
+
+
+def test_kill_9_during_commits_leaves_whole_versions_and_earlier_ones_byte_identical():
+    """The fast version of scripts/registry_faults.py (its long run is in docs/USAGE.md)."""
+    script = Path(__file__).parents[1] / "scripts" / "registry_faults.py"
+    out = subprocess.run([sys.executable, str(script), "--kills", "20"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "20 kills" in out.stdout and "verify clean after every kill" in out.stdout

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .router import ROUTING_THRESHOLD, Router, select, task_similarity
-from .store import Registry, TaskNotFound
+from .store import BundleError, Registry, RegistryLocked, TaskNotFound
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
@@ -121,6 +121,39 @@ def verify(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]ok[/green]: {len(fingerprint)} tasks, store and index agree")
+
+
+@app.command("export")
+def export_task(
+    task: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle file to write (a tar)")],
+    registry: REGISTRY = DEFAULT_REGISTRY,
+    version: Annotated[int | None, typer.Option(help="version to export (default: the newest)")] = None,
+) -> None:
+    """Write one task version as a single bundle: adapter, key, card (metrics, lineage) and their sha256."""
+    try:
+        path = _open(registry).export_bundle(task, out, version)
+    except TaskNotFound as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {path}")
+
+
+@app.command("import")
+def import_task(
+    bundle: Path,
+    registry: REGISTRY = DEFAULT_REGISTRY,
+    name: Annotated[str | None, typer.Option(help="task id to import as (default: the bundle's)")] = None,
+) -> None:
+    """Add a bundle's task to this registry as the next version of its task id, after checking every hash."""
+    reg = Registry.open(registry, create=True)
+    try:
+        t = reg.import_bundle(bundle, name)
+    except (BundleError, RegistryLocked, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    Router.build(reg).save(reg)
+    console.print(f"imported {t.task_id} v{t.version} ({t.card.adapter_kind}) into {reg.root}")
 
 
 if __name__ == "__main__":

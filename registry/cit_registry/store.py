@@ -5,18 +5,28 @@
                                /key.safetensors  the task key (centroids)
                                /adapter/         the projection: adapter_config.json + adapter_model.safetensors
                                /lora/            LoRA tasks only: a LoRA on the LM in PEFT's own format
+                               /method/          shared-connector tasks only: the method's memory
+                               /manifest.json    sha256 of every other file of the version
     <root>/index/                                derived routing index (see router.py)
     <root>/.staging/                             versions being written
+    <root>/.lock                                 held (flock) by the one process writing
 
 A version is written whole into .staging, fsynced, then renamed into place: rename is atomic, so a reader sees
-a complete version or none. Versions are never modified afterwards.
+a complete version or none. Versions are never modified afterwards; the manifest lets `verify` prove it. One
+writer at a time: a second gets RegistryLocked at once, with the holder's pid. A writer that was killed leaves at
+most a directory in .staging, which the next writer removes.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import tarfile
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +38,15 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = 1
+# What each adapter kind's version holds besides task.json and key.safetensors, and each part's files.
+# "shared": a task trained with a shared-connector method (seqft, ewc, ...): adapter/ is the one connector all
+# tasks of that method share, as it stood after this task; the newest such version serves them all.
+PARTS = {"eproj": ("adapter",), "lora": ("adapter", "lora"), "shared": ("adapter", "method")}
+PART_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
+              "lora": ("adapter_config.json", "adapter_model.safetensors"),
+              "method": ("state.json", "state.safetensors")}
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
@@ -35,6 +54,27 @@ VERSION_DIR = re.compile(r"^v(\d{4,})$")
 class TaskNotFound(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; this one reads as a sentence
         return str(self.args[0])
+
+
+class RegistryLocked(RuntimeError):
+    """Another process is writing the registry."""
+
+
+class BundleError(ValueError):
+    """A task bundle is malformed, tampered with, or does not fit the registry."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
 
 
 def validate_task_id(task_id: str) -> str:
@@ -102,7 +142,7 @@ class TaskCard:
 
     task_id: str
     version: int
-    adapter_kind: str                       # "eproj" (per-task projection) or "lora"
+    adapter_kind: str                       # "eproj" (per-task projection), "lora" or "shared" (see PARTS)
     decision: dict                          # {"action": "expanded"|"reused", "most_similar", "similarity", "threshold"}
     similarities: dict = field(default_factory=dict)   # {other task: {"image","instruction","output","score"}}
     metrics: dict = field(default_factory=dict)        # accuracy before/after, earlier tasks re-measured
@@ -140,8 +180,13 @@ class TaskVersion:
 
     @property
     def lora_dir(self) -> Path | None:
-        """The LoRA directory (PEFT's format) of a LoRA task; None for an EProj task."""
+        """The LoRA directory (PEFT's format) of a LoRA task; None for other kinds."""
         return self.path / "lora" if self.card.adapter_kind == "lora" else None
+
+    @property
+    def shared_method(self) -> str | None:
+        """The shared-connector method whose lineage this version belongs to (None: the task owns its adapter)."""
+        return self.card.training.get("method") if self.card.adapter_kind == "shared" else None
 
     def key(self) -> TaskKey:
         return TaskKey.load(self.path / "key.safetensors")
@@ -150,6 +195,8 @@ class TaskVersion:
 class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
 
     @classmethod
     def open(cls, root: Path, create: bool = False) -> "Registry":
@@ -197,24 +244,58 @@ class Registry:
         """(task id, version) of every served task: the routing index is stale when this changes."""
         return [[t, self._versions(t)[-1]] for t in self.task_ids()]
 
-    def commit(self, card: TaskCard, key: TaskKey, write_adapter: Callable[[Path], None],
-               write_lora: Callable[[Path], None] | None = None) -> TaskVersion:
-        """Write a new task version atomically. card.version must be the next version of card.task_id.
-        write_adapter(dir) writes the projection; write_lora(dir) the LoRA, which a "lora" card must have."""
-        if (card.adapter_kind == "lora") != (write_lora is not None):
-            raise ValueError(f"a {card.adapter_kind!r} task {'needs' if card.adapter_kind == 'lora' else 'has no'} LoRA")
+    @contextmanager
+    def writing(self) -> Iterator["Registry"]:
+        """Hold the registry's write lock (re-entrant within this object). Orphans of killed writers are removed."""
+        if self._lock_depth == 0:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RegistryLocked(f"registry {self.root} is being written by another process (pid {holder}); "
+                                     "run again when it has finished") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd = fd
+            shutil.rmtree(self.root / ".staging", ignore_errors=True)  # only a dead writer can have left these
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                os.close(self._lock_fd)  # closing releases the flock
+                self._lock_fd = None
+
+    def shared_head(self, method: str) -> TaskVersion | None:
+        """The newest version trained with a shared-connector method: its connector serves every task of it."""
+        lineage = [t for t in self.latest() if t.shared_method == method]
+        return max(lineage, key=lambda t: t.card.training.get("sequence", 0), default=None)
+
+    def commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]]) -> TaskVersion:
+        """Write a new task version atomically. card.version must be the next version of card.task_id; parts maps
+        each directory of the card's adapter kind (PARTS) to a function that writes it."""
+        if card.adapter_kind not in PARTS or set(parts) != set(PARTS[card.adapter_kind]):
+            raise ValueError(f"a {card.adapter_kind!r} task is written as parts "
+                             f"{', '.join(PARTS.get(card.adapter_kind, ()))}, not {', '.join(parts)}")
         validate_task_id(card.task_id)
         expected = (self._versions(card.task_id) or [0])[-1] + 1
         if card.version != expected:
             raise ValueError(f"task {card.task_id!r}: next version is {expected}, not {card.version}")
+        with self.writing():
+            return self._commit(card, key, parts)
+
+    def _commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]]) -> TaskVersion:
         staging = self.root / ".staging" / f"{card.task_id}-v{card.version:04d}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            write_adapter(staging / "adapter")
-            if write_lora is not None:
-                write_lora(staging / "lora")
+            for name, write in parts.items():
+                write(staging / name)
             key.save(staging / "key.safetensors")
             (staging / "task.json").write_text(card.to_json())
+            (staging / MANIFEST).write_text(json.dumps({"files": _file_hashes(staging)}, indent=2) + "\n")
             for f in staging.rglob("*"):
                 if f.is_file():
                     _fsync(f)
@@ -233,24 +314,110 @@ class Registry:
         """Problems found in the store, one line each (none: the store is sound)."""
         for task_id in self.task_ids():
             for v in self._versions(task_id):
-                path = self.tasks_dir / task_id / f"v{v:04d}"
-                files = ["task.json", "key.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
-                for rel in files:
-                    if not (path / rel).is_file():
-                        yield f"{task_id} v{v}: missing {rel}"
-                try:
-                    card = TaskCard.from_json((path / "task.json").read_text())
-                    if card.adapter_kind == "lora":
-                        for rel in ("lora/adapter_config.json", "lora/adapter_model.safetensors"):
-                            if not (path / rel).is_file():
-                                yield f"{task_id} v{v}: missing {rel}"
-                    if (card.task_id, card.version) != (task_id, v):
-                        yield f"{task_id} v{v}: card says {card.task_id} v{card.version}"
-                    key = TaskKey.load(path / "key.safetensors")
-                    if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0):
-                        yield f"{task_id} v{v}: key parts disagree in centroid count"
-                except Exception as exc:  # any unreadable file is a finding, not a crash
-                    yield f"{task_id} v{v}: unreadable: {exc}"
+                seen: set[str] = set()
+                for problem in self._verify_version(task_id, v):
+                    if problem not in seen:  # a missing file is found by the part check and the manifest alike
+                        seen.add(problem)
+                        yield f"{task_id} v{v}: {problem}"
+
+    def _verify_version(self, task_id: str, v: int) -> Iterator[str]:
+        path = self.tasks_dir / task_id / f"v{v:04d}"
+        for rel in ("task.json", "key.safetensors"):
+            if not (path / rel).is_file():
+                yield f"missing {rel}"
+        try:
+            card = TaskCard.from_json((path / "task.json").read_text())
+            if card.adapter_kind not in PARTS:
+                yield f"unknown adapter kind {card.adapter_kind!r}"
+            for part in PARTS.get(card.adapter_kind, ()):
+                for name in PART_FILES[part]:
+                    if not (path / part / name).is_file():
+                        yield f"missing {part}/{name}"
+            if (path / MANIFEST).is_file():  # versions written before manifests existed have none
+                listed = json.loads((path / MANIFEST).read_text())["files"]
+                found = _file_hashes(path)
+                for rel in sorted(set(listed) | set(found)):
+                    if rel not in found:
+                        yield f"missing {rel}"
+                    elif rel not in listed:
+                        yield f"unlisted file {rel}"
+                    elif listed[rel] != found[rel]:
+                        yield f"{rel} changed since it was written (sha256 differs)"
+            if (card.task_id, card.version) != (task_id, v):
+                yield f"card says {card.task_id} v{card.version}"
+            key = TaskKey.load(path / "key.safetensors")
+            if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0):
+                yield "key parts disagree in centroid count"
+        except Exception as exc:  # any unreadable file is a finding, not a crash
+            yield f"unreadable: {exc}"
+
+    # -- moving one task between registries
+    def export_bundle(self, task_id: str, out: Path, version: int | None = None) -> Path:
+        """One task version as a single tar file: bundle.json (sha256 of every file) and the version's files."""
+        t = self.get(task_id, version)
+        files = _file_hashes(t.path)
+        if (t.path / MANIFEST).is_file():
+            files[MANIFEST] = sha256_file(t.path / MANIFEST)
+        meta = {"format": BUNDLE_FORMAT, "task_id": t.task_id, "version": t.version, "files": files}
+        out = Path(out)
+        with atomic_path(out) as tmp, tarfile.open(tmp, "w") as tar:
+            data = (json.dumps(meta, indent=2) + "\n").encode()
+            info = tarfile.TarInfo("bundle.json")
+            info.size = len(data)
+            tar.addfile(info, fileobj=io.BytesIO(data))
+            for rel in files:
+                tar.add(t.path / rel, arcname=f"task/{rel}", recursive=False)
+        return out
+
+    def import_bundle(self, bundle: Path, task_id: str | None = None) -> TaskVersion:
+        """Add a bundle's task as the next version of `task_id` (default: its own id), after checking every hash.
+        The card keeps its lineage: where it came from is added to its decision."""
+        with self.writing():  # extracted under .staging: a killed import leaves nothing the next writer keeps
+            (self.root / ".staging").mkdir(exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="import-", dir=self.root / ".staging") as tmp:
+                meta = _extract_bundle(Path(bundle), Path(tmp))
+                src = Path(tmp) / "task"
+                card = TaskCard.from_json((src / "task.json").read_text())
+                if card.adapter_kind not in PARTS:
+                    raise BundleError(f"bundle holds an unknown adapter kind {card.adapter_kind!r}")
+                target = validate_task_id(task_id or meta["task_id"])
+                card.decision = {**card.decision, "imported_from": {"task_id": meta["task_id"],
+                                 "version": meta["version"], "bundle_sha256": sha256_file(Path(bundle))}}
+                card.task_id, card.version = target, (self._versions(target) or [0])[-1] + 1
+                parts = {p: (lambda d, p=p: shutil.copytree(src / p, d)) for p in PARTS[card.adapter_kind]}
+                return self._commit(card, TaskKey.load(src / "key.safetensors"), parts)
+
+
+def _extract_bundle(bundle: Path, into: Path) -> dict:
+    """Extract only regular files named in bundle.json, each checked against its sha256. Nothing else is read."""
+    try:
+        with tarfile.open(bundle, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if "bundle.json" not in members or not members["bundle.json"].isfile():
+                raise BundleError(f"{bundle} is not a task bundle (no bundle.json)")
+            meta = json.loads(tar.extractfile(members["bundle.json"]).read())
+            if meta.get("format") != BUNDLE_FORMAT or not isinstance(meta.get("files"), dict):
+                raise BundleError(f"{bundle}: unsupported bundle format {meta.get('format')!r}")
+            extra = set(members) - {"bundle.json"} - {f"task/{rel}" for rel in meta["files"]}
+            if extra:
+                raise BundleError(f"{bundle}: files not listed in bundle.json: {', '.join(sorted(extra))}")
+            for rel, digest in meta["files"].items():
+                member = members.get(f"task/{rel}")
+                parts = Path(rel).parts
+                if member is None or not member.isfile() or Path(rel).is_absolute() or ".." in parts:
+                    raise BundleError(f"{bundle}: {rel!r} is missing or not a plain file inside the bundle")
+                data = tar.extractfile(member).read()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise BundleError(f"{bundle}: {rel} does not match its sha256 (damaged or tampered with)")
+                target = into / "task" / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+    except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{bundle} is not a readable task bundle: {exc}") from None
+    for required in ("task.json", "key.safetensors"):
+        if not (into / "task" / required).is_file():
+            raise BundleError(f"{bundle}: the bundle has no {required}")
+    return meta
 
 
 def _fsync(path: Path) -> None:

@@ -1,7 +1,8 @@
 """Resident adapters: an LRU of task adapters keyed by (task id, version), the registry as the cold tier.
 
 A LoRA task's LoRA lives inside the shared LM while resident (named "<task>@v<version>") and is unloaded from it on
-eviction; the backbone itself knows nothing of this cache.
+eviction; the backbone itself knows nothing of this cache. Tasks trained with a shared-connector method (seqft,
+ewc, ...) are all served by that method's newest connector (Registry.shared_head), resident once for all of them.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class AdapterStore:
     def get(self, adapter: AdapterId) -> TaskAdapter:
         if adapter == BASE:
             return self.base
+        adapter = self.serving(adapter)
         with self._lock:
             if adapter in self._resident:
                 self.hits += 1
@@ -55,6 +57,14 @@ class AdapterStore:
                 self.backbone.unload_adapter(evicted)
                 self.evictions += 1
             return loaded
+
+    def serving(self, adapter: AdapterId) -> AdapterId:
+        """The adapter that serves a task version: itself, or for a shared-connector task its method's newest."""
+        method = self.registry.get(adapter.task_id, adapter.version).shared_method
+        if method is None:
+            return adapter
+        head = self.registry.shared_head(method)
+        return AdapterId(head.task_id, head.version)
 
     def resident(self) -> list[AdapterId]:
         with self._lock:

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import torch
 
-from cit_backbone.adapters import TaskAdapter
+from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
 from cit_registry.taskdata import read_jsonl, resolve_task_files
-from .methods import METHODS
+from .methods import SHARED_METHODS, make_method
 from .training import embed_task, evaluate, train_connector
 
-ADAPTER_METHODS = ("eproj", "lora")  # what add-task trains: a projection per task, or a projection plus a LoRA
+ADAPTER_METHODS = ("eproj", "lora")  # a projection per task, or a projection plus a LoRA on the LM
+ADD_TASK_METHODS = (*ADAPTER_METHODS, *SHARED_METHODS)  # joint training is the benchmark's upper bound only
 TRAINING = "add-task"                 # the LM's name for the LoRA being trained
 
 
@@ -32,6 +33,8 @@ class AddTaskOptions:
     max_train: int | None = None          # use at most this many training samples (None: all)
     max_eval: int | None = 300            # test samples evaluated before/after (None: all)
     forgetting_samples: int = 100         # test samples re-measured for each earlier task
+    strength: float = 100.0               # λ of ewc, mas, si and their tir- variants
+    replay_fraction: float = 0.01         # share of each task's samples kept for er and agem
 
 
 @dataclass
@@ -58,14 +61,20 @@ def add_task(
     log=print,
 ) -> AddTaskResult:
     opts = options or AddTaskOptions()
-    if opts.method not in ADAPTER_METHODS:
-        known = f"; `cit-trainer bench` runs {', '.join(METHODS)}" if opts.method in METHODS else ""
-        raise ValueError(f"add-task trains methods {' and '.join(ADAPTER_METHODS)} so far, not {opts.method!r}{known}")
+    if opts.method not in ADD_TASK_METHODS:
+        raise ValueError(f"unknown method {opts.method!r}; add-task trains {', '.join(ADD_TASK_METHODS)}"
+                         + (" (joint training is the benchmark's upper bound)" if opts.method == "joint" else ""))
     if not 0.0 <= opts.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {opts.threshold}")
     train_file, test_file = resolve_task_files(data)
     name = validate_task_id(task_id or train_file.parent.name.lower())
     registry = Registry.open(registry_root, create=True)
+    with registry.writing():  # one writer at a time: a second add-task fails at once, clearly
+        return _add(registry, name, train_file, test_file, opts, backbone, embedder, log)
+
+
+def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None, opts: AddTaskOptions,
+         backbone: Backbone | None, embedder: TextEmbedder | None, log) -> AddTaskResult:
     train_samples = _subset(read_jsonl(train_file), opts.max_train)
     test_samples = _subset(read_jsonl(test_file), opts.max_eval) if test_file else []
 
@@ -85,23 +94,43 @@ def add_task(
     best = max(sims, key=lambda t: sims[t]["score"], default=None)
     reuse = best is not None and sims[best]["score"] >= opts.threshold
 
-    if reuse:
-        previous = registry.get(best)
-        # A reused task keeps what its adapter has: a LoRA task's LoRA trains further with its projection.
-        kind = "lora" if previous.card.adapter_kind == "lora" else opts.method
-        adapter = backbone.load_adapter(TRAINING, previous.adapter_dir, previous.lora_dir, trainable=True)
+    previous = registry.get(best) if reuse else None
+    if previous is not None:
         target_id, version, key = best, previous.version + 1, previous.key().merged(key)
         datasets = list(previous.card.datasets)
-        log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}); "
-            f"its {kind} adapter is trained further as version {version}")
     else:
         if name in sims:
             raise ValueError(
                 f"task {name!r} exists, but this data is not similar enough to reuse it "
                 f"(similarity {sims[name]['score']:.3f} < threshold {opts.threshold}); choose another --name"
             )
-        kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
         target_id, version, datasets = name, 1, []
+
+    method, sequence = None, None
+    if opts.method in SHARED_METHODS:
+        # One connector for every task of this method: it starts where the method's newest task left it.
+        if previous is not None and previous.shared_method != opts.method:
+            raise ValueError(f"the most similar task {best!r} ({previous.card.adapter_kind}) is not trained with "
+                             f"{opts.method!r}, so it cannot be reused by it; use --threshold 1 to add a new task")
+        head = registry.shared_head(opts.method)
+        method = make_method(opts.method, opts.strength, opts.replay_fraction)
+        if head is not None:
+            method.load(head.path / "method")
+        kind, sequence = "shared", (head.card.training["sequence"] if head else 0) + 1
+        adapter = TaskAdapter(Connector.load(head.adapter_dir) if head else backbone.base_connector().clone())
+    elif previous is not None:
+        if previous.shared_method:
+            raise ValueError(f"the most similar task {best!r} is trained with {previous.shared_method!r}; reuse it "
+                             f"with --method {previous.shared_method}, or use --threshold 1 to add a new task")
+        # A reused task keeps what its adapter has: a LoRA task's LoRA trains further with its projection.
+        kind = "lora" if previous.card.adapter_kind == "lora" else opts.method
+        adapter = backbone.load_adapter(TRAINING, previous.adapter_dir, previous.lora_dir, trainable=True)
+    else:
+        kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
+    if previous is not None:
+        log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}); "
+            f"its {kind} adapter is trained further as version {version}")
+    else:
         why = f"best similarity {sims[best]['score']:.3f} < {opts.threshold}" if best else "the registry is empty"
         log(f"expanding with a new {kind} adapter for task {name!r} ({why})")
     if kind == "lora" and adapter.lora is None:
@@ -112,7 +141,7 @@ def add_task(
         accuracy_before = evaluate(backbone, adapter, test, desc="accuracy before")[0] if test else None
         start = time.time()
         losses = train_connector(backbone, adapter.connector, train, opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                                 desc=f"training {target_id} v{version}", lora=adapter.lora)
+                                 desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
         seconds = time.time() - start
         if adapter.lora:
             backbone.lm.set_lora_trainable(adapter.lora, False)
@@ -135,11 +164,17 @@ def add_task(
                      "eval_samples": len(test_samples), "forgetting": forgetting},
             training={"method": opts.method, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
                       "seed": opts.seed, "samples": len(train_samples), "steps": len(losses),
-                      "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1)},
+                      "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
+                      **({"sequence": sequence, "strength": opts.strength, "replay_fraction": opts.replay_fraction}
+                         if method else {})},
             datasets=datasets,
         )
-        save_lora = (lambda d: backbone.lm.save_lora(adapter.lora, d)) if adapter.lora else None  # noqa: E731
-        written = registry.commit(card, key, adapter.connector.save, save_lora)
+        parts = {"adapter": adapter.connector.save}
+        if adapter.lora:
+            parts["lora"] = lambda d: backbone.lm.save_lora(adapter.lora, d)
+        if method is not None:
+            parts["method"] = method.save
+        written = registry.commit(card, key, parts)
     finally:
         backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
@@ -150,6 +185,7 @@ def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_data
     """Accuracy of every earlier data set now, against what it reached when trained: forgetting, measured."""
     jobs = [(t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
     jobs += [(None, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
+    lineage = opts.method if opts.method in SHARED_METHODS else None
     out = {}
     for version, dataset in jobs:
         flags = dataset.get("eval_correct", "")
@@ -159,12 +195,14 @@ def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_data
         then = flags[: len(samples)].count("1") / len(samples)
         task = embed_task(backbone, embedder, samples, dataset["name"])
         task_id = version.task_id if version else target_id
-        adapter = new_adapter if version is None else backbone.load_adapter(
+        # the new adapter serves this data set now when it is the same task, or a task of the same shared connector
+        own = version is None or (lineage is not None and version.shared_method == lineage)
+        adapter = new_adapter if own else backbone.load_adapter(
             f"{task_id}@v{version.version}", version.adapter_dir, version.lora_dir)
         try:
             now, _ = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}")
         finally:
-            if version is not None:
+            if not own:
                 backbone.unload_adapter(adapter)
         out[dataset["name"]] = {"task": task_id, "when_trained": then, "now": now, "samples": len(samples)}
         log(f"  {dataset['name']:<24} (task {task_id}): {now:.1%} now, {then:.1%} when trained "

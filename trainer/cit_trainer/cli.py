@@ -54,7 +54,9 @@ def add_task_cmd(
     registry: REGISTRY = DEFAULT_REGISTRY,
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
-    method: Annotated[str, typer.Option(help="adapter of a new task: eproj (projection) or lora (projection + LoRA on the LM); the shared-connector methods run in `bench`")] = "eproj",
+    method: Annotated[str, typer.Option(help="eproj (a projection per task), lora (projection + LoRA on the LM), or a method training one connector shared by all its tasks: seqft, ewc, mas, si, tir-ewc, tir-mas, tir-si, er, agem")] = "eproj",
+    strength: Annotated[float, typer.Option(help="λ of ewc, mas, si and tir-*")] = 100.0,
+    replay_fraction: Annotated[float, typer.Option(help="share of each task's samples kept in the registry for er and agem")] = 0.01,
     epochs: int = 3,
     batch_size: int = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
@@ -66,12 +68,14 @@ def add_task_cmd(
     from .add_task import AddTaskOptions, add_task
 
     opts = AddTaskOptions(
-        threshold=threshold, method=method, epochs=epochs,
-        batch_size=batch_size, lr=lr, seed=seed, max_train=max_train, max_eval=max_eval,
+        threshold=threshold, method=method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        max_train=max_train, max_eval=max_eval, strength=strength, replay_fraction=replay_fraction,
     )
+    from cit_registry.store import RegistryLocked
+
     try:
         result = add_task(registry, data, name, opts, log=console.print)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RegistryLocked) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     t = result.task

@@ -8,11 +8,14 @@ per task (LoRA: a connector and a LoRA on the LM), joint training trains one con
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from cit_registry.store import TaskKey
 
@@ -68,6 +71,26 @@ class Method:
 
     def end_task(self, connector: torch.nn.Module, key: TaskKey, data: Batch, loss_fn) -> None:
         """Called after training on a task: remember what later tasks must not destroy."""
+
+    # -- memory across add-task runs: tensors in safetensors, the rest in JSON (nothing pickled)
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pass
+
+    def save(self, directory: Path) -> None:
+        tensors, meta = self.state()
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "state.safetensors"))
+        (directory / "state.json").write_text(json.dumps({"method": self.name, **meta}, indent=2) + "\n")
+
+    def load(self, directory: Path) -> "Method":
+        meta = json.loads((directory / "state.json").read_text())
+        if meta.get("method") != self.name:
+            raise ValueError(f"{directory} holds the memory of method {meta.get('method')!r}, not {self.name!r}")
+        self.load_state(load_file(str(directory / "state.safetensors")), meta)
+        return self
 
 
 def _params(connector: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -197,6 +220,21 @@ class ImportanceMethod(Method):
         self.anchor = {n: p.detach().clone() for n, p in _params(connector).items()}
         self.keys.append(key)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{part}.{n}": t for part, d in (("importance", self.importance), ("owner", self.owner),
+                                                   ("anchor", self.anchor)) for n, t in d.items()}
+        for i, k in enumerate(self.keys):  # TIR compares each new task with the owners' keys
+            for part in ("image", "instruction", "output", "counts"):
+                tensors[f"key{i}.{part}"] = torch.from_numpy(np.ascontiguousarray(getattr(k, part)))
+        return tensors, {"tasks": len(self.keys), "strength": self.strength}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        for part, d in (("importance", self.importance), ("owner", self.owner), ("anchor", self.anchor)):
+            d.clear()
+            d.update({k[len(part) + 1 :]: v for k, v in tensors.items() if k.startswith(part + ".")})
+        self.keys = [TaskKey(*(tensors[f"key{i}.{p}"].numpy() for p in ("image", "instruction", "output", "counts")))
+                     for i in range(meta["tasks"])]
+
 
 # ------------------------------------------------------------------------------------------ replay methods
 
@@ -248,6 +286,16 @@ class ReplayMethod(Method):
         rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(len(data)))[:keep].tolist()
         chosen = data.take(rows)
         self.buffer = chosen if self.buffer is None else Batch.concat([self.buffer, chosen])
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if self.buffer is None:
+            return {}, {"instructions": [], "answers": []}
+        # The buffer keeps vision features, not images: the registry stays independent of the data's files.
+        return {"features": self.buffer.features}, {"instructions": self.buffer.instructions,
+                                                    "answers": self.buffer.answers}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.buffer = Batch(tensors["features"], meta["instructions"], meta["answers"]) if meta["answers"] else None
 
 
 def make_method(name: str, strength: float = 100.0, replay_fraction: float = 0.01) -> Method:

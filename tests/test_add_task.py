@@ -1,0 +1,86 @@
+"""add-task with every kind of adapter, in process on the real backbone and a few real samples per task:
+EProj leaves other tasks alone, shared-connector methods keep one connector and their memory in the registry."""
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cit_registry.store import Registry
+from cit_server.adapter_cache import AdapterId, AdapterStore
+from cit_trainer.add_task import AddTaskOptions, add_task
+
+TINY = dict(epochs=1, batch_size=8, max_train=24, max_eval=8, forgetting_samples=8)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from cit_backbone.embedder import TextEmbedder
+
+    return TextEmbedder()
+
+
+@pytest.fixture
+def add(tmp_path, backbone, embedder, task_dirs):
+    def run(name: str, method: str, **options):
+        opts = AddTaskOptions(method=method, **{**TINY, **options})
+        return add_task(tmp_path / "reg", task_dirs[name], name, opts, backbone, embedder, log=lambda *_: None)
+    return run
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_eproj_leaves_every_other_task_adapter_bit_identical(add, tmp_path):
+    first = add("fashion-mnist", "eproj").task
+    before = {p.name: digest(p) for p in first.adapter_dir.iterdir()}
+    second = add("digits", "eproj").task
+    assert {p.name: digest(p) for p in first.adapter_dir.iterdir()} == before
+    assert digest(second.adapter_dir / "adapter_model.safetensors") != before["adapter_model.safetensors"]
+    assert second.card.metrics["forgetting"]["fashion-mnist"]["now"] == \
+        second.card.metrics["forgetting"]["fashion-mnist"]["when_trained"]
+
+
+def test_a_shared_method_trains_one_connector_and_keeps_its_memory_in_the_registry(add, tmp_path, backbone):
+    first = add("fashion-mnist", "ewc").task
+    assert (first.card.adapter_kind, first.shared_method, first.card.training["sequence"]) == ("shared", "ewc", 1)
+    second = add("digits", "ewc").task
+    reg = Registry.open(tmp_path / "reg")
+    assert reg.shared_head("ewc").task_id == "digits" and second.card.training["sequence"] == 2
+    assert list(reg.verify()) == []
+
+    # The memory after task 2: anchors are the connector as digits left it, importance from both tasks.
+    state = load_file(str(second.path / "method" / "state.safetensors"))
+    weights = load_file(str(second.adapter_dir / "adapter_model.safetensors"))
+    assert torch.equal(state["anchor.proj.weight"], weights["proj.weight"])
+    assert set(state["owner.proj.weight"].unique().tolist()) <= {0, 1} and "key1.image" in state
+    # The second task started from the first one's connector and moved it: the first task has forgotten
+    # something or nothing, but it is measured with the new connector, not with its own.
+    forgetting = second.card.metrics["forgetting"]["fashion-mnist"]
+    assert forgetting["task"] == "fashion-mnist" and forgetting["samples"] == 8
+
+    # Served: a request routed to the first task is answered by the method's newest connector.
+    store = AdapterStore(reg, backbone, capacity=4)
+    served = store.get(AdapterId("fashion-mnist", 1)).connector
+    assert torch.equal(served.proj.weight, weights["proj.weight"])
+    assert store.resident() == [AdapterId("digits", 1)]
+
+
+def test_replay_buffer_is_kept_in_the_registry_and_grows_per_task(add):
+    add("fashion-mnist", "er", replay_fraction=0.1)
+    second = add("digits", "er", replay_fraction=0.1).task
+    import json
+
+    meta = json.loads((second.path / "method" / "state.json").read_text())
+    features = load_file(str(second.path / "method" / "state.safetensors"))["features"]
+    assert len(meta["answers"]) == len(features) == 16  # at least 8 samples of each task (10 % of 24 is 3)
+    assert len(set(meta["instructions"])) == 2  # rows of both tasks
+
+
+def test_a_shared_method_cannot_reuse_another_kind_of_task(add):
+    add("fashion-mnist", "eproj")
+    with pytest.raises(ValueError, match="is not trained with 'ewc'"):
+        add("fashion-mnist", "ewc", threshold=0.0)
+    with pytest.raises(ValueError, match="unknown method 'joint'.*upper bound"):
+        add("digits", "joint")
