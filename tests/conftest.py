@@ -83,10 +83,10 @@ def registry(tmp_path_factory, task_dirs) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, registry: Path) -> None:
+    def __init__(self, registry: Path, *args: str, env: dict | None = None) -> None:
         self.proc = subprocess.Popen(
-            ["cit-server", "--registry", str(registry), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ["cit-server", "--registry", str(registry), "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         deadline = time.time() + 300
@@ -98,23 +98,28 @@ class ServerProcess:
             m = re.search(r"listening on ([\d.]+:\d+)", line)
             if m:
                 self.target = m.group(1)
+                metrics = re.search(r"metrics on ([\d.]+:\d+)", line)
+                self.metrics_url = f"http://{metrics.group(1)}/metrics" if metrics else None
                 return
         raise RuntimeError("cit-server did not start:\n" + "".join(self.lines))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop the server (SIGTERM, then SIGKILL after 30 s) and return everything it printed."""
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        return "".join(self.lines) + self.proc.stdout.read()
 
 
 @pytest.fixture(scope="session")
 def server(registry):
-    srv = ServerProcess(registry)
+    # Two resident adapters for three tasks: every test over gRPC also exercises eviction and reload.
+    srv = ServerProcess(registry, "--adapter-cache-size", "2", "--max-batch-size", "2", "--metrics-port", "0")
     yield srv
     srv.stop()
 

@@ -133,6 +133,70 @@ def test_a_lora_task_is_in_peft_format_and_served_like_an_eproj_task(registry, c
     assert (r.route.task_id, r.route.version, r.route.below_threshold) == ("words", 1, False)
 
 
+def metric(server, name: str, **labels) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_a_mixed_batch_answers_as_requests_served_one_at_a_time(client, server, task_dirs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = [s for name in E2E_TASKS for s in read_jsonl(task_dirs[name] / "test.jsonl")[1:3]]
+    ask = lambda s: client.generate(s.image, s.instruction, max_new_tokens=8)  # noqa: E731
+    alone = [ask(s) for s in samples]
+    batches, batched_rows = metric(server, "cit_batch_size_count"), metric(server, "cit_batch_size_sum")
+    with ThreadPoolExecutor(len(samples)) as pool:
+        together = list(pool.map(ask, samples))
+    assert [(r.route.task_id, r.text) for r in together] == [(r.route.task_id, r.text) for r in alone]
+    assert {r.route.task_id for r in together} == set(E2E_TASKS)  # EProj and LoRA rows alike
+    # The concurrent requests were decoded in fewer batches than requests: some batches mixed them.
+    assert metric(server, "cit_batch_size_count") - batches < len(samples)
+    assert metric(server, "cit_batch_size_sum") - batched_rows == len(samples)
+
+
+def test_evicted_adapters_reload_transparently_and_metrics_count_it(client, server, task_dirs):
+    first = first_test_sample(task_dirs, "digits")
+    before = client.generate(first.image, first.instruction, max_new_tokens=8)
+    evictions = metric(server, "cit_adapter_cache_evictions_total")
+    for name in ("fashion-mnist", "words"):  # two other tasks fill the two resident slots
+        s = first_test_sample(task_dirs, name)
+        client.generate(s.image, s.instruction, max_new_tokens=2)
+    again = client.generate(first.image, first.instruction, max_new_tokens=8)
+    assert (again.route.task_id, again.text) == (before.route.task_id, before.text)
+    assert metric(server, "cit_adapter_cache_evictions_total") >= evictions + 1
+    assert metric(server, "cit_adapter_cache_misses_total") >= 4
+
+
+def test_metrics_count_requests_errors_latency_tokens_and_routes(client, server, task_dirs):
+    ok = metric(server, "cit_requests_total", method="Generate", status="OK")
+    bad = metric(server, "cit_requests_total", method="Generate", status="INVALID_ARGUMENT")
+    tokens = metric(server, "cit_generated_tokens_total")
+    sample = first_test_sample(task_dirs, "digits")
+    r = client.generate(sample.image, sample.instruction, max_new_tokens=4)
+    with pytest.raises(grpc.RpcError):
+        client.generate(b"", sample.instruction)
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 50), (0, 0, 250)).save(buf, format="PNG")
+    client.generate(buf.getvalue(), "Compose a limerick about tax law in medieval Venice.", max_new_tokens=2)
+    assert metric(server, "cit_requests_total", method="Generate", status="OK") == ok + 2
+    assert metric(server, "cit_requests_total", method="Generate", status="INVALID_ARGUMENT") == bad + 1
+    assert metric(server, "cit_generated_tokens_total") >= tokens + r.completion_tokens + 1
+    assert metric(server, "cit_routed_total", task="digits") >= 1
+    assert metric(server, "cit_below_threshold_total") >= 1
+    for phase in ("queue", "route", "first_token", "total"):
+        assert metric(server, "cit_latency_seconds_count", phase=phase) >= 2, phase
+    assert metric(server, "cit_adapter_cache_resident") <= 2
+
+
 def test_list_and_get_task(client):
     tasks = {t.task_id: t for t in client.list_tasks()}
     assert set(tasks) == set(E2E_TASKS) and tasks["fashion-mnist"].version == 2
@@ -150,12 +214,32 @@ def test_health_and_reflection_are_on(server):
         assert {"cit.v1.Cit", "grpc.health.v1.Health"} <= names
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
 def _bad(task_dirs):
+    """Each case: raw request bytes (some no client would build), the status and a piece of the message."""
     good = first_test_sample(task_dirs)
     image, instr = good.image.read_bytes(), good.instruction
     req = lambda **kw: cit_pb2.GenerateRequest(**{"image": image, "instruction": instr, **kw})  # noqa: E731
     s = cit_pb2.SamplingParams
-    return {
+    limit = 8 * 1024 * 1024  # the server's default image limit; its message limit is 64 KiB above
+    not_utf8 = cit_pb2.GenerateRequest(image=image).SerializeToString() + b"\x12\x02\xff\xfe"  # field 2: instruction
+    cases = {
+        "decompression bomb": (req(image=_png_claiming(100_000, 100_000)), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+        "image over the size limit": (req(image=image + b"\x00" * (limit + 1 - len(image))),
+                                      grpc.StatusCode.INVALID_ARGUMENT, "the limit is"),
+        "message over the grpc limit": (req(image=b"\x00" * (limit + 256 * 1024)),
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        "instruction not utf-8": (not_utf8, grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded"),
         "empty image": (req(image=b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         "undecodable image": (req(image=b"\x89PNG garbage"), grpc.StatusCode.INVALID_ARGUMENT, "decoded"),
         "truncated png": (req(image=image[: len(image) // 2]), grpc.StatusCode.INVALID_ARGUMENT, "decoded"),
@@ -168,18 +252,24 @@ def _bad(task_dirs):
         "top_p 0": (req(sampling=s(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         "empty stop": (req(sampling=s(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     }
+    return {k: (r if isinstance(r, bytes) else r.SerializeToString(), code, msg) for k, (r, code, msg) in cases.items()}
 
 
 @pytest.mark.parametrize("case", [
-    "empty image", "undecodable image", "truncated png", "empty instruction", "oversized instruction",
+    "empty image", "undecodable image", "truncated png", "decompression bomb", "image over the size limit",
+    "message over the grpc limit", "instruction not utf-8", "empty instruction", "oversized instruction",
     "unknown task", "task id traversal", "max_new_tokens 0", "temperature < 0", "top_p 0", "empty stop"])
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(client, server, task_dirs, case, rpc):
     request, code, message = _bad(task_dirs)[case]
-    with pytest.raises(grpc.RpcError) as err:
-        result = getattr(client.stub, rpc)(request, timeout=60)
-        if rpc == "GenerateStream":
-            list(result)
+    # Raw bytes over a channel that sends up to 64 MiB: the server, not the client, must refuse them.
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        call = (channel.unary_stream if rpc == "GenerateStream" else channel.unary_unary)(
+            f"/cit.v1.Cit/{rpc}", response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(request, timeout=60)
+            if rpc == "GenerateStream":
+                list(result)
     assert err.value.code() == code, err.value.details()
     assert message in err.value.details()
     assert server.alive()

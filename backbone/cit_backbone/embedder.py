@@ -21,4 +21,5 @@ class TextEmbedder:
         """Texts -> float32 [N, 384], L2-normalised."""
         if not texts:
             return np.zeros((0, TEXT_DIM), dtype=np.float32)
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)  # not one bar per request in the log

@@ -16,6 +16,24 @@ SERVER = Annotated[str, typer.Option("--server", "-s", envvar="CIT_SERVER", help
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
+_channel: dict = {}  # how to reach the server, from the options before the command
+
+
+@app.callback()
+def connection(
+    token: Annotated[Optional[str], typer.Option(envvar="CIT_TOKEN", help="bearer token the server requires (prefer the environment variable)")] = None,
+    tls_ca: Annotated[Optional[Path], typer.Option(envvar="CIT_TLS_CA", help="PEM CA or self-signed certificate of a TLS server")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM client certificate, when the server asks for one")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM key of --tls-cert")] = None,
+) -> None:
+    """Talk to a running cit-server."""
+    _channel.update(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _client(server: str) -> CitClient:
+    return CitClient(server, **_channel)
+
+
 def _fail(exc: grpc.RpcError) -> None:
     typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
     raise typer.Exit(1)
@@ -44,7 +62,7 @@ def generate(
     """Generate an answer for IMAGE and INSTRUCTION; the server picks the task."""
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     stop=stop)
-    with CitClient(server) as client:
+    with _client(server) as client:
         try:
             if stream:
                 for msg in client.generate_stream(image, instruction, task, **sampling):
@@ -64,7 +82,7 @@ def generate(
 @app.command()
 def route(image: Path, instruction: str, server: SERVER = DEFAULT_SERVER, top_k: int = 5) -> None:
     """Show where the server would route a request, with the top candidates."""
-    with CitClient(server) as client:
+    with _client(server) as client:
         try:
             r = client.route(image, instruction, top_k).route
         except grpc.RpcError as exc:
@@ -77,7 +95,7 @@ def route(image: Path, instruction: str, server: SERVER = DEFAULT_SERVER, top_k:
 @app.command()
 def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[Optional[str], typer.Argument()] = None) -> None:
     """List the server's tasks, or print one task's card."""
-    with CitClient(server) as client:
+    with _client(server) as client:
         try:
             if task:
                 typer.echo(json.dumps(json.loads(client.get_task(task).card_json), indent=2))
@@ -97,7 +115,7 @@ def evaluate(
     """Send every held-out test sample over gRPC; report routing and answer accuracy per task."""
     from .evaluate import dataset_owners, evaluate_dataset
 
-    with CitClient(server) as client:
+    with _client(server) as client:
         try:
             owners = dataset_owners(client)
             for task_dir in task_dirs:

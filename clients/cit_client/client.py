@@ -1,6 +1,7 @@
 """A synchronous Python client for cit-server."""
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,25 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 
 
 class CitClient:
-    """CitClient("127.0.0.1:50051").generate("cat.png", "What is this?") -> GenerateResponse."""
+    """CitClient("127.0.0.1:50051").generate("cat.png", "What is this?") -> GenerateResponse.
 
-    def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024) -> None:
+    token: sent as `authorization: Bearer <token>`. tls_ca: PEM of the CA (or self-signed certificate) the server's
+    certificate must chain to, which switches the channel to TLS; tls_cert/tls_key: this client's certificate.
+    """
+
+    def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024,
+                 token: str | None = None, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        if tls_ca is not None or tls_cert is not None:
+            read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = cit_pb2_grpc.CitStub(self.channel)
         self.timeout = timeout
 
@@ -67,3 +81,24 @@ class CitClient:
 
     def get_task(self, task_id: str) -> cit_pb2.GetTaskResponse:
         return self.stub.GetTask(cit_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or []), self._header],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)

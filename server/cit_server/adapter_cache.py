@@ -53,9 +53,7 @@ class AdapterStore:
             self.misses += 1
             self._resident[adapter] = loaded
             while len(self._resident) > self.capacity:
-                _, evicted = self._resident.popitem(last=False)
-                self.backbone.unload_adapter(evicted)
-                self.evictions += 1
+                self._drop(next(iter(self._resident)))  # the least recently used
             return loaded
 
     def serving(self, adapter: AdapterId) -> AdapterId:
@@ -65,6 +63,18 @@ class AdapterStore:
             return adapter
         head = self.registry.shared_head(method)
         return AdapterId(head.task_id, head.version)
+
+    def evict(self, adapter: AdapterId) -> bool:
+        """Drop one resident adapter (its LoRA leaves the LM); False when it was not resident."""
+        with self._lock:
+            if adapter not in self._resident:
+                return False
+            self._drop(adapter)
+            return True
+
+    def _drop(self, adapter: AdapterId) -> None:
+        self.backbone.unload_adapter(self._resident.pop(adapter))
+        self.evictions += 1
 
     def resident(self) -> list[AdapterId]:
         with self._lock:

@@ -5,7 +5,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,8 +20,17 @@ def serve(
     host: str = "127.0.0.1",
     port: Annotated[int, typer.Option(help="0 picks a free port")] = 50051,
     routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = ROUTING_THRESHOLD,
-    adapter_cache_size: int = 16,
-    workers: int = 8,
+    adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = 16,
+    workers: Annotated[int, typer.Option(help="gRPC threads: requests in flight at once (waiting ones queue)")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="requests decoded together, any mix of tasks (<= --adapter-cache-size)")] = 8,
+    batch_window_ms: Annotated[float, typer.Option(help="how long the first waiting request waits for others to batch with")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED")] = 256,
+    auth_token: Annotated[Optional[str], typer.Option(envvar="CIT_AUTH_TOKEN", help="require 'authorization: Bearer <token>' on every cit RPC (prefer the environment variable)")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate chain: serve TLS only")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port)")] = None,
+    grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = 10.0,
 ) -> None:
     """Start the server; it prints `cit-server listening on HOST:PORT` once it accepts requests."""
     from .config import ServerConfig
@@ -31,19 +40,30 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(registry, host, port, routing_threshold, adapter_cache_size=adapter_cache_size,
-                              workers=workers)
+                              workers=workers, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                              max_queue=max_queue, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                              tls_client_ca=tls_client_ca, grace_seconds=grace_seconds)
         engine = Engine(config)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    server, bound = build_server(engine, config)
+    server, bound, health = build_server(engine, config)
     server.start()
-    typer.echo(f"cit-server listening on {host}:{bound} ({len(engine.router())} tasks)")
+    metrics = f", metrics on {host}:{engine.metrics.serve(host, metrics_port)}" if metrics_port is not None else ""
+    security = ("TLS" + (" + client certificates" if tls_client_ca else "") if tls_cert else "plaintext") + \
+        (", bearer token" if auth_token else "")
+    typer.echo(f"cit-server listening on {host}:{bound} ({len(engine.router())} tasks, {security}{metrics})")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=5).wait()
+    # Graceful stop, as vLLM's gRPC server does: health says NOT_SERVING first, new RPCs are refused, in-flight
+    # ones get the grace period.
+    health.enter_graceful_shutdown()
+    logging.getLogger("cit.server").info("shutting down: in-flight requests have %.0f s", grace_seconds)
+    server.stop(grace=grace_seconds).wait()
+    engine.close()
+    typer.echo("cit-server stopped")
 
 
 if __name__ == "__main__":

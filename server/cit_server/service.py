@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -16,7 +18,9 @@ from cit_backbone.language_model import Sampling
 from cit_registry.store import TaskNotFound, TaskVersion
 
 from .config import ServerConfig
-from .engine import Engine, Request, RouteDecision
+from .engine import Cancelled, Engine, Request, RouteDecision
+from .scheduler import Overloaded
+from .security import TokenAuth, server_credentials
 
 log = logging.getLogger("cit.server")
 SERVICE_NAME = cit_pb2.DESCRIPTOR.services_by_name["Cit"].full_name
@@ -24,6 +28,10 @@ MAX_ROUTE_CANDIDATES = 50
 
 
 def _status_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, Cancelled):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TaskNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, ValueError):  # InvalidImage and every validation error are ValueErrors
@@ -31,11 +39,47 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class Undecodable:
+    """A request whose bytes protobuf refused (e.g. a string field that is not UTF-8): answered INVALID_ARGUMENT
+    by the servicer, where grpc itself would answer INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable) -> Callable:
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+    return deserialize
+
+
+def add_servicer(servicer: "CitServicer", server: grpc.Server) -> None:
+    """Like the generated add_CitServicer_to_server, with requests decoded by `_lenient`."""
+    service = cit_pb2.DESCRIPTOR.services_by_name["Cit"]
+    handlers = {}
+    for m in service.methods:
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(message_factory.GetMessageClass(m.input_type).FromString),
+            response_serializer=message_factory.GetMessageClass(m.output_type).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, Undecodable):
+        raise ValueError(f"the request could not be decoded (strings must be UTF-8): {request.error}")
+
+
 def _abort_on_error(method: Callable) -> Callable:
     """Bad input -> INVALID_ARGUMENT, unknown task -> NOT_FOUND, anything else -> INTERNAL with a log line."""
 
-    def fail(context: grpc.ServicerContext, exc: Exception):
+    def fail(self, context: grpc.ServicerContext, exc: Exception):
         code = _status_of(exc)
+        self.engine.metrics.requests.labels(method.__name__, code.name).inc()
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", method.__name__)
         context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(exc).__name__}")
@@ -44,17 +88,24 @@ def _abort_on_error(method: Callable) -> Callable:
         @functools.wraps(method)
         def stream_wrapper(self, request, context):
             try:
+                _check_decoded(request)
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - every error gets a status
-                fail(context, exc)
+                fail(self, context, exc)
+            else:
+                self.engine.metrics.requests.labels(method.__name__, "OK").inc()
         return stream_wrapper
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            _check_decoded(request)
+            response = method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            fail(context, exc)
+            fail(self, context, exc)
+        else:
+            self.engine.metrics.requests.labels(method.__name__, "OK").inc()
+            return response
     return wrapper
 
 
@@ -95,13 +146,14 @@ class CitServicer(cit_pb2_grpc.CitServicer):
 
     @_abort_on_error
     def Generate(self, request, context):
-        decision, done = self.engine.generate(self._request(request))
+        # A client that cancels or whose deadline passes stops the generation at the next step.
+        decision, done = self.engine.generate(self._request(request), cancelled=lambda: not context.is_active())
         return cit_pb2.GenerateResponse(text=done.text, route=to_route_pb(decision), finish_reason=done.finish_reason,
                                         prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
 
     @_abort_on_error
     def GenerateStream(self, request, context):
-        for decision, delta, done in self.engine.stream(self._request(request)):
+        for decision, delta, done in self.engine.stream(self._request(request), lambda: not context.is_active()):
             if decision is not None:
                 yield cit_pb2.GenerateStreamResponse(route=to_route_pb(decision))
             elif done is not None:
@@ -129,12 +181,15 @@ class CitServicer(cit_pb2_grpc.CitServicer):
         return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=task.card.to_json())
 
 
-def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int]:
-    """A started-ready gRPC server with cit, health checking and reflection; returns it and its bound port."""
+def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-ready gRPC server with cit, health checking and reflection; returns it, its bound port and its
+    health servicer (set NOT_SERVING before a graceful stop)."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
-    cit_pb2_grpc.add_CitServicer_to_server(CitServicer(engine), server)
+    interceptors = [TokenAuth(config.auth_token, f"/{SERVICE_NAME}/")] if config.auth_token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options,
+                         interceptors=interceptors)
+    add_servicer(CitServicer(engine), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -142,7 +197,9 @@ def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    return server, port
+        raise OSError(f"could not bind {address}")
+    return server, port, health_servicer

@@ -1,0 +1,165 @@
+"""Who gets in, and how the server stops: bearer tokens, TLS with client certificates made in the test, client
+deadlines that stop generation, and a graceful SIGTERM. Real cit-server processes over loopback."""
+import datetime
+import ipaddress
+import io
+import re
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from cit_client import CitClient
+from cit_registry.store import Registry
+
+from .conftest import ServerProcess
+
+TOKEN = "correct-horse-battery-staple"
+STORY = "Write a very long story about a dragon who learns to read, with many chapters."
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_pki(directory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer_name, issuer_key, ca=False, san=None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name, key, certificate):
+        (directory / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (directory / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cit test CA")])
+    write("ca", ca_key, cert("cit test CA", ca_key, ca_name, ca_key, ca=True))
+    for name, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, key, cert(name, key, ca_name, ca_key, san=san))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    return Registry.open(tmp_path_factory.mktemp("secure") / "reg", create=True).root
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure_server(empty_registry, pki):
+    srv = ServerProcess(empty_registry, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                        "--tls-client-ca", str(pki / "ca.pem"), env={"CIT_AUTH_TOKEN": TOKEN})
+    assert "TLS + client certificates, bearer token" in srv.lines[-1]
+    yield srv
+    srv.stop()
+
+
+def test_tls_with_a_client_certificate_and_the_token_gets_in(secure_server, pki):
+    with CitClient(secure_server.target, token=TOKEN, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
+                   tls_key=pki / "client.key") as c:
+        assert c.list_tasks() == []
+        r = c.generate(png(), "What colour is this?", max_new_tokens=4)
+        assert r.route.below_threshold and r.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("token, message", [(None, "missing bearer token"), ("wrong-" + TOKEN, "wrong bearer token")])
+def test_a_missing_or_wrong_token_is_unauthenticated_for_unary_and_streaming_rpcs(secure_server, pki, token, message):
+    with CitClient(secure_server.target, token=token, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
+                   tls_key=pki / "client.key") as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.list_tasks()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and message in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate_stream(png(), "What is this?"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Health stays open without a token (TLS still applies).
+        health = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(service="cit.v1.Cit"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_no_client_certificate_or_plaintext_does_not_get_in(secure_server, pki):
+    with CitClient(secure_server.target, token=TOKEN, tls_ca=pki / "ca.pem", timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.list_tasks()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with CitClient(secure_server.target, token=TOKEN, timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.list_tasks()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert secure_server.alive()
+
+
+def refusal(client: CitClient, seconds: float = 10.0) -> grpc.RpcError | None:
+    """How a new request is refused once the stop has begun (just after health turns NOT_SERVING)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client.list_tasks()
+        except grpc.RpcError as exc:
+            return exc
+        time.sleep(0.05)
+    return None
+
+
+def test_deadline_stops_generation_and_sigterm_drains_gracefully(empty_registry):
+    srv = ServerProcess(empty_registry, "--grace-seconds", "60")
+    try:
+        with CitClient(srv.target, timeout=1.5) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate(png(), STORY, max_new_tokens=400)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with CitClient(srv.target) as c:
+            # The server is free again at once: the stopped request no longer holds the model.
+            assert c.generate(png(), "What colour is this?", max_new_tokens=2).completion_tokens >= 1
+
+            watch = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service="cit.v1.Cit"))
+            statuses = iter(watch)
+            assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
+            in_flight: dict = {}
+            thread = threading.Thread(target=lambda: in_flight.update(
+                r=c.generate(png(), STORY, max_new_tokens=48)))
+            thread.start()
+            stream = c.generate_stream(png(), STORY, max_new_tokens=48)
+            next(iter(stream))  # the route message: this request is in flight
+            srv.proc.send_signal(signal.SIGTERM)
+            assert next(statuses).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            refused = refusal(c)
+            assert refused is not None, "new requests are still accepted after SIGTERM"
+            # grpc answers UNAVAILABLE once the port is closed; a call caught while it closes is CANCELLED
+            assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused.details()
+            rest = list(stream)
+            assert rest[-1].finish_reason in ("stop", "length")  # the in-flight requests finish
+            thread.join(timeout=120)
+            assert in_flight["r"].finish_reason in ("stop", "length")
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        output = srv.stop()
+    stopped = re.search(r"generation stopped after (\d+) of at most 400 tokens", output)
+    assert stopped and int(stopped.group(1)) < 400, output[-2000:]
+    assert "cit-server stopped" in output
