@@ -1,4 +1,5 @@
 """The registry on disk and the FAISS router, with synthetic keys (no model needed)."""
+import hashlib
 import io
 import json
 import subprocess
@@ -288,3 +289,51 @@ def test_kill_9_during_commits_leaves_whole_versions_and_earlier_ones_byte_ident
     out = subprocess.run([sys.executable, str(script), "--kills", "20"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "20 kills" in out.stdout and "verify clean after every kill" in out.stdout
+
+
+def test_a_reader_never_sees_a_torn_version_while_a_writer_commits(tmp_path):
+    """Readers (the server) list and read versions while another process commits: every version a reader can see
+    is whole and matches its manifest."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, numpy as np\n"
+        "from cit_registry.store import Registry, TaskCard, TaskKey\n"
+        "reg = Registry.open(sys.argv[1])\n"
+        "rng = np.random.default_rng(0)\n"
+        "def adapter(p):\n"
+        "    p.mkdir(); (p / 'adapter_config.json').write_text('{}')\n"
+        "    (p / 'adapter_model.safetensors').write_bytes(rng.bytes(1 << 18))\n"
+        "for v in range(1, 41):\n"
+        "    key = TaskKey.from_embeddings(rng.normal(size=(2, 8)), rng.normal(size=(2, 4)), rng.normal(size=(2, 4)))\n"
+        "    reg.commit(TaskCard('t', v, 'eproj', {}), key, {'adapter': adapter})\n"), str(tmp_path / "reg")])
+    seen = set()
+    while True:
+        finished = writer.poll() is not None  # read once more after the writer ends
+        for t in reg.latest():
+            seen.add(t.version)
+            manifest = json.loads((t.path / "manifest.json").read_text())["files"]
+            for rel, digest in manifest.items():
+                assert hashlib.sha256((t.path / rel).read_bytes()).hexdigest() == digest, (t.version, rel)
+        if finished:
+            break
+    assert writer.wait() == 0 and reg.get("t").version == 40 and len(seen) > 1
+
+
+def test_a_large_registry_routes_through_hnsw_with_high_recall():
+    import faiss
+
+    rng = np.random.default_rng(3)
+    n, limit = 6000, 5000  # the limit is lowered for speed; bench/faiss_routing.py measures the real sizes
+    vectors = rng.normal(size=(n, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    router = Router(vectors, [(f"t{i}", 1) for i in range(n)], fingerprint=[], exact_limit=limit)
+    assert isinstance(router.index, faiss.IndexHNSW)
+    queries = vectors[:200] + 0.05 * rng.normal(size=(200, 64)).astype(np.float32)
+    exact = faiss.IndexFlatIP(64)
+    exact.add(vectors)
+    truth = exact.search(queries, 1)[1][:, 0]
+    got = [c[0].task_id for c in router.search(queries, k=1)]
+    recall = np.mean([g == f"t{t}" for g, t in zip(got, truth)])
+    assert recall >= 0.95, recall
+    small = Router(vectors[:limit], [(f"t{i}", 1) for i in range(limit)], fingerprint=[], exact_limit=limit)
+    assert isinstance(small.index, faiss.IndexFlatIP)

@@ -6,6 +6,7 @@ keys whenever it is missing or its fingerprint no longer matches the store.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import faiss
@@ -24,6 +25,27 @@ class Candidate:
 # Requests whose best cos(image) + cos(instruction) is below this are answered by the base connector. Measured on the
 # shipped tasks: held-out requests score at least 1.48 against their own task.
 ROUTING_THRESHOLD = 1.0
+# Up to this many index rows (task centroids) search is exact; above it an HNSW graph answers in well under a
+# millisecond where exact search grows linearly. Recall against exact search: bench/faiss_routing.py.
+EXACT_SEARCH_LIMIT = 20_000
+HNSW_NEIGHBOURS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
+
+
+def make_index(vectors: np.ndarray, exact_limit: int = EXACT_SEARCH_LIMIT) -> faiss.Index:
+    """Inner-product index over the rows of `vectors`, exact while small, HNSW when large."""
+    if len(vectors) <= exact_limit:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _tune(index)
+    return index
+
+
+def _tune(index: faiss.Index) -> None:
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = HNSW_EF_SEARCH
 
 
 def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
@@ -32,13 +54,12 @@ def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
 
 
 class Router:
-    def __init__(self, vectors: np.ndarray, rows: list[tuple[str, int]], fingerprint: list) -> None:
+    def __init__(self, vectors: np.ndarray, rows: list[tuple[str, int]], fingerprint: list,
+                 exact_limit: int = EXACT_SEARCH_LIMIT) -> None:
         self.rows = rows  # index row -> (task id, version)
         self.fingerprint = fingerprint
-        self.index = faiss.IndexFlatIP(vectors.shape[1]) if len(vectors) else None
-        if self.index is not None:
-            self.index.add(vectors)
-        self._max_centroids = max((sum(1 for r in rows if r[0] == t) for t, _ in rows), default=1)
+        self.index = make_index(vectors, exact_limit) if len(vectors) else None
+        self._max_centroids = max(Counter(task for task, _ in rows).values(), default=1)
 
     @classmethod
     def build(cls, registry: Registry) -> "Router":
@@ -60,6 +81,7 @@ class Router:
             meta = json.loads(meta_file.read_text())
             if meta["fingerprint"] == fingerprint:
                 index = faiss.read_index(str(index_file))
+                _tune(index)
                 router = cls(np.zeros((0, 0), np.float32), [tuple(r) for r in meta["rows"]], fingerprint)
                 router.index = index
                 router._max_centroids = meta["max_centroids"]
