@@ -4,8 +4,9 @@ that the registry holds whole versions only and that every earlier version is by
     python scripts/registry_faults.py --kills 500 [--seed 0]
 
 The writer commits tasks in a loop through `Registry.commit` (lock, staging, fsync, rename, manifest), each with a
-1 MiB adapter written in 64 KiB pieces, so kills land during weight writes, key and card writes, fsyncs and renames
-alike. Exit status 1 on the first problem found.
+256 KiB adapter written in 16 KiB pieces, so kills land during weight writes, key and card writes, fsyncs and
+renames alike. Every check reads the whole registry, so a fresh registry starts every 20 kills to keep the run
+linear. Exit status 1 on the first problem found.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def adapter(path):
     (path / "adapter_config.json").write_text("{}")
     with open(path / "adapter_model.safetensors", "wb") as f:
         for _ in range(16):
-            f.write(rng.bytes(1 << 16))
+            f.write(rng.bytes(1 << 14))
 
 print("ready", flush=True)
 while True:
@@ -59,10 +60,14 @@ def main() -> int:
     args = parser.parse_args()
     rnd = random.Random(args.seed)
     start = time.time()
+    versions = orphans = 0
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "reg"
         before: dict[str, str] = {}
         for i in range(args.kills):
+            if i % 20 == 0:
+                root = Path(tmp) / f"reg{i // 20}"
+                versions += sum(1 for f in before if f.endswith("task.json"))
+                before = {}
             writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(args.seed * 100_000 + i)],
                                       stdout=subprocess.PIPE, text=True)
             if writer.stdout.readline().strip() != "ready":
@@ -79,7 +84,7 @@ def main() -> int:
                 print(f"kill {i}: problems {problems}, earlier files changed or lost {changed}", file=sys.stderr)
                 return 1
             before = now
-        versions = sum(1 for f in before if f.endswith("task.json"))
+        versions += sum(1 for f in before if f.endswith("task.json"))
         staging = root / ".staging"
         orphans = len(list(staging.iterdir())) if staging.exists() else 0
     print(f"{args.kills} kills (seed {args.seed}) in {time.time() - start:.0f} s: verify clean after every kill, "

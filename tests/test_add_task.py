@@ -84,3 +84,36 @@ def test_a_shared_method_cannot_reuse_another_kind_of_task(add):
         add("fashion-mnist", "ewc", threshold=0.0)
     with pytest.raises(ValueError, match="unknown method 'joint'.*upper bound"):
         add("digits", "joint")
+
+
+def test_kill_9_of_add_task_leaves_the_registry_whole(tmp_path, task_dirs):
+    """A real `cit-trainer add-task` killed at several moments (loading, embedding, training, writing): verify stays
+    clean, the earlier task stays byte-identical, the new task is whole or absent, and the next run succeeds."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from .conftest import run_cli
+
+    reg = tmp_path / "reg"
+    args = ["--registry", str(reg), "--max-train", "24", "--max-eval", "8", "--epochs", "1"]
+    run_cli("cit-trainer", "add-task", str(task_dirs["fashion-mnist"]), *args)
+    first = Registry.open(reg).get("fashion-mnist")
+    before = {p: digest(p) for p in first.path.rglob("*") if p.is_file()}
+    rnd = random.Random(0)
+    for delay in sorted(rnd.uniform(2, 25) for _ in range(3)):
+        proc = subprocess.Popen(["cit-trainer", "add-task", str(task_dirs["digits"]), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        registry = Registry.open(reg)
+        assert list(registry.verify()) == [], delay
+        assert {p: digest(p) for p in first.path.rglob("*") if p.is_file()} == before
+        assert registry.task_ids() in (["fashion-mnist"], ["digits", "fashion-mnist"])
+        if registry.task_ids() == ["digits", "fashion-mnist"]:
+            break  # it finished before the kill: nothing more to interrupt
+    run_cli("cit-trainer", "add-task", str(task_dirs["digits"]), *args)  # the lock died with the killed writer
+    assert "digits" in Registry.open(reg).task_ids() and list(Registry.open(reg).verify()) == []
+    assert not list((reg / ".staging").glob("*"))
