@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +48,12 @@ def best_of(repeats: int, fn) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def mean_batch(engine: Engine) -> float:
+    """Mean batch size so far, from the server's own cit_batch_size histogram."""
+    sample = engine.metrics.registry.get_sample_value
+    return sample("cit_batch_size_sum") / max(sample("cit_batch_size_count"), 1)
 
 
 def build_registry(root: Path, backbone: Backbone, embedder: TextEmbedder) -> Registry:
@@ -142,7 +147,7 @@ def main() -> int:
               f"generate {mixed:.1f} tokens/s = {over_grpc / mixed:.2f} (goal >= 0.85)")
         scaling = {c: grpc_tokens_per_s(c) for c in (1, 4, 8, 16)}
         print("4. concurrency scaling over gRPC: " + ", ".join(f"{c}: {v:.1f} tokens/s" for c, v in scaling.items())
-              + f" (batches so far: mean size {statistics.mean(engine.scheduler.batch_sizes):.1f})")
+              + f" (batches so far: mean size {mean_batch(engine):.1f})")
         server.stop(0)
 
         # 5. cold adapter load

@@ -51,8 +51,6 @@ class Scheduler:
     def __init__(self, serve_batch: Callable[[list[Job]], None], max_batch: int, window_s: float, max_queue: int):
         self._serve_batch, self.max_batch, self.window_s, self.max_queue = serve_batch, max_batch, window_s, max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0
-        self.batch_sizes: list[int] = []  # recent batch sizes (the last 1,000), for tests and metrics
         self._thread = threading.Thread(target=self._run, name="cit-scheduler", daemon=True)
         self._thread.start()
 
@@ -93,8 +91,6 @@ class Scheduler:
                     live.append(job)
             if not live:
                 continue
-            self.batches += 1
-            self.batch_sizes = [*self.batch_sizes[-999:], len(live)]
             try:
                 self._serve_batch(live)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
