@@ -45,6 +45,34 @@ def test_per_row_connectors_in_one_batch_match_single_rows(backbone, features):
     assert batch[0].token_ids != batch[1].token_ids or batch[0].text != batch[1].text
 
 
+def test_rows_join_and_leave_a_running_batch_and_answer_as_alone(backbone, features):
+    """Continuous batching: a row that joins mid-decode, or runs beside one that leaves, answers as it would alone."""
+    base = backbone.base_connector()
+    other = base.clone()
+    with torch.no_grad():
+        other.proj.weight.mul_(-1.0)
+    adapters = [TaskAdapter(base), TaskAdapter(other), TaskAdapter(base)]
+    instructions = ["Describe the image in detail.", "What is this?", "Tell me a story about it."]
+    sampling = [Sampling(max_new_tokens=10), Sampling(max_new_tokens=12), Sampling(max_new_tokens=14, temperature=0.8,
+                                                                                  seed=3)]
+    alone = [backbone.generate(features[i : i + 1], adapters[i : i + 1], instructions[i : i + 1], sampling[i : i + 1])[0]
+             for i in range(3)]
+    batch = backbone.decode_batch()
+    first = backbone.join(batch, features[:2], adapters[:2], instructions[:2], sampling[:2])
+    for _ in range(3):
+        batch.step()
+    late = backbone.join(batch, features[2:], adapters[2:], instructions[2:], sampling[2:])[0]
+    assert len(batch) == 3
+    batch.step()
+    batch.remove(first[1])  # its client went away: the row leaves at once
+    assert len(batch) == 2
+    left_with = list(first[1].token_ids)
+    while len(batch):
+        batch.step()
+    assert first[0].token_ids == alone[0].token_ids and late.token_ids == alone[2].token_ids
+    assert first[1].token_ids == left_with == alone[1].token_ids[: len(left_with)] and first[1].finish_reason is None
+
+
 def test_stop_string_ends_generation_and_is_cut(backbone, features):
     base = TaskAdapter(backbone.base_connector())
     full = backbone.generate(features[:1], [base], ["Describe the image in detail."], [Sampling(max_new_tokens=12)])[0]

@@ -93,3 +93,23 @@ def test_training_loss_through_a_lora_equals_the_full_peft_loss(backbone, featur
     finally:
         lm.unload_lora("training")
     assert "training" not in lm.loras() and not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_a_lora_loaded_into_a_serving_slot_answers_as_the_lora_itself(tmp_path, backbone, lm_with_lora, features):
+    """Serving copies LoRAs into pre-injected slots (vLLM's habit); a freed slot takes the next LoRA whole."""
+    lm = lm_with_lora
+    for name in ("alpha", "beta"):
+        lm.save_lora(name, tmp_path / name)
+    visual = backbone.project(features, [TaskAdapter(backbone.base_connector())] * 3)
+    instructions, answers = ["What is this?"] * 3, ["a cat", "the number seven", "blue"]
+    own = {n: lm.answer_logits(visual, instructions, answers, lora=n)[0] for n in ("alpha", "beta")}
+    lm.lora_slots(1)
+    lm.load_lora("alpha-served", tmp_path / "alpha")
+    slot = lm._internal("alpha-served")
+    assert slot.startswith("slot")
+    torch.testing.assert_close(lm.answer_logits(visual, instructions, answers, lora="alpha-served")[0], own["alpha"])
+    lm.unload_lora("alpha-served")
+    lm.load_lora("beta-again", tmp_path / "beta")  # the freed slot, with beta's weights now
+    assert lm._internal("beta-again") == slot
+    torch.testing.assert_close(lm.answer_logits(visual, instructions, answers, lora="beta-again")[0], own["beta"])
+    lm.unload_lora("beta-again")

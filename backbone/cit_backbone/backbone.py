@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .adapters import Connector, ConnectorConfig, TaskAdapter
-from .language_model import LanguageModel, RowState, Sampling
+from .language_model import DecodeBatch, LanguageModel, RowState, Sampling
 from .paths import STARTING_CONNECTORS
 from .vision import FEATURE_DIM, VisionTower
 
@@ -61,6 +61,15 @@ class Backbone:
             for rows in groups.values():
                 out[rows] = adapters[rows[0]].connector(features[rows])
         return out
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty running batch for continuous batching (see `join`)."""
+        return DecodeBatch(self.lm)
+
+    def join(self, batch: DecodeBatch, features: torch.Tensor, adapters: Sequence[TaskAdapter],
+             instructions: Sequence[str], sampling: Sequence[Sampling]) -> list[RowState]:
+        """New rows join a running batch, each with its own adapter; their states advance with `batch.step()`."""
+        return batch.join(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
 
     def stream(
         self,

@@ -100,7 +100,7 @@ class LanguageModel:
     def __init__(self, path: Path | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = path or converted_lm_dir()
+        self.path = path = path or converted_lm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
@@ -112,6 +112,10 @@ class LanguageModel:
         self._names: dict[str, str] = {}  # LoRA name -> PEFT's adapter name
         self._counter = itertools.count()
         self._training: set[str] = set()  # LoRAs being trained: their prefixes change every step, never cached
+        self._slot_config = None           # serving: the shape of the LoRA slots (see lora_slots)
+        self._slot_count = 0               # slots wanted
+        self._free_slots: list[str] = []   # injected and unused
+        self._slots_made = 0
 
     # -- LoRA adapters (PEFT). Rows name the LoRA they use; the model holds any number of them at once.
     # Callers' names (task ids, versions) may hold characters PEFT cannot use in module names ("." or "training"),
@@ -130,10 +134,62 @@ class LanguageModel:
         self._training.add(name)
         self._settle()
 
+    def lora_slots(self, count: int, rank: int = 8, alpha: int = 16,
+                   targets: tuple[str, ...] = ("q_proj", "v_proj")) -> None:
+        """Serving: keep `count` LoRAs of this shape injected (vLLM's slots). Loading a LoRA of the same shape then
+        copies its weights into a free slot (milliseconds) instead of building its modules; unloading frees the
+        slot. The slots are injected at the first load, so a server without LoRA tasks never pays for them."""
+        from peft import LoraConfig
+
+        if self._slots_made and (rank, alpha, set(targets)) != (self._slot_config.r, self._slot_config.lora_alpha,
+                                                                set(self._slot_config.target_modules)):
+            raise ValueError("LoRA slots of another shape exist already")
+        self._slot_count = max(count, self._slots_made)
+        self._slot_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                                       base_model_name_or_path=LM_NAME, task_type="CAUSAL_LM")
+
+    def _fits_slot(self, directory: Path) -> bool:
+        from peft import LoraConfig
+
+        if self._slot_config is None:
+            return False
+        config, slot = LoraConfig.from_pretrained(str(directory)), self._slot_config
+        return (config.r, config.lora_alpha, set(config.target_modules), config.use_rslora, config.use_dora,
+                config.bias) == (slot.r, slot.lora_alpha, set(slot.target_modules), False, False, "none")
+
+    def _load_into_slot(self, name: str, directory: Path) -> bool:
+        """Copy a LoRA into a free slot; False when none is free."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self._slots_made < self._slot_count:  # first use (or more slots asked for): inject them once
+            for i in range(self._slots_made, self._slot_count):
+                if self.peft is None:
+                    self.peft = PeftModel(self.model, self._slot_config, adapter_name=f"slot{i}")
+                else:
+                    self.peft.add_adapter(f"slot{i}", self._slot_config)
+                self._free_slots.append(f"slot{i}")
+            self._slots_made = self._slot_count
+            self._settle()
+        if not self._free_slots:
+            return False
+        internal = self._free_slots.pop()  # the most recently freed first
+        loaded = set_peft_model_state_dict(self.peft, load_file(str(directory / "adapter_model.safetensors")),
+                                           adapter_name=internal)
+        if loaded.unexpected_keys:
+            self._free_slots.append(internal)
+            raise ValueError(f"{directory}: weights that fit no LoRA module: {loaded.unexpected_keys[:3]}")
+        self._names[name] = internal
+        return True
+
     def load_lora(self, name: str, directory: Path, trainable: bool = False) -> None:
         """Load a LoRA saved in PEFT's format (by `save_lora`, or by PEFT itself)."""
         from peft import PeftModel
 
+        if name in self._names:
+            raise ValueError(f"a LoRA named {name!r} is loaded already")
+        if not trainable and self._fits_slot(directory) and self._load_into_slot(name, directory):
+            return
         internal = self._new_name(name)
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, str(directory), adapter_name=internal)
@@ -164,9 +220,13 @@ class LanguageModel:
     def unload_lora(self, name: str) -> None:
         import warnings
 
-        with warnings.catch_warnings():  # PEFT warns that the deleted adapter was "active"; rows never use that
-            warnings.simplefilter("ignore")
-            self.peft.delete_adapter(self._names.pop(name))
+        internal = self._names.pop(name)
+        if internal.startswith("slot"):
+            self._free_slots.append(internal)  # its weights stay until the next load overwrites them: no row uses it
+        else:
+            with warnings.catch_warnings():  # PEFT warns that the deleted adapter was "active"; rows never use that
+                warnings.simplefilter("ignore")
+                self.peft.delete_adapter(internal)
         self._training.discard(name)
         for key in [k for k in self._prefixes if k[0] == name]:
             del self._prefixes[key]
@@ -295,50 +355,18 @@ class LanguageModel:
             self._prefixes.popitem(last=False)
         return kv
 
-    @torch.inference_mode()
     def decode(
         self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
         loras: Sequence[str | None] | None = None,
     ) -> Iterator[list[RowState]]:
         """Decode a batch, one step at a time; yields the row states after every step (the last with all finished).
         Row i runs through LoRA loras[i] (None or absent: the plain LM)."""
-        loras = list(loras) if loras is not None else [None] * len(instructions)
-        rows = self.prompt_embeddings(visual, instructions)
-        batch, length = len(rows), max(e.shape[0] for e in rows)
-        emb = torch.zeros(batch, length, self.hidden_size)
-        mask = torch.zeros(batch, length, dtype=torch.long)
-        for i, e in enumerate(rows):  # left padding, so every row's next token sits in the last column
-            emb[i, length - e.shape[0] :], mask[i, length - e.shape[0] :] = e, 1
-        states = [RowState(prompt_tokens=e.shape[0]) for e in rows]
-        generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in sampling]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self._rows(loras):
-            out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
-        for _ in range(max(s.max_new_tokens for s in sampling)):
-            logits = out.logits[:, -1, :]
-            next_ids = []
-            for i, (state, params) in enumerate(zip(states, sampling)):
-                if state.finish_reason:
-                    next_ids.append(self.eos_id)
-                    continue
-                token = _sample(logits[i], params, generators[i])
-                next_ids.append(token)
-                self._advance(state, token, params)
+        batch = DecodeBatch(self)
+        states = batch.join(visual, instructions, sampling, loras)
+        yield states
+        while len(batch):
+            batch.step()
             yield states
-            if all(s.finish_reason for s in states):
-                return
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            with self._rows(loras):
-                out = self.model(
-                    input_ids=torch.tensor(next_ids).unsqueeze(1),
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=out.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
 
     def _advance(self, state: RowState, token: int, params: Sampling) -> None:
         if token in self.stop_ids:
@@ -360,6 +388,131 @@ class LanguageModel:
         for states in self.decode(visual, instructions, sampling, loras):
             pass
         return states
+
+
+@dataclass
+class _Row:
+    state: RowState
+    sampling: Sampling
+    generator: torch.Generator | None
+    lora: str | None
+    token: int = -1  # sampled last, fed at the next step
+
+
+class DecodeBatch:
+    """Iteration-level (continuous) batching: rows join between steps after a prefill of their own, and leave as
+    soon as they finish or are removed, so a slot never idles until a whole batch ends.
+
+    Keys and values are left-padded: every row's next token sits in the last column, a row that joined later
+    has masked columns on its left, and columns no row attends to any more are cut off.
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self._rows: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer [rows, heads, columns, dim]
+        self._mask = torch.zeros(0, 0, dtype=torch.long)        # [rows, columns]
+        self._positions = torch.zeros(0, 1, dtype=torch.long)   # [rows, 1] position of each row's last token
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @torch.inference_mode()
+    def join(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+             loras: Sequence[str | None] | None = None) -> list[RowState]:
+        """Prefill new rows and sample their first token; their states then advance with every `step`.
+
+        The prompt before the image (chat markup + instruction) is the same for every request with that
+        instruction: its keys and values come from the LM's prefix cache, so only the image and the text after it
+        run per row (vLLM's prefix caching, at the granularity cit's prompts have)."""
+        from transformers import DynamicCache
+
+        lm = self.lm
+        loras = list(loras) if loras is not None else [None] * len(instructions)
+        n = len(instructions)
+        prefixes = [lm._prefix(lm.prompt_ids(ins)[0], lora) for ins, lora in zip(instructions, loras)]
+        lengths = [kv[0][0].shape[2] for kv in prefixes]
+        width = max(lengths)
+        kv = [(torch.cat([_pad_left(p[layer][0], width - length) for p, length in zip(prefixes, lengths)]),
+               torch.cat([_pad_left(p[layer][1], width - length) for p, length in zip(prefixes, lengths)]))
+              for layer in range(len(prefixes[0]))]
+        post = lm._embed(lm.prompt_ids(instructions[0])[1])  # the same for every instruction
+        emb = torch.cat([visual, post.expand(n, -1, -1)], dim=1)
+        suffix = emb.shape[1]
+        mask = torch.ones(n, width + suffix, dtype=torch.long)
+        for i, length in enumerate(lengths):
+            mask[i, : width - length] = 0
+        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(suffix)
+        with lm._rows(loras):
+            out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                           cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
+        rows = [_Row(RowState(prompt_tokens=length + suffix), s,
+                     torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)
+                for length, s, lora in zip(lengths, sampling, loras)]
+        self._append([(k, v) for k, v, *_ in out.cache], mask, positions[:, -1:], rows)
+        self._sample(out.logits[:, -1, :], rows)
+        return [r.state for r in rows]
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One token for every row in the batch."""
+        if not self._rows:
+            return
+        from transformers import DynamicCache
+
+        lm = self.lm
+        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
+        self._positions = self._positions + 1
+        with lm._rows([r.lora for r in self._rows]):
+            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows]), attention_mask=self._mask,
+                           position_ids=self._positions, cache=DynamicCache(self._kv, config=lm.model.config),
+                           use_cache=True, logits_to_keep=1)
+        self._kv = [(k, v) for k, v, *_ in out.cache]
+        self._sample(out.logits[:, -1, :], self._rows)
+
+    def remove(self, state: RowState) -> None:
+        """Stop decoding a row (its client went away); its slot is free at once."""
+        self._keep([i for i, r in enumerate(self._rows) if r.state is not state])
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        for i, row in enumerate(rows):
+            row.token = _sample(logits[i], row.sampling, row.generator)
+            self.lm._advance(row.state, row.token, row.sampling)
+        if any(r.state.finish_reason for r in rows):
+            self._keep([i for i, r in enumerate(self._rows) if not r.state.finish_reason])
+
+    def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor,
+                rows: list[_Row]) -> None:
+        if self._rows:  # left-pad the shorter side so the last columns line up
+            width = max(mask.shape[1], self._mask.shape[1])
+            old, new = self._mask.shape[1], mask.shape[1]
+            kv = [(torch.cat([_pad_left(k0, width - old), _pad_left(k1, width - new)]),
+                   torch.cat([_pad_left(v0, width - old), _pad_left(v1, width - new)]))
+                  for (k0, v0), (k1, v1) in zip(self._kv, kv)]
+            mask = torch.cat([_pad_left(self._mask, width - old), _pad_left(mask, width - new)])
+            positions = torch.cat([self._positions, positions])
+            rows = self._rows + rows
+        self._kv, self._mask, self._positions, self._rows = kv, mask, positions, rows
+
+    def _keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask[index]
+        used = mask.any(dim=0).nonzero()  # columns before the first one any row still attends to are dropped
+        start = int(used[0]) if len(used) else mask.shape[1]
+        self._mask = mask[:, start:]
+        self._kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self._kv]
+        self._positions = self._positions[index]
+        self._rows = [self._rows[i] for i in keep]
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """n zero columns before the sequence axis of keys/values [rows, heads, seq, dim] or a mask [rows, seq]."""
+    if n == 0:
+        return t
+    axis = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[axis] = n
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
 def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
