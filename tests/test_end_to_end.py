@@ -158,9 +158,9 @@ def test_a_mixed_batch_answers_as_requests_served_one_at_a_time(client, server, 
         together = list(pool.map(ask, samples))
     assert [(r.route.task_id, r.text) for r in together] == [(r.route.task_id, r.text) for r in alone]
     assert {r.route.task_id for r in together} == set(E2E_TASKS)  # EProj and LoRA rows alike
-    # The concurrent requests were decoded in fewer batches than requests: some batches mixed them.
-    assert metric(server, "cit_batch_size_count") - batches < len(samples)
-    assert metric(server, "cit_batch_size_sum") - batched_rows == len(samples)
+    # Some decode steps ran several of these requests together (rows per step is the batch size).
+    steps, rows = metric(server, "cit_batch_size_count") - batches, metric(server, "cit_batch_size_sum") - batched_rows
+    assert rows > steps > 0
 
 
 def test_evicted_adapters_reload_transparently_and_metrics_count_it(client, server, task_dirs):
@@ -212,6 +212,12 @@ def test_health_and_reflection_are_on(server):
         reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"cit.v1.Cit", "grpc.health.v1.Health"} <= names
+
+
+def test_admin_rpcs_are_off_without_an_admin_token(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.reload_registry()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "--admin-token" in err.value.details()
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -13,12 +13,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_client import CitClient
-from cit_registry.store import Registry
+from cit_registry.store import Registry, TaskCard
 
 from .conftest import ServerProcess
+from .test_engine import synthetic_key
 
 TOKEN = "correct-horse-battery-staple"
+ADMIN = "admin-horse-battery-staple"
 STORY = "Write a very long story about a dragon who learns to read, with many chapters."
 
 
@@ -73,8 +76,8 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def secure_server(empty_registry, pki):
     srv = ServerProcess(empty_registry, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-                        "--tls-client-ca", str(pki / "ca.pem"), env={"CIT_AUTH_TOKEN": TOKEN})
-    assert "TLS + client certificates, bearer token" in srv.lines[-1]
+                        "--tls-client-ca", str(pki / "ca.pem"), env={"CIT_AUTH_TOKEN": TOKEN, "CIT_ADMIN_TOKEN": ADMIN})
+    assert "TLS + client certificates, bearer token, admin token" in srv.lines[-1]
     yield srv
     srv.stop()
 
@@ -100,6 +103,24 @@ def test_a_missing_or_wrong_token_is_unauthenticated_for_unary_and_streaming_rpc
         # Health stays open without a token (TLS still applies).
         health = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(service="cit.v1.Cit"))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure_server, pki, empty_registry):
+    def client(token):
+        return CitClient(secure_server.target, token=token, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
+                         tls_key=pki / "client.key")
+
+    with client(TOKEN) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.reload_registry()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
+    with client(ADMIN) as c:
+        assert c.list_tasks() == []  # the admin token opens the other RPCs too
+        Registry.open(empty_registry).commit(TaskCard("added", 1, "eproj", {"action": "expanded"}),
+                                             synthetic_key(7), {"adapter": Connector(ConnectorConfig(1280, 576)).save})
+        reloaded = c.reload_registry()
+        assert (reloaded.tasks, reloaded.changed) == (1, True)
+        assert c.reload_registry().changed is False
 
 
 def test_no_client_certificate_or_plaintext_does_not_get_in(secure_server, pki):
@@ -163,3 +184,29 @@ def test_deadline_stops_generation_and_sigterm_drains_gracefully(empty_registry)
     stopped = re.search(r"generation stopped after (\d+) of at most 400 tokens", output)
     assert stopped and int(stopped.group(1)) < 400, output[-2000:]
     assert "cit-server stopped" in output
+
+
+def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(empty_registry):
+    """Two slots, both taken by long streams; one is cancelled; a third request is answered while the other long
+    stream still runs (with batch-at-a-time decoding it would wait for that stream to end)."""
+    srv = ServerProcess(empty_registry, "--max-batch-size", "2", "--adapter-cache-size", "2")
+    try:
+        with CitClient(srv.target) as c:
+            gone = c.generate_stream(png(), STORY, max_new_tokens=400)
+            kept = c.generate_stream(png(), STORY, max_new_tokens=150)
+            kept_messages = iter(kept)
+            for stream in (iter(gone), kept_messages):
+                next(stream)  # the route: both rows hold a slot
+                next(stream)  # and are decoding
+            gone.cancel()
+            answered = c.generate(png(), "What colour is this?", max_new_tokens=2)
+            answered_at = time.monotonic()
+            rest = list(kept_messages)
+            kept_done_at = time.monotonic()
+            assert answered.completion_tokens >= 1
+            assert rest[-1].finish_reason == "length"  # the kept stream ran long, to its limit ...
+            # ... and was still decoding when the third request had its answer
+            assert answered_at < kept_done_at - 1.0, (answered_at, kept_done_at)
+    finally:
+        output = srv.stop()
+    assert re.search(r"generation stopped after \d+ of at most 400 tokens", output), output[-2000:]

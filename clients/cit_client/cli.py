@@ -106,6 +106,17 @@ def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[Optional[str], typer.
             _fail(exc)
 
 
+@app.command("reload-registry")
+def reload_registry(server: SERVER = DEFAULT_SERVER) -> None:
+    """Admin: make the server read its registry now (pass the admin token as --token)."""
+    with _client(server) as client:
+        try:
+            r = client.reload_registry()
+        except grpc.RpcError as exc:
+            _fail(exc)
+    typer.echo(f"{r.tasks} tasks routable" + (" (the registry had changed)" if r.changed else ""))
+
+
 @app.command()
 def evaluate(
     task_dirs: Annotated[list[Path], typer.Argument(help="task directories with a test.jsonl")],

@@ -82,6 +82,10 @@ class CitClient:
     def get_task(self, task_id: str) -> cit_pb2.GetTaskResponse:
         return self.stub.GetTask(cit_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout)
 
+    def reload_registry(self) -> cit_pb2.ReloadRegistryResponse:
+        """Admin (the admin token): the server reads its registry now."""
+        return self.stub.ReloadRegistry(cit_pb2.ReloadRegistryRequest(), timeout=self.timeout)
+
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
                                                            "wait_for_ready", "compression")),

@@ -145,3 +145,15 @@ class GetTaskResponse(_message.Message):
     task: TaskSummary
     card_json: str
     def __init__(self, task: _Optional[_Union[TaskSummary, _Mapping]] = ..., card_json: _Optional[str] = ...) -> None: ...
+
+class ReloadRegistryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadRegistryResponse(_message.Message):
+    __slots__ = ("tasks", "changed")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    tasks: int
+    changed: bool
+    def __init__(self, tasks: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...

@@ -59,6 +59,11 @@ class CitStub:
                 request_serializer=cit__proto_dot_cit__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=cit__proto_dot_cit__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.ReloadRegistry = channel.unary_unary(
+                '/cit.v1.Cit/ReloadRegistry',
+                request_serializer=cit__proto_dot_cit__pb2.ReloadRegistryRequest.SerializeToString,
+                response_deserializer=cit__proto_dot_cit__pb2.ReloadRegistryResponse.FromString,
+                _registered_method=True)
 
 
 class CitServicer:
@@ -98,6 +103,14 @@ class CitServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadRegistry(self, request, context):
+        """Admin: needs the admin token (cit-server --admin-token). Reads the registry now, so that a task cit-trainer
+        just added is routable at once rather than at the next periodic check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CitServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_CitServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=cit__proto_dot_cit__pb2.GetTaskRequest.FromString,
                     response_serializer=cit__proto_dot_cit__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ReloadRegistry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRegistry,
+                    request_deserializer=cit__proto_dot_cit__pb2.ReloadRegistryRequest.FromString,
+                    response_serializer=cit__proto_dot_cit__pb2.ReloadRegistryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class Cit:
             '/cit.v1.Cit/GetTask',
             cit__proto_dot_cit__pb2.GetTaskRequest.SerializeToString,
             cit__proto_dot_cit__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRegistry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cit.v1.Cit/ReloadRegistry',
+            cit__proto_dot_cit__pb2.ReloadRegistryRequest.SerializeToString,
+            cit__proto_dot_cit__pb2.ReloadRegistryResponse.FromString,
             options,
             channel_credentials,
             insecure,

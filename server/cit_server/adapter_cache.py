@@ -7,8 +7,9 @@ ewc, ...) are all served by that method's newest connector (Registry.shared_head
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
@@ -29,32 +30,91 @@ class AdapterId:
 BASE = AdapterId("", 0)
 
 
-class AdapterStore:
-    """Callers hold the backbone's model lock: loading or unloading a LoRA changes the LM's modules."""
+class CacheFull(Exception):
+    """No adapter can be evicted to make room: every resident one is pinned or serves a running request
+    (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, registry: Registry, backbone: Backbone, capacity: int) -> None:
-        self.registry, self.backbone, self.capacity = registry, backbone, capacity
+
+class AdapterStore:
+    """Bounds: `capacity` adapters and, optionally, `max_bytes` of adapter weights. Adapters that running requests
+    use (acquired, not yet released) and pinned tasks are never evicted.
+
+    Callers hold the backbone's model lock: loading or unloading a LoRA changes the LM's modules."""
+
+    def __init__(self, registry: Registry, backbone: Backbone, capacity: int, max_bytes: int | None = None,
+                 pinned: tuple[str, ...] = ()) -> None:
+        self.registry, self.backbone, self.capacity, self.max_bytes = registry, backbone, capacity, max_bytes
+        self.pinned = frozenset(pinned)
         self.base = TaskAdapter(backbone.base_connector())
+        backbone.lm.lora_slots(capacity)  # a resident LoRA task's LoRA is copied into a slot: loads take ms
         self._resident: OrderedDict[AdapterId, TaskAdapter] = OrderedDict()
+        self._bytes: dict[AdapterId, int] = {}
+        self._users: Counter[AdapterId] = Counter()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
+        for task_id in sorted(self.pinned):  # pinned tasks are loaded up front
+            self.get(AdapterId(task_id, registry.get(task_id).version))
 
     def get(self, adapter: AdapterId) -> TaskAdapter:
+        """The adapter serving a task version, made resident; nothing holds it afterwards."""
+        served, loaded = self.acquire(adapter)
+        self.release(served)
+        return loaded
+
+    def acquire(self, adapter: AdapterId) -> tuple[AdapterId, TaskAdapter]:
+        """The adapter serving a task version, held resident until `release(served)`. CacheFull when it is cold
+        and nothing can make room for it."""
         if adapter == BASE:
-            return self.base
+            return BASE, self.base
         adapter = self.serving(adapter)
         with self._lock:
             if adapter in self._resident:
                 self.hits += 1
                 self._resident.move_to_end(adapter)
-                return self._resident[adapter]
-            version = self.registry.get(adapter.task_id, adapter.version)
-            loaded = self.backbone.load_adapter(str(adapter), version.adapter_dir, version.lora_dir)
-            self.misses += 1
-            self._resident[adapter] = loaded
-            while len(self._resident) > self.capacity:
-                self._drop(next(iter(self._resident)))  # the least recently used
-            return loaded
+            else:
+                version = self.registry.get(adapter.task_id, adapter.version)
+                size = sum(f.stat().st_size for d in (version.adapter_dir, version.lora_dir) if d is not None
+                           for f in d.glob("*.safetensors"))
+                self._make_room(size)
+                self._resident[adapter] = self.backbone.load_adapter(str(adapter), version.adapter_dir,
+                                                                     version.lora_dir)
+                self._bytes[adapter] = size
+                self.misses += 1
+            self._users[adapter] += 1
+            return adapter, self._resident[adapter]
+
+    def release(self, served: AdapterId) -> None:
+        if served == BASE:
+            return
+        with self._lock:
+            self._users[served] -= 1
+            if self._users[served] <= 0:
+                del self._users[served]
+
+    def _make_room(self, size: int) -> None:
+        """Evict least recently used adapters until one more of `size` bytes fits both bounds."""
+        def over() -> bool:
+            return len(self._resident) + 1 > self.capacity or (
+                self.max_bytes is not None and sum(self._bytes.values()) + size > self.max_bytes)
+
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise CacheFull(f"the adapter has {size} bytes; the cache holds at most {self.max_bytes}")
+        for candidate in list(self._resident):  # oldest first
+            if not over():
+                return
+            if candidate.task_id not in self.pinned and not self._users[candidate]:
+                self._drop(candidate)
+        if over():
+            raise CacheFull(f"all {len(self._resident)} resident adapters are pinned or in use; "
+                            "retry shortly or raise --adapter-cache-size / --adapter-cache-bytes")
+
+    def lora_dir(self, name: str) -> Path:
+        """The directory (PEFT format) of a resident adapter's LoRA, by the LoRA's name."""
+        with self._lock:
+            adapter = next((a for a in self._resident if str(a) == name), None)
+        if adapter is None:
+            raise KeyError(f"no resident adapter has a LoRA named {name!r}")
+        return self.registry.get(adapter.task_id, adapter.version).lora_dir
 
     def serving(self, adapter: AdapterId) -> AdapterId:
         """The adapter that serves a task version: itself, or for a shared-connector task its method's newest."""
@@ -65,17 +125,22 @@ class AdapterStore:
         return AdapterId(head.task_id, head.version)
 
     def evict(self, adapter: AdapterId) -> bool:
-        """Drop one resident adapter (its LoRA leaves the LM); False when it was not resident."""
+        """Drop one resident adapter (its LoRA leaves the LM); False when it was not resident or is in use."""
         with self._lock:
-            if adapter not in self._resident:
+            if adapter not in self._resident or self._users[adapter]:
                 return False
             self._drop(adapter)
             return True
 
     def _drop(self, adapter: AdapterId) -> None:
         self.backbone.unload_adapter(self._resident.pop(adapter))
+        del self._bytes[adapter]
         self.evictions += 1
 
     def resident(self) -> list[AdapterId]:
         with self._lock:
             return list(self._resident)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(self._bytes.values())

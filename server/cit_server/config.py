@@ -18,16 +18,22 @@ class ServerConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     adapter_cache_size: int = 16       # resident task adapters (LRU); the registry on disk is the cold tier
+    adapter_cache_bytes: int | None = None  # set: resident adapter weights stay within this many bytes too
+    pinned_tasks: tuple[str, ...] = ()  # loaded at start and never evicted
     workers: int = 8                   # gRPC worker threads; the backbone itself runs one batch at a time
     refresh_seconds: float = 1.0       # how often the registry is checked for new task versions
-    max_batch_size: int = 8            # requests decoded together (any mix of tasks); <= adapter_cache_size
-    batch_window_ms: float = 5.0       # after the first waiting request, how long to wait for more to batch
+    max_batch_size: int = 8            # rows of the running batch (any mix of tasks); <= adapter_cache_size
+    batch_window_ms: float = 5.0       # an idle server waits this long after a request for others to join it
     max_queue: int = 256               # waiting requests beyond this get RESOURCE_EXHAUSTED
     auth_token: str | None = None      # set: every cit RPC needs `authorization: Bearer <token>`
+    admin_token: str | None = None     # set: admin RPCs (ReloadRegistry) take this token; unset: they are off
     tls_cert: Path | None = None       # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate this CA signed
     grace_seconds: float = 10.0        # on SIGTERM: in-flight requests get this long to finish
+    engine: str = "embedded"           # "vllm": the LM decodes in a vLLM worker process (vllm_engine.py)
+    vllm_worker: str | None = None     # HOST:PORT of a running worker; unset: the server starts its own
+    vllm_python: str | None = None     # the interpreter of vLLM's environment for that worker
 
     def __post_init__(self) -> None:
         if not -2.0 <= self.routing_threshold <= 2.0:
@@ -36,12 +42,19 @@ class ServerConfig:
             raise ValueError("adapter_cache_size and workers must be at least 1")
         if not 1 <= self.max_batch_size <= self.adapter_cache_size:
             raise ValueError("max_batch_size must lie in 1..adapter_cache_size: a batch holds all its adapters")
+        if self.adapter_cache_bytes is not None and self.adapter_cache_bytes < 1:
+            raise ValueError("adapter_cache_bytes must be positive")
+        if len(self.pinned_tasks) >= self.adapter_cache_size:
+            raise ValueError("pin fewer tasks than --adapter-cache-size: unpinned tasks need a slot")
         if self.batch_window_ms < 0 or self.max_queue < 1:
             raise ValueError("batch_window_ms must be >= 0 and max_queue >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range")
-        if self.auth_token is not None and len(self.auth_token) < 16:
-            raise ValueError("the auth token must have at least 16 characters")
+        for name, token in (("auth", self.auth_token), ("admin", self.admin_token)):
+            if token is not None and len(token) < 16:
+                raise ValueError(f"the {name} token must have at least 16 characters")
+        if self.admin_token is not None and self.admin_token == self.auth_token:
+            raise ValueError("the admin token must differ from the auth token")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -49,6 +62,8 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"no such file: {path}")
+        if self.engine not in ("embedded", "vllm"):
+            raise ValueError(f"engine must be 'embedded' or 'vllm', got {self.engine!r}")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
 

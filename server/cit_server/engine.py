@@ -1,12 +1,14 @@
 """The request path: request -> embed -> route (FAISS) -> adapter cache -> backbone -> tokens.
 
-Generation runs batch-wise on the scheduler's thread (scheduler.py): `serve_batch` is that path for a batch."""
+Generation runs on the scheduler's thread (scheduler.py): `admit` takes new requests along that path into the
+running batch, `step` decodes one token for every running request."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,7 +19,8 @@ from PIL import Image
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.images import decode_image
-from cit_backbone.language_model import Sampling
+from cit_backbone.adapters import TaskAdapter
+from cit_backbone.language_model import RowState, Sampling
 from cit_registry.router import Candidate, Router, select
 from cit_registry.store import Registry, TaskVersion, routing_query
 
@@ -28,6 +31,7 @@ from .scheduler import Job, Scheduler, Step
 
 
 log = logging.getLogger("cit.server")
+INSTRUCTION_CACHE_SIZE = 4096  # instruction embeddings kept for routing
 
 
 class Cancelled(Exception):
@@ -72,23 +76,60 @@ class Embedded:
     query: np.ndarray           # [1, 1664] routing query
 
 
+@dataclass(eq=False)
+class _Running:
+    """A row of the running batch and the request it answers."""
+
+    job: Job
+    state: RowState
+    served: AdapterId  # acquired from the adapter store until the row leaves
+
+
 class Engine:
     def __init__(self, config: ServerConfig, backbone: Backbone | None = None, embedder: TextEmbedder | None = None):
         self.config = config
         self.registry = Registry.open(config.registry)
         self.backbone = backbone or Backbone()
         self.embedder = embedder or TextEmbedder()
-        self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size)
+        self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
+                                     config.adapter_cache_bytes, config.pinned_tasks)
         self.metrics = Metrics(self.adapters)
         self._router = Router.load(self.registry)
         self._router_checked = time.monotonic()
         self._router_lock = threading.Lock()
+        self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
-        self.scheduler = Scheduler(self.serve_batch, config.max_batch_size, config.batch_window_ms / 1000,
+        self._worker = None
+        if config.engine == "vllm" and config.vllm_worker is None:
+            from .vllm_engine import WorkerProcess, default_worker_python
+
+            self._worker = WorkerProcess(config.vllm_python or default_worker_python(), self.backbone.lm.path,
+                                         config.adapter_cache_size)
+        self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it
+        self._running: list[_Running] = []
+        self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000,
                                    config.max_queue)
+
+    def _new_batch(self):
+        """An empty running batch on the configured engine: the embedded LM, or a vLLM worker."""
+        if self.config.engine == "embedded":
+            return self.backbone.decode_batch()
+        from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch
+
+        batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
+                          self.adapters.lora_dir)
+        info = batch.info(timeout=WORKER_START_TIMEOUT_S)
+        if info.hidden_size != self.backbone.lm.hidden_size:
+            raise ValueError(f"the vLLM worker serves {info.model} (hidden size {info.hidden_size}); this "
+                             f"backbone's LM has hidden size {self.backbone.lm.hidden_size}")
+        return batch
 
     def close(self) -> None:
         self.scheduler.close()
+        if self.config.engine == "vllm":
+            self._batch.close()
+        if self._worker is not None:
+            self._worker.stop()
 
     # -- request -> embed
     def validate_instruction(self, instruction: str) -> str:
@@ -110,18 +151,43 @@ class Engine:
 
     def _embed(self, images: list[Image.Image], instructions: list[str]) -> list[Embedded]:
         features = self.backbone.encode_images(images)
-        queries = routing_query(features.numpy(), self.embedder.embed(instructions))
+        queries = routing_query(features.numpy(), self._instruction_embeddings(instructions))
         return [Embedded(features[i : i + 1], queries[i : i + 1]) for i in range(len(images))]
+
+    def _instruction_embeddings(self, instructions: list[str]) -> np.ndarray:
+        """Applications send the same few instructions again and again: their embeddings are kept (an LRU), so
+        routing usually costs the FAISS search alone (the image features are needed for generation anyway)."""
+        cache = self._instructions
+        missing = [i for i in dict.fromkeys(instructions) if i not in cache]
+        if missing:
+            for instruction, vector in zip(missing, self.embedder.embed(missing)):
+                cache[instruction] = vector
+        for instruction in instructions:
+            cache.move_to_end(instruction)
+        while len(cache) > INSTRUCTION_CACHE_SIZE:
+            cache.popitem(last=False)
+        return np.stack([cache[i] for i in instructions])
 
     # -- embed -> route
     def router(self) -> Router:
         """The routing index, reloaded when the registry gained or changed a task (checked at most once a second)."""
         with self._router_lock:
             if time.monotonic() - self._router_checked >= self.config.refresh_seconds:
-                self._router_checked = time.monotonic()
-                if self.registry.fingerprint() != self._router.fingerprint:
-                    self._router = Router.load(self.registry)
+                self._reload()
             return self._router
+
+    def reload(self) -> tuple[int, bool]:
+        """Read the registry now (the admin RPC); returns the routable tasks and whether anything changed."""
+        with self._router_lock:
+            changed = self._reload()
+            return len({row[0] for row in self._router.rows}), changed
+
+    def _reload(self) -> bool:
+        self._router_checked = time.monotonic()
+        if self.registry.fingerprint() == self._router.fingerprint:
+            return False
+        self._router = Router.load(self.registry)
+        return True
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
         candidates = self.router().search(embedded.query, k)[0]
@@ -173,53 +239,80 @@ class Engine:
                 if delta:
                     yield None, delta, None
 
-    def serve_batch(self, jobs: list[Job]) -> None:
-        """embed -> route -> adapters -> one decode for the whole batch; runs on the scheduler's thread."""
+    def admit(self, jobs: list[Job]) -> None:
+        """embed -> route -> adapters -> prefill: new jobs join the running batch (scheduler thread)."""
         start = time.monotonic()
-        self.metrics.batch_size.observe(len(jobs))
         for job in jobs:
             self.metrics.latency.labels("queue").observe(start - job.submitted)
         with self._model_lock:
             embedded = self._embed([j.image for j in jobs], [j.instruction for j in jobs])
-            rows = []
+            joining: list[tuple[Job, Embedded, AdapterId, TaskAdapter]] = []
             for job, emb in zip(jobs, embedded):
                 try:
                     decision = self.route(emb, job.task_id)
-                    # max_batch_size <= adapter_cache_size: a batch never evicts an adapter another row uses
-                    adapter = self.adapters.get(decision.adapter)
+                    served, adapter = self.adapters.acquire(decision.adapter)
                 except Exception as exc:  # noqa: BLE001 - this row's error (e.g. NOT_FOUND) goes to its request
                     job.out.put(("error", exc))
                     continue
                 job.out.put(("route", decision))
-                rows.append((job, emb, adapter))
+                joining.append((job, emb, served, adapter))
                 self.metrics.routed.labels(decision.adapter.task_id).inc()
                 if decision.below_threshold:
                     self.metrics.below_threshold.inc()
             routed = time.monotonic()
-            for job, _, _ in rows:
+            for _ in joining:
                 self.metrics.latency.labels("route").observe(routed - start)
-            if not rows:
+            if not joining:
                 return
-            jobs = [r[0] for r in rows]
-            active = set(range(len(rows)))
-            states_seen = self.backbone.stream(torch.cat([r[1].features for r in rows]), [r[2] for r in rows],
-                                               [j.instruction for j in jobs], [j.sampling for j in jobs])
-            for states in states_seen:
-                for i in sorted(active):
-                    job, state = jobs[i], states[i]
-                    if job.cancelled():
-                        log.info("generation stopped after %d of at most %d tokens: the client went away",
-                                 len(state.token_ids), job.sampling.max_new_tokens)
-                        job.out.put(("cancelled", len(state.token_ids)))
-                        active.discard(i)
-                        continue
-                    job.out.put(("step", Step(state.stable_text(job.sampling.stop), state.text, state.finish_reason,
-                                              state.prompt_tokens, len(state.token_ids))))
-                    if state.finish_reason:
-                        active.discard(i)
-                if not active:  # every row has finished or gone: stop decoding the batch
-                    states_seen.close()
-                    return
+            try:
+                states = self.backbone.join(self._batch, torch.cat([j[1].features for j in joining]),
+                                            [j[3] for j in joining], [j[0].instruction for j in joining],
+                                            [j[0].sampling for j in joining])
+            except Exception:
+                for job, _, served, _ in joining:
+                    self.adapters.release(served)
+                raise  # the scheduler sends the error to these jobs
+        for (job, _, served, _), state in zip(joining, states):
+            self._running.append(_Running(job, state, served))
+        self._emit()
+
+    def step(self) -> int:
+        """Drop rows whose client went away, decode one token for every running row; rows still running."""
+        for row in [r for r in self._running if r.job.cancelled()]:
+            log.info("generation stopped after %d of at most %d tokens: the client went away",
+                     len(row.state.token_ids), row.job.sampling.max_new_tokens)
+            self._batch.remove(row.state)
+            self._finish(row, ("cancelled", len(row.state.token_ids)))
+        if self._running:
+            self.metrics.batch_size.observe(len(self._running))
+            try:
+                with self._model_lock:
+                    self._batch.step()
+            except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
+                log.exception("decode step of %d rows failed", len(self._running))
+                if self.config.engine == "vllm":
+                    self._batch.close()
+                self._batch = self._new_batch()
+                for row in list(self._running):
+                    self._finish(row, ("error", exc))
+            self._emit()
+        self.metrics.running.set(len(self._running))
+        return len(self._running)
+
+    def _emit(self) -> None:
+        for row in list(self._running):
+            state, job = row.state, row.job
+            step = Step(state.stable_text(job.sampling.stop), state.text, state.finish_reason, state.prompt_tokens,
+                        len(state.token_ids))
+            if state.finish_reason:
+                self._finish(row, ("step", step))
+            elif state.token_ids:  # a vLLM row has none until the worker's first tokens arrive
+                job.out.put(("step", step))
+
+    def _finish(self, row: _Running, message: tuple) -> None:
+        self._running.remove(row)
+        self.adapters.release(row.served)
+        row.job.out.put(message)
 
     def generate(self, request: Request, cancelled: Callable[[], bool] = _never) -> tuple[RouteDecision, Completion]:
         decision, completion = None, None

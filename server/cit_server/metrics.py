@@ -2,7 +2,7 @@
 phase, tokens, routing, batch sizes, and the adapter cache."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,6 +27,9 @@ class _AdapterCacheCollector(Collector):
         resident = GaugeMetricFamily("cit_adapter_cache_resident", "adapters resident now")
         resident.add_metric([], len(self.store.resident()))
         yield resident
+        size = GaugeMetricFamily("cit_adapter_cache_bytes", "bytes of adapter weights resident now")
+        size.add_metric([], self.store.resident_bytes())
+        yield size
 
 
 class Metrics:
@@ -43,8 +46,9 @@ class Metrics:
                               ["task"], registry=r)
         self.below_threshold = Counter("cit_below_threshold", "generations whose best route was below the "
                                        "threshold (answered by the base connector)", registry=r)
-        self.batch_size = Histogram("cit_batch_size", "requests per decoded batch",
+        self.batch_size = Histogram("cit_batch_size", "requests decoded together, observed at every decode step",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.running = Gauge("cit_running_rows", "requests in the running batch (decoded together)", registry=r)
         r.register(_AdapterCacheCollector(store))
 
     def serve(self, host: str, port: int) -> int:

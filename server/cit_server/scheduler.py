@@ -1,9 +1,9 @@
-"""Batching: requests that arrive together are embedded, routed and decoded as one batch, whatever task each one
-routes to (per-row projections and LoRAs in one forward pass).
+"""Continuous batching: one running batch of rows, whatever task each routes to (per-row projections and LoRAs in
+one forward pass). Between two decode steps waiting requests join it (embedded, routed and prefilled together),
+and rows that finished or whose client went away leave it, so a free slot is taken at the next step.
 
 One scheduler thread owns the model. Request threads decode and check their input, queue a Job, and read what the
-scheduler sends back on the job's own queue: the route decision, one Step per decoded token, or an error. A job
-whose client went away gets no more work from the next step on; a batch whose rows have all gone stops.
+scheduler sends back on the job's own queue: the route decision, one Step per decoded token, or an error.
 """
 from __future__ import annotations
 
@@ -48,8 +48,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, serve_batch: Callable[[list[Job]], None], max_batch: int, window_s: float, max_queue: int):
-        self._serve_batch, self.max_batch, self.window_s, self.max_queue = serve_batch, max_batch, window_s, max_queue
+    """Runs `admit(jobs)` for newly arrived jobs and `step() -> rows still running` in turn, on its own thread.
+    When idle it blocks for the next job and waits `window_s` for others to prefill with it; while rows run it
+    never waits: whatever is queued joins at once, up to `max_batch` rows in all."""
+
+    def __init__(self, admit: Callable[[list[Job]], None], step: Callable[[], int], max_batch: int,
+                 window_s: float, max_queue: int):
+        self._admit, self._step = admit, step
+        self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="cit-scheduler", daemon=True)
         self._thread.start()
@@ -60,40 +66,47 @@ class Scheduler:
         self._queue.put(job)
 
     def close(self) -> None:
+        """Running rows finish first; jobs still queued behind the close are not started."""
         self._queue.put(None)
         self._thread.join(timeout=60)
 
-    def _collect(self) -> list[Job] | None:
-        """The first waiting job, and every job arriving within the window after it (up to max_batch)."""
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
+    def _collect(self, room: int, idle: bool) -> list[Job] | None:
+        """Up to `room` waiting jobs; None once closed. Idle: block for the first, then wait out the window."""
+        batch: list[Job] = []
         deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            try:  # jobs already waiting join at once; then wait out the window for more
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        while len(batch) < room:
+            try:
+                if idle and not batch:
+                    job = self._queue.get()
+                elif idle:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self._queue.put(None)
-                break
+                return None if not batch and idle else self._put_back_close(batch)
             batch.append(job)
         return batch
 
+    def _put_back_close(self, batch: list[Job]) -> list[Job]:
+        self._queue.put(None)  # seen again once the running rows are done
+        return batch
+
     def _run(self) -> None:
-        while (batch := self._collect()) is not None:
+        running = 0
+        while (jobs := self._collect(self.max_batch - running, idle=running == 0)) is not None:
             live = []
-            for job in batch:
+            for job in jobs:
                 if job.cancelled():
                     job.out.put(("cancelled", 0))
                 else:
                     live.append(job)
-            if not live:
-                continue
-            try:
-                self._serve_batch(live)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
-                log.exception("batch of %d failed", len(live))
-                for job in live:
-                    job.out.put(("error", exc))
+            if live:
+                try:
+                    self._admit(live)
+                except Exception as exc:  # noqa: BLE001 - the joining requests get the error, the loop goes on
+                    log.exception("admitting %d requests failed", len(live))
+                    for job in live:
+                        job.out.put(("error", exc))
+            running = self._step()

@@ -8,24 +8,39 @@ import grpc
 from .config import ServerConfig
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Every RPC whose full name starts with `prefix` needs metadata `authorization: Bearer <token>`."""
+ADMIN_METHODS = frozenset({"ReloadRegistry"})  # RPCs that change what the server does: the admin token only
 
-    def __init__(self, token: str, prefix: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-        self._prefix = prefix
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Bearer tokens (metadata `authorization: Bearer <token>`) on the cit service: admin RPCs need the admin
+    token, and are refused when the server has none; the other RPCs need the auth token or the admin token when
+    an auth token is set, and are open otherwise. Health and reflection are always open."""
+
+    def __init__(self, config: ServerConfig, service: str) -> None:
+        self._prefix = f"/{service}/"
+        self._admin = [f"Bearer {config.admin_token}".encode()] if config.admin_token else []
+        self._user = [f"Bearer {config.auth_token}".encode()] + self._admin if config.auth_token else None
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(self._prefix):
             return continuation(details)
+        admin = details.method[len(self._prefix):] in ADMIN_METHODS
+        accepted = self._admin if admin else self._user
+        if accepted is None:
+            return continuation(details)
         given = dict(details.invocation_metadata).get("authorization")
-        if given is not None and hmac.compare_digest(given.encode(), self._expected):  # constant time
+        # compare_digest: constant time; every accepted token is compared, so the time says nothing either
+        if given is not None and sum(hmac.compare_digest(given.encode(), token) for token in accepted):
             return continuation(details)
         handler = continuation(details)
         if handler is None:
             return None
-        message = ("missing bearer token: send metadata 'authorization: Bearer <token>'" if given is None
-                   else "wrong bearer token")
+        if admin and not accepted:
+            message = "admin RPCs are off: start the server with --admin-token (or CIT_ADMIN_TOKEN)"
+        elif given is None:
+            message = "missing bearer token: send metadata 'authorization: Bearer <token>'"
+        else:
+            message = "wrong bearer token" + (" (this RPC needs the admin token)" if admin else "")
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -17,6 +17,7 @@ from cit_proto import cit_pb2, cit_pb2_grpc
 from cit_backbone.language_model import Sampling
 from cit_registry.store import TaskNotFound, TaskVersion
 
+from .adapter_cache import CacheFull
 from .config import ServerConfig
 from .engine import Cancelled, Engine, Request, RouteDecision
 from .scheduler import Overloaded
@@ -30,7 +31,7 @@ MAX_ROUTE_CANDIDATES = 50
 def _status_of(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, Cancelled):
         return grpc.StatusCode.CANCELLED
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, CacheFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TaskNotFound):
         return grpc.StatusCode.NOT_FOUND
@@ -180,15 +181,19 @@ class CitServicer(cit_pb2_grpc.CitServicer):
         task = self.engine.task(request.task_id)
         return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=task.card.to_json())
 
+    @_abort_on_error
+    def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
+        tasks, changed = self.engine.reload()
+        return cit_pb2.ReloadRegistryResponse(tasks=tasks, changed=changed)
+
 
 def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready gRPC server with cit, health checking and reflection; returns it, its bound port and its
     health servicer (set NOT_SERVING before a graceful stop)."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
-    interceptors = [TokenAuth(config.auth_token, f"/{SERVICE_NAME}/")] if config.auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options,
-                         interceptors=interceptors)
+                         interceptors=[TokenAuth(config, SERVICE_NAME)])
     add_servicer(CitServicer(engine), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,0 +1,162 @@
+"""The vLLM engine, server side: a running batch whose rows decode in an LM worker (vllm_worker.py) instead of the
+embedded LM. It has the embedded DecodeBatch's interface (join / step / remove), so the scheduler and the request
+path stay the same: only the last arrow, backbone -> tokens, crosses a process boundary.
+
+Each row is one streaming LmWorker.Generate call: the prompt's embeddings (visual tokens from the task's
+projection, text rows from the LM's own embedding table) and the task's LoRA directory go out, token ids come
+back, and this side turns them into text with the same tokenizer, stop strings and limits as the embedded engine.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from cit_backbone.language_model import LanguageModel, RowState, Sampling
+from cit_proto import lm_worker_pb2 as pb
+from cit_proto import lm_worker_pb2_grpc as pb_grpc
+
+WORKER_START_TIMEOUT_S = 600.0  # vLLM's import and engine start take ~30-45 s on 2 cores; a cold disk more
+
+
+class WorkerError(RuntimeError):
+    """The LM worker failed or went away."""
+
+
+@dataclass(eq=False)
+class _Row:
+    state: RowState
+    sampling: Sampling
+    call: grpc.Future  # the streaming Generate call (also an iterator of LmTokens)
+
+
+class VllmBatch:
+    """Rows decoding in an LM worker. `lora_dir(name)` gives a LoRA's directory in PEFT's format."""
+
+    def __init__(self, target: str, lm: LanguageModel, lora_dir: Callable[[str], Path]) -> None:
+        self.lm, self.lora_dir = lm, lora_dir
+        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self._stub = pb_grpc.LmWorkerStub(self._channel)
+        self._rows: list[_Row] = []
+        self._events: queue.SimpleQueue = queue.SimpleQueue()  # (row, LmTokens | Exception)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def info(self, timeout: float) -> pb.InfoResponse:
+        return self._stub.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+
+    def join(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+             loras: Sequence[str | None] | None = None) -> list[RowState]:
+        loras = list(loras) if loras is not None else [None] * len(instructions)
+        with torch.inference_mode():
+            prompts = self.lm.prompt_embeddings(visual, instructions)
+        rows = []
+        for prompt, params, lora in zip(prompts, sampling, loras):
+            request = pb.LmRequest(
+                prompt_embeds=prompt.numpy().astype("<f4", copy=False).tobytes(), rows=prompt.shape[0],
+                lora_name=lora or "", lora_path=str(self.lora_dir(lora)) if lora else "",
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k, seed=params.seed)
+            row = _Row(RowState(prompt_tokens=prompt.shape[0]), params, self._stub.Generate(request))
+            threading.Thread(target=self._read, args=(row,), daemon=True, name="cit-vllm-reader").start()
+            rows.append(row)
+        self._rows += rows
+        return [r.state for r in rows]
+
+    def _read(self, row: _Row) -> None:
+        try:
+            for message in row.call:
+                self._events.put((row, message))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self._events.put((row, WorkerError(f"LM worker: {exc.code().name}: {exc.details()}")))
+
+    def step(self, wait_s: float = 0.05) -> None:
+        """Apply whatever the worker sent since the last step (waiting up to `wait_s` for the first of it)."""
+        if not self._rows:
+            return
+        events = []
+        try:
+            events.append(self._events.get(timeout=wait_s))
+            while True:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        for row, message in events:
+            if row not in self._rows:  # removed or finished already: late messages are dropped
+                continue
+            if isinstance(message, Exception):
+                raise message
+            for token in message.token_ids:
+                if row.state.finish_reason:
+                    break
+                self.lm._advance(row.state, token, row.sampling)
+            if message.finished and not row.state.finish_reason:
+                row.state.finish_reason = "stop"  # the worker saw an end-of-sequence token of its own
+        for row in [r for r in self._rows if r.state.finish_reason]:
+            self._drop(row)  # a stop string ends a row here before the worker knows: cancel its call
+
+    def remove(self, state: RowState) -> None:
+        for row in [r for r in self._rows if r.state is state]:
+            self._drop(row)
+
+    def _drop(self, row: _Row) -> None:
+        self._rows.remove(row)
+        row.call.cancel()
+
+    def close(self) -> None:
+        for row in list(self._rows):
+            self._drop(row)
+        self._channel.close()
+
+
+class WorkerProcess:
+    """An LM worker started by this server in vLLM's environment (`python` of that environment), and stopped
+    with it."""
+
+    def __init__(self, python: str, model: Path, max_loras: int) -> None:
+        # Its log (stderr) goes where the server's goes.
+        self.proc = subprocess.Popen(
+            [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
+             "--max-loras", str(max_loras)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.target = self._wait_for_port()
+
+    def _wait_for_port(self) -> str:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        for line in iter(self.proc.stdout.readline, b""):
+            match = re.search(rb"cit-vllm-worker listening on (\S+)", line)
+            if match:
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep draining its output
+                return match.group(1).decode()
+            if time.monotonic() > deadline:
+                break
+        self.stop()
+        raise WorkerError(f"the vLLM worker did not start (exit code {self.proc.poll()}); see its log")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def default_worker_python() -> str:
+    """vLLM's interpreter: $CIT_VLLM_PYTHON, else the repository's .venv-vllm, else this one."""
+    if os.environ.get("CIT_VLLM_PYTHON"):
+        return os.environ["CIT_VLLM_PYTHON"]
+    local = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    return str(local) if local.exists() else sys.executable
+

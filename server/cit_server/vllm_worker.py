@@ -1,0 +1,102 @@
+"""The vLLM engine as an LM worker process: `python -m cit_server.vllm_worker --model DIR --port N`.
+
+It runs in vLLM's own environment (vLLM pins torch and transformers; see shared/STACK.md) and imports nothing of
+cit but the generated LmWorker stubs. cit-server embeds, routes and projects; it sends each request here as prompt
+embeddings (image rows + text rows) with its task's LoRA, and vLLM batches everything it holds (continuous
+batching, one LoRA per request) and streams token ids back. `cit-server --engine vllm` starts and stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import uuid
+
+import grpc
+import numpy as np
+
+from cit_proto import lm_worker_pb2 as pb
+from cit_proto import lm_worker_pb2_grpc as pb_grpc
+
+# vLLM must wrap only the layers cit's LoRAs adapt: wrapping embed_tokens breaks prompt-embeds batches.
+LORA_TARGETS = ["q_proj", "v_proj"]
+log = logging.getLogger("cit.vllm_worker")
+
+
+class LmWorker(pb_grpc.LmWorkerServicer):
+    def __init__(self, engine, model: str, hidden_size: int, max_loras: int) -> None:
+        self.engine, self.model, self.hidden_size, self.max_loras = engine, model, hidden_size, max_loras
+        self._lora_ids: dict[str, int] = {}  # vLLM wants a positive int per adapter; names are unique per version
+
+    async def Info(self, request, context):
+        return pb.InfoResponse(model=self.model, hidden_size=self.hidden_size, max_loras=self.max_loras,
+                               engine="vllm")
+
+    async def Generate(self, request, context):
+        import torch
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.rows < 1 or len(request.prompt_embeds) != request.rows * self.hidden_size * 4:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt_embeds must hold rows x {self.hidden_size} float32 values")
+        embeds = torch.from_numpy(np.frombuffer(request.prompt_embeds, dtype="<f4")
+                                  .reshape(request.rows, self.hidden_size).copy())
+        params = SamplingParams(max_tokens=request.max_new_tokens, temperature=request.temperature,
+                                top_p=request.top_p or 1.0, top_k=request.top_k,
+                                seed=request.seed if request.HasField("seed") else None,
+                                output_kind=RequestOutputKind.DELTA, detokenize=False)
+        lora = None
+        if request.lora_name:
+            lora_id = self._lora_ids.setdefault(request.lora_name, len(self._lora_ids) + 1)
+            lora = LoRARequest(request.lora_name, lora_id, request.lora_path)
+        # Closing this generator (the client cancelled) aborts the request inside vLLM.
+        async for out in self.engine.generate({"prompt_embeds": embeds}, params, uuid.uuid4().hex,
+                                              lora_request=lora):
+            yield pb.LmTokens(token_ids=out.outputs[0].token_ids, finished=out.finished)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=args.model, dtype="float32", enforce_eager=True, max_model_len=args.max_model_len,
+        enable_prompt_embeds=True, enable_lora=True, max_lora_rank=args.max_lora_rank,
+        # One slot more than adapters in use: vLLM gives base rows the last slot when all are full (STACK.md).
+        max_loras=args.max_loras + 1, max_cpu_loras=args.max_loras + 1, lora_target_modules=LORA_TARGETS))
+    hidden = AutoConfig.from_pretrained(args.model).hidden_size
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden, args.max_loras), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    print(f"cit-vllm-worker listening on {args.host}:{port}", flush=True)
+    try:
+        await server.wait_for_termination()
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the LM's directory (safetensors, config, tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--max-loras", type=int, default=16, help="LoRAs resident in vLLM at once")
+    parser.add_argument("--max-lora-rank", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    # Defaults that make vLLM's CPU build usable on a small machine; a caller's own settings win.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

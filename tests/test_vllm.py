@@ -1,0 +1,94 @@
+"""The vLLM engine: the same requests, in one mixed batch (a base row, an EProj row, a LoRA row), give the same
+greedy tokens on vLLM as on the embedded engine. vLLM runs in its own environment (.venv-vllm, made by
+scripts/setup.sh via scripts/setup_vllm.sh): a real vLLM worker process, real weights, real gRPC over loopback."""
+import io
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from cit_backbone.language_model import Sampling
+from cit_registry.store import Registry, TaskCard
+from cit_server.config import ServerConfig
+from cit_server.engine import Engine, Request
+from cit_server.vllm_engine import default_worker_python
+
+from .test_engine import synthetic_key
+
+
+def png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    python = default_worker_python()
+    found = subprocess.run([python, "-c", "import vllm, cit_server.vllm_worker"], capture_output=True)
+    if found.returncode != 0:
+        pytest.fail(f"vLLM's environment is missing ({python}): run scripts/setup_vllm.sh")
+    return python
+
+
+@pytest.fixture(scope="module")
+def mixed_registry(tmp_path_factory, backbone):
+    """An EProj task (a changed projection) and a LoRA task (its own projection and a LoRA with random weights,
+    so that it really changes the LM's output)."""
+    root = tmp_path_factory.mktemp("vllm") / "reg"
+    reg = Registry.open(root, create=True)
+    gen = torch.Generator().manual_seed(0)
+    eproj = backbone.base_connector().clone()
+    with torch.no_grad():
+        eproj.proj.weight.add_(0.02 * torch.randn(eproj.proj.weight.shape, generator=gen))
+    reg.commit(TaskCard("shapes", 1, "eproj", {"action": "expanded"}), synthetic_key(0), {"adapter": eproj.save})
+    lm = backbone.lm
+    lm.add_lora("fresh")
+    with torch.no_grad():
+        for p in lm.lora_parameters("fresh"):
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    reg.commit(TaskCard("words", 1, "lora", {"action": "expanded"}), synthetic_key(1),
+               {"adapter": backbone.base_connector().save, "lora": lambda d: lm.save_lora("fresh", d)})
+    lm.unload_lora("fresh")
+    return root
+
+
+def answers(engine: Engine) -> list[tuple[str, str, int]]:
+    """Three requests sent at once: routed to the base connector, forced to the EProj task, to the LoRA task."""
+    greedy = Sampling(max_new_tokens=16)
+    requests = [Request(png((200, 30, 30)), "Describe the image.", greedy),
+                Request(png((30, 200, 30)), "What shape is this?", greedy, task_id="shapes"),
+                Request(png((30, 30, 200)), "Read the word in the image.", greedy, task_id="words")]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        done = list(pool.map(engine.generate, requests))
+    return [(d.adapter.task_id, c.text, c.completion_tokens) for d, c in done]
+
+
+def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch(mixed_registry, backbone, vllm_python):
+    # threshold 2 (the maximum): unforced requests go to the base connector; a long window: they start together
+    config = dict(registry=mixed_registry, routing_threshold=2.0, batch_window_ms=2000, adapter_cache_size=4,
+                  max_batch_size=4)
+    embedded = Engine(ServerConfig(**config), backbone=backbone)
+    try:
+        expected = answers(embedded)
+    finally:
+        embedded.close()
+        for adapter in embedded.adapters.resident():  # its LoRA leaves the shared LM
+            embedded.adapters.evict(adapter)
+    vllm = Engine(ServerConfig(**config, engine="vllm", vllm_python=vllm_python), backbone=backbone)
+    try:
+        got = answers(vllm)
+        batches = vllm.metrics.batch_size.collect()[0].samples
+    finally:
+        vllm.close()
+        for adapter in vllm.adapters.resident():
+            vllm.adapters.evict(adapter)
+    assert [task for task, _, _ in expected] == ["", "shapes", "words"]
+    assert got == expected
+    # the adapters matter (three different answers), and the rows joined the running batch together
+    assert len({text for _, text, _ in expected}) == 3 and sum(n for _, _, n in got) >= 20
+    steps = next(s.value for s in batches if s.name.endswith("_count"))
+    at_most_two = next(s.value for s in batches if s.name.endswith("_bucket") and s.labels["le"] == "2.0")
+    assert steps > at_most_two, "the three requests never ran in one batch"
