@@ -116,6 +116,7 @@ class LanguageModel:
         self._slot_count = 0               # slots wanted
         self._free_slots: list[str] = []   # injected and unused
         self._slots_made = 0
+        self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}
 
     # -- LoRA adapters (PEFT). Rows name the LoRA they use; the model holds any number of them at once.
     # Callers' names (task ids, versions) may hold characters PEFT cannot use in module names ("." or "training"),
@@ -159,7 +160,7 @@ class LanguageModel:
 
     def _load_into_slot(self, name: str, directory: Path) -> bool:
         """Copy a LoRA into a free slot; False when none is free."""
-        from peft import PeftModel, set_peft_model_state_dict
+        from peft import PeftModel
         from safetensors.torch import load_file
 
         if self._slots_made < self._slot_count:  # first use (or more slots asked for): inject them once
@@ -174,13 +175,23 @@ class LanguageModel:
         if not self._free_slots:
             return False
         internal = self._free_slots.pop()  # the most recently freed first
-        loaded = set_peft_model_state_dict(self.peft, load_file(str(directory / "adapter_model.safetensors")),
-                                           adapter_name=internal)
-        if loaded.unexpected_keys:
+        params = self._slot_parameters(internal)
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+        if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
             self._free_slots.append(internal)
-            raise ValueError(f"{directory}: weights that fit no LoRA module: {loaded.unexpected_keys[:3]}")
+            raise ValueError(f"{directory}: its weights do not match the LoRA modules of this LM")
+        with torch.no_grad():  # a copy per tensor: no module is built, no state dict of the whole model walked
+            for key, value in weights.items():
+                params[key].copy_(value)
         self._names[name] = internal
         return True
+
+    def _slot_parameters(self, internal: str) -> dict[str, torch.nn.Parameter]:
+        """A slot's parameters by the names they have in a saved LoRA (PEFT's names without the adapter's)."""
+        if internal not in self._slot_params:
+            self._slot_params[internal] = {n.replace(f".{internal}.", "."): p for n, p in self.peft.named_parameters()
+                                           if f".{internal}." in n}
+        return self._slot_params[internal]
 
     def load_lora(self, name: str, directory: Path, trainable: bool = False) -> None:
         """Load a LoRA saved in PEFT's format (by `save_lora`, or by PEFT itself)."""

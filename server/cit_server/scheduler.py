@@ -73,11 +73,12 @@ class Scheduler:
     def _collect(self, room: int, idle: bool) -> list[Job] | None:
         """Up to `room` waiting jobs; None once closed. Idle: block for the first, then wait out the window."""
         batch: list[Job] = []
-        deadline = time.monotonic() + self.window_s
+        deadline = 0.0
         while len(batch) < room:
             try:
                 if idle and not batch:
                     job = self._queue.get()
+                    deadline = time.monotonic() + self.window_s  # the window opens when the first job arrives
                 elif idle:
                     job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:

@@ -94,13 +94,13 @@ def _csv(text: str) -> list[str]:
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="directory for results.json, results.md, heatmaps and the task data")] = Path("bench-results"),
-    preset: Annotated[str, typer.Option(help="small (3-5 min per method on 2 cores) or full")] = "small",
+    preset: Annotated[str, typer.Option(help="small (all methods from one start in about 30 min on 2 cores) or full")] = "small",
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "seqft,ewc,tir-ewc,mas,tir-mas,si,tir-si,er,agem,eproj,lora,joint",
     tasks: Annotated[str, typer.Option(help="comma-separated task order")] = "fashion-mnist,digits,easyvqa-shape,easyvqa-color,words",
     shuffle: Annotated[bool, typer.Option(help="shuffle the task order with --seed")] = False,
     seed: int = 0,
     thresholds: Annotated[str, typer.Option(help="reuse thresholds to sweep for similarity-informed EProj ('' skips)")] = "0.1,0.2,0.4,0.6",
-    starts: Annotated[str, typer.Option(help="starting connectors to run every method from: base (captions only), instruct (instruction-tuned)")] = "base,instruct",
+    starts: Annotated[str, typer.Option(help="starting connectors to run every method from: base (captions only), instruct (instruction-tuned); each adds the preset's time")] = "base",
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
