@@ -95,3 +95,24 @@ def test_a_byte_bound_holds_as_well_as_the_count(tmp_path, backbone):
     assert store.resident() == [AdapterId("b", 1), AdapterId("c", 1)] and store.resident_bytes() == 2 * size
     with pytest.raises(CacheFull, match="bytes"):
         AdapterStore(reg, backbone, capacity=3, max_bytes=size - 1).get(AdapterId("a", 1))
+
+
+def test_a_shared_method_task_follows_its_newest_connector_as_versions_arrive(tmp_path, backbone):
+    """Tasks of a shared-connector method are served by the method's newest connector; a version committed while
+    serving takes over at once (the store caches heads only until the registry changes)."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+
+    def commit_shared(name, sequence, weight):
+        connector = Connector(TINY)
+        torch.nn.init.constant_(connector.proj.weight, weight)
+        reg.commit(TaskCard(name, 1, "shared", {"action": "expanded"}, training={"method": "ewc", "sequence": sequence}),
+                   make_key(), {"adapter": connector.save, "method": lambda d: d.mkdir(parents=True, exist_ok=True)})
+
+    commit_shared("first", 1, 1.0)
+    commit_shared("second", 2, 2.0)
+    store = AdapterStore(reg, backbone, capacity=2)
+    assert store.serving(AdapterId("first", 1)) == AdapterId("second", 1)
+    assert store.get(AdapterId("first", 1)).connector.proj.weight.unique().item() == 2.0
+    commit_shared("third", 3, 3.0)
+    assert store.serving(AdapterId("first", 1)) == AdapterId("third", 1)
+    assert store.get(AdapterId("second", 1)).connector.proj.weight.unique().item() == 3.0

@@ -52,6 +52,9 @@ class AdapterStore:
         self._users: Counter[AdapterId] = Counter()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
+        self._methods: dict[AdapterId, str | None] = {}  # shared-connector method of a version, None if its own
+        self._heads: dict[str, AdapterId] = {}             # newest version of each shared method ...
+        self._heads_of: list | None = None                  # ... for this registry fingerprint
         for task_id in sorted(self.pinned):  # pinned tasks are loaded up front
             self.get(AdapterId(task_id, registry.get(task_id).version))
 
@@ -117,12 +120,20 @@ class AdapterStore:
         return self.registry.get(adapter.task_id, adapter.version).lora_dir
 
     def serving(self, adapter: AdapterId) -> AdapterId:
-        """The adapter that serves a task version: itself, or for a shared-connector task its method's newest."""
-        method = self.registry.get(adapter.task_id, adapter.version).shared_method
+        """The adapter that serves a task version: itself, or for a shared-connector task its method's newest.
+        Cached: a committed version never changes, and the heads are re-read when the registry's tasks change."""
+        if adapter not in self._methods:
+            self._methods[adapter] = self.registry.get(adapter.task_id, adapter.version).shared_method
+        method = self._methods[adapter]
         if method is None:
             return adapter
-        head = self.registry.shared_head(method)
-        return AdapterId(head.task_id, head.version)
+        fingerprint = self.registry.fingerprint()
+        if fingerprint != self._heads_of:
+            self._heads, self._heads_of = {}, fingerprint
+        if method not in self._heads:
+            head = self.registry.shared_head(method)
+            self._heads[method] = AdapterId(head.task_id, head.version)
+        return self._heads[method]
 
     def evict(self, adapter: AdapterId) -> bool:
         """Drop one resident adapter (its LoRA leaves the LM); False when it was not resident or is in use."""
