@@ -18,30 +18,54 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
+PROJECTORS = ("linear", "token_mlp", "token_linear")
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
-    feature_dim: int = 1280   # pooled vision feature
+    feature_dim: int = 1280   # the pooled vision feature ("linear"), or one vision token's width (token_*)
     hidden_size: int = 576    # the LM's embedding width
     num_tokens: int = 1       # visual tokens put into the prompt; one suffices at this data scale (STACK.md)
     adapter_type: str = "eproj"
+    # "linear": one Linear from the pooled feature to all visual tokens (cit's default backbone);
+    # "token_mlp": LLaVA's multi_modal_projector, Linear-GELU-Linear on each vision token;
+    # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token.
+    projector: str = "linear"
 
     def __post_init__(self) -> None:
         if self.adapter_type != "eproj":
             raise ValueError(f"not an EProj adapter: adapter_type={self.adapter_type!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; choose from {', '.join(PROJECTORS)}")
         if min(self.feature_dim, self.hidden_size, self.num_tokens) < 1:
             raise ValueError(f"connector dimensions must be positive: {self}")
 
 
 class Connector(nn.Module):
-    """Vision feature [B, feature_dim] -> visual token embeddings [B, num_tokens, hidden_size]."""
+    """Vision features [B, feature_dim] ("linear") or [B, num_tokens * feature_dim] (token_*) -> visual token
+    embeddings [B, num_tokens, hidden_size]. Parameter names follow the checkpoints the projectors come from."""
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
         self.config = config
-        self.proj = nn.Linear(config.feature_dim, config.hidden_size * config.num_tokens)
+        c = config
+        if c.projector == "linear":
+            self.proj = nn.Linear(c.feature_dim, c.hidden_size * c.num_tokens)
+        elif c.projector == "token_linear":
+            self.proj = nn.Linear(c.feature_dim, c.hidden_size)
+        else:
+            self.linear_1 = nn.Linear(c.feature_dim, c.hidden_size)
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features).view(features.shape[0], self.config.num_tokens, self.config.hidden_size)
+        c, rows = self.config, features.shape[0]
+        if c.projector == "linear":
+            return self.proj(features).view(rows, c.num_tokens, c.hidden_size)
+        tokens = features.view(rows, c.num_tokens, c.feature_dim)
+        if c.projector == "token_linear":
+            return self.proj(tokens)
+        return self.linear_2(self.act(self.linear_1(tokens)))
 
     def clone(self) -> "Connector":
         twin = Connector(self.config)

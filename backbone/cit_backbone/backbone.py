@@ -1,31 +1,56 @@
 """The composed backbone: frozen vision tower -> per-row connector (EProj) -> frozen language model."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .adapters import Connector, ConnectorConfig, TaskAdapter
+from .hf import HfVision, load_checkpoint
 from .language_model import DecodeBatch, LanguageModel, RowState, Sampling
 from .paths import STARTING_CONNECTORS
 from .vision import FEATURE_DIM, VisionTower
 
 
 class Backbone:
-    """One shared backbone. It knows nothing of tasks or caching: callers hand it an adapter per row."""
+    """One shared backbone. It knows nothing of tasks or caching: callers hand it an adapter per row.
 
-    def __init__(self, vision: VisionTower | None = None, lm: LanguageModel | None = None) -> None:
+    The default is cit's own (EfficientNet-Lite0 -> one visual token -> SmolLM2-135M-Instruct); `Backbone.load(DIR)`
+    builds one from a LLaVA or BLIP-2 checkpoint directory instead (hf.py), whose projection is the base connector."""
+
+    def __init__(self, vision: VisionTower | HfVision | None = None, lm: LanguageModel | None = None,
+                 base: Connector | None = None) -> None:
         self.vision = vision or VisionTower()
         self.lm = lm or LanguageModel()
+        self._base = base  # a checkpoint's own projection; None: the shipped starting connectors
+
+    @classmethod
+    def load(cls, checkpoint: Path | None = None) -> "Backbone":
+        """cit's default backbone, or one from a local LLaVA / BLIP-2 checkpoint directory."""
+        if checkpoint is None:
+            return cls()
+        kind, model, base, lm_dir = load_checkpoint(Path(checkpoint))
+        return cls(HfVision(model, kind), LanguageModel(lm_dir), base)
 
     def connector_config(self, num_tokens: int = 1) -> ConnectorConfig:
+        if self._base is not None:
+            return self._base.config
         return ConnectorConfig(feature_dim=FEATURE_DIM, hidden_size=self.lm.hidden_size, num_tokens=num_tokens)
+
+    def routing_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The image part of task keys and routing queries: one vector per image (vision tokens pooled)."""
+        return self.vision.pooled(features)
 
     def base_connector(self, start: str = "base") -> Connector:
         """A starting connector shipped with the package: "base" (captions only, what new tasks start from and
-        unrouted requests use) or "instruct" (instruction-tuned), made by `cit-trainer train-base`."""
+        unrouted requests use) or "instruct" (instruction-tuned), made by `cit-trainer train-base`. A checkpoint's
+        backbone has one starting point, its own projection."""
+        if self._base is not None:
+            if start != "base":
+                raise ValueError("a checkpoint's backbone has one starting point, 'base' (its own projection)")
+            return self._base.clone()
         if start not in STARTING_CONNECTORS:
             raise ValueError(f"unknown starting point {start!r}; choose from {', '.join(STARTING_CONNECTORS)}")
         directory = STARTING_CONNECTORS[start]
@@ -70,15 +95,6 @@ class Backbone:
              instructions: Sequence[str], sampling: Sequence[Sampling]) -> list[RowState]:
         """New rows join a running batch, each with its own adapter; their states advance with `batch.step()`."""
         return batch.join(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
-
-    def stream(
-        self,
-        features: torch.Tensor,
-        adapters: Sequence[TaskAdapter],
-        instructions: Sequence[str],
-        sampling: Sequence[Sampling],
-    ) -> Iterator[list[RowState]]:
-        return self.lm.decode(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
 
     def generate(
         self,

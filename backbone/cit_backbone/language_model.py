@@ -481,6 +481,9 @@ class DecodeBatch:
         self._kv = [(k, v) for k, v, *_ in out.cache]
         self._sample(out.logits[:, -1, :], self._rows)
 
+    def close(self) -> None:
+        """Nothing to release (the vLLM engine's batch has a connection to close)."""
+
     def remove(self, state: RowState) -> None:
         """Stop decoding a row (its client went away); its slot is free at once."""
         self._keep([i for i, r in enumerate(self._rows) if r.state is not state])

@@ -28,3 +28,7 @@ class VisionTower:
             x = torch.from_numpy(preprocess(images[i : i + batch_size]))
             out.append(self.model.extract_features(x).mean(dim=(2, 3)))
         return torch.cat(out) if out else torch.empty(0, FEATURE_DIM)
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing's image vector: the feature is one pooled vector already."""
+        return features

@@ -35,6 +35,7 @@ def serve(
     tls_client_ca: Annotated[Optional[Path], typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port)")] = None,
     grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = 10.0,
+    backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
     engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = "embedded",
     vllm_worker: Annotated[Optional[str], typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
     vllm_python: Annotated[Optional[str], typer.Option(envvar="CIT_VLLM_PYTHON", help="with --engine vllm: the python of vLLM's environment (default: ./.venv-vllm/bin/python)")] = None,
@@ -54,7 +55,9 @@ def serve(
                               tls_cert=tls_cert, tls_key=tls_key,
                               tls_client_ca=tls_client_ca, grace_seconds=grace_seconds, engine=engine,
                               vllm_worker=vllm_worker, vllm_python=vllm_python)
-        engine = Engine(config)
+        from cit_backbone.backbone import Backbone
+
+        engine = Engine(config, backbone=Backbone.load(backbone))
     except (ValueError, FileNotFoundError, TaskNotFound, WorkerError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.images import decode_image
-from cit_backbone.adapters import TaskAdapter
 from cit_backbone.language_model import RowState, Sampling
 from cit_registry.router import Candidate, Router, select
 from cit_registry.store import Registry, TaskVersion, routing_query
@@ -72,8 +72,8 @@ class Completion:
 class Embedded:
     """A request's embeddings, computed once and used for routing and generation alike."""
 
-    features: torch.Tensor      # [1, 1280] vision features
-    query: np.ndarray           # [1, 1664] routing query
+    features: torch.Tensor      # [1, F] vision features (for the connector)
+    query: np.ndarray           # [1, D + 384] routing query (pooled image vector, instruction)
 
 
 @dataclass(eq=False)
@@ -126,8 +126,7 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
-        if self.config.engine == "vllm":
-            self._batch.close()
+        self._batch.close()
         if self._worker is not None:
             self._worker.stop()
 
@@ -151,7 +150,8 @@ class Engine:
 
     def _embed(self, images: list[Image.Image], instructions: list[str]) -> list[Embedded]:
         features = self.backbone.encode_images(images)
-        queries = routing_query(features.numpy(), self._instruction_embeddings(instructions))
+        queries = routing_query(self.backbone.routing_features(features).numpy(),
+                                self._instruction_embeddings(instructions))
         return [Embedded(features[i : i + 1], queries[i : i + 1]) for i in range(len(images))]
 
     def _instruction_embeddings(self, instructions: list[str]) -> np.ndarray:
@@ -290,8 +290,7 @@ class Engine:
                     self._batch.step()
             except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
                 log.exception("decode step of %d rows failed", len(self._running))
-                if self.config.engine == "vllm":
-                    self._batch.close()
+                self._batch.close()
                 self._batch = self._new_batch()
                 for row in list(self._running):
                     self._finish(row, ("error", exc))

@@ -217,7 +217,7 @@ class Bench:
         """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
         requests routed to the task's own adapter."""
         test = self.test[j]
-        query = routing_query(test.features.numpy(), test.instruction)
+        query = routing_query(test.routing_image, test.instruction)
         chosen = [select(candidates, ROUTING_THRESHOLD) for candidates in router.search(query, k=1)]
         routed_to = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
         correct = np.zeros(len(routed_to), dtype=bool)

@@ -63,8 +63,11 @@ def add_task_cmd(
     seed: int = 0,
     max_train: Annotated[Optional[int], typer.Option(help="use at most N training samples")] = None,
     max_eval: Annotated[Optional[int], typer.Option(help="evaluate on at most N test samples")] = 300,
+    backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
+    from cit_backbone.backbone import Backbone
+
     from .add_task import AddTaskOptions, add_task
 
     opts = AddTaskOptions(
@@ -74,7 +77,7 @@ def add_task_cmd(
     from cit_registry.store import RegistryLocked
 
     try:
-        result = add_task(registry, data, name, opts, log=console.print)
+        result = add_task(registry, data, name, opts, backbone=Backbone.load(backbone), log=console.print)
     except (ValueError, FileNotFoundError, RegistryLocked) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

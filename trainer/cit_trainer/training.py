@@ -24,9 +24,14 @@ class EmbeddedTask:
     """A task's samples with the features every later step needs, computed once."""
 
     samples: list[Sample]
-    features: torch.Tensor     # [N, 1280] pooled vision features
+    features: torch.Tensor     # [N, F] vision features the connector reads
     instruction: np.ndarray | None  # [N, 384]; None where no task key is needed (the base mixture)
     output: np.ndarray | None       # [N, 384]
+    image: torch.Tensor | None = None  # [N, D] the image part of keys and routing queries; None: `features`
+
+    @property
+    def routing_image(self) -> np.ndarray:
+        return (self.features if self.image is None else self.image).numpy()
 
     @property
     def instructions(self) -> list[str]:
@@ -41,7 +46,7 @@ class EmbeddedTask:
 
     def key(self) -> TaskKey:
         assert self.instruction is not None and self.output is not None, "no text embeddings: no key"
-        return TaskKey.from_embeddings(self.features.numpy(), self.instruction, self.output)
+        return TaskKey.from_embeddings(self.routing_image, self.instruction, self.output)
 
 
 def embed_task(backbone: Backbone, embedder: TextEmbedder, samples: list[Sample], desc: str, batch: int = 64) -> EmbeddedTask:
@@ -54,11 +59,13 @@ def embed_task(backbone: Backbone, embedder: TextEmbedder, samples: list[Sample]
         table = dict(zip(unique, embedder.embed(unique)))
         return np.stack([table[t] for t in texts])
 
+    features = torch.cat(feats)
     return EmbeddedTask(
         samples,
-        torch.cat(feats),
+        features,
         embed_unique([s.instruction for s in samples]),
         embed_unique([s.output for s in samples]),
+        backbone.routing_features(features),
     )
 
 

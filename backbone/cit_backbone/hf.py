@@ -1,0 +1,173 @@
+"""Backbones from Hugging Face multimodal checkpoints in a local directory.
+
+LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower -> multi_modal_projector -> LM) and BLIP-2
+(`Blip2ForConditionalGeneration`: ViT -> Q-Former -> language_projection -> LM). The checkpoint's projection
+becomes the base connector and the shape of every task's projection (EProj: `token_mlp` or `token_linear`); the
+vision side and the LM stay frozen. The LM is written once into the local cache as a plain causal LM, so that
+LanguageModel (decode loop, LoRAs, prefix cache) runs it like the default one.
+
+Limits, checked with clear errors: the LM's tokenizer must have ChatML markup (`<|im_start|>`, `<|im_end|>`), the
+prompt format cit's decode loop writes; InstructBLIP's Q-Former reads the instruction too, which cit's
+instruction-independent image features cannot give it, so InstructBLIP checkpoints are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapters import Connector, ConnectorConfig
+from .paths import cache_dir
+
+# CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CHATML = ("<|im_start|>", "<|im_end|>")
+
+
+def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
+    """Images -> [B, 3, size, size]: RGB, bicubic resize to a square, CLIP normalisation."""
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+              for img in images]
+    x = (np.stack(arrays) - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+class HfVision:
+    """The frozen vision side of a checkpoint: images -> vision tokens flattened [B, tokens * dim]. Routing uses
+    their mean over tokens (`pooled`), generation the tokens themselves."""
+
+    def __init__(self, model, kind: str) -> None:
+        config = model.config
+        self.kind, self.size = kind, config.vision_config.image_size
+        self.tokens, self.dim = vision_tokens(config, kind)
+        if kind == "llava":
+            self.tower = model.model.vision_tower
+            self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        else:
+            self.tower, self.qformer, self.query = model.vision_model, model.qformer, model.query_tokens
+        for module in self._modules():
+            module.eval().requires_grad_(False)
+
+    def _modules(self):
+        return [self.tower] + ([self.qformer] if self.kind == "blip2" else [])
+
+    @property
+    def feature_dim(self) -> int:
+        return self.tokens * self.dim
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        out = [self.encode_pixels(pixel_values(images[i : i + batch_size], self.size))
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.feature_dim)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "llava":
+            hidden = self.tower(pixels, output_hidden_states=True).hidden_states[self.layer]
+            tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops CLS
+        else:
+            image = self.tower(pixel_values=pixels).last_hidden_state
+            mask = torch.ones(image.shape[:-1], dtype=torch.long)
+            tokens = self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
+                                  encoder_attention_mask=mask).last_hidden_state
+        return tokens.flatten(1)
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        return features.view(features.shape[0], self.tokens, self.dim).mean(dim=1)
+
+
+def _kind(directory: Path) -> str:
+    config = json.loads((directory / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type == "llava":
+        return "llava"
+    if model_type == "blip-2":
+        return "blip2"
+    if model_type == "instructblip":
+        raise ValueError("InstructBLIP's Q-Former reads the instruction; cit's image features do not depend on it "
+                         "(use a BLIP-2 or LLaVA checkpoint)")
+    raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA or BLIP-2 checkpoint")
+
+
+def load_checkpoint(directory: Path):
+    """(kind, model, base connector, cached LM directory) of a local LLaVA or BLIP-2 checkpoint."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    directory = Path(directory)
+    kind = _kind(directory)
+    cls = LlavaForConditionalGeneration if kind == "llava" else Blip2ForConditionalGeneration
+    model = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if any(tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) for t in CHATML):
+        raise ValueError(f"{directory}: the tokenizer has no ChatML markup ({', '.join(CHATML)}), the prompt format "
+                         "cit's decode loop writes")
+    return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer)
+
+
+def vision_tokens(config, kind: str) -> tuple[int, int]:
+    """(tokens, width) of the vision features a checkpoint's projection reads."""
+    if kind == "blip2":
+        return config.num_query_tokens, config.qformer_config.hidden_size
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if not isinstance(layer, int) or strategy not in ("default", "full"):
+        raise ValueError("only one vision feature layer and the 'default' or 'full' selection are supported")
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return patches + (strategy == "full"), config.vision_config.hidden_size  # "default" drops the CLS token
+
+
+def base_connector(model, kind: str) -> Connector:
+    """The checkpoint's own projection as a connector: every task's projection has its shape."""
+    config, hidden = model.config, model.config.text_config.hidden_size
+    tokens, width = vision_tokens(config, kind)
+    if kind == "llava":
+        if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+            raise ValueError("only LLaVA projectors with GELU and biases are supported")
+        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_mlp"))
+        state = model.model.multi_modal_projector.state_dict()  # linear_1.*, linear_2.*: the connector's names
+    else:
+        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear"))
+        state = {f"proj.{k}": v for k, v in model.language_projection.state_dict().items()}
+    connector.load_state_dict(state, strict=True)
+    return connector.eval()
+
+
+def _cached_lm(directory: Path, model, tokenizer) -> Path:
+    """The checkpoint's LM as a plain causal LM in the local cache, written once per checkpoint content."""
+    from transformers import AutoModelForCausalLM
+
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights (pickled checkpoints are not loaded)")
+    digest = hashlib.sha256()
+    for f in weights + [directory / "config.json"]:
+        digest.update(f.name.encode())
+        digest.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))  # the header and first weights name the content well enough
+    target = cache_dir() / f"hf-lm-{digest.hexdigest()[:16]}"
+    if (target / "config.json").exists():
+        return target
+    if hasattr(model, "model"):  # LLaVA: the decoder and the head sit apart
+        lm = AutoModelForCausalLM.from_config(model.config.text_config, dtype=torch.float32)
+        state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items()}
+        lm.load_state_dict({**state, "lm_head.weight": model.lm_head.weight}, strict=True)
+    else:  # BLIP-2: a whole causal LM already
+        lm = model.language_model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)  # atomic: a concurrent writer either wins or finds the finished copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,136 @@
+"""Hugging Face checkpoints as backbones: tiny LLaVA and BLIP-2 checkpoints (random weights, SmolLM2's tokenizer)
+are built in the test, written to a directory, and loaded with `Backbone.load(DIR)`. Their greedy tokens must
+equal transformers' own generate with the same pixels; their projection becomes the base connector and the shape
+of a task's projection, served through the engine."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cit_backbone.adapters import Connector, TaskAdapter
+from cit_backbone.backbone import Backbone
+from cit_backbone.hf import pixel_values
+from cit_backbone.language_model import Sampling, converted_lm_dir
+from cit_registry.store import Registry, TaskCard, TaskKey
+from cit_server.config import ServerConfig
+from cit_server.engine import Engine, Request
+
+IMAGE_TOKEN = 49151  # an id of SmolLM2's vocabulary, standing for image positions in transformers' prompts
+
+
+def tiny_text_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def save_checkpoint(model, directory):
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(converted_lm_dir()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return save_checkpoint(LlavaForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig
+
+    torch.manual_seed(1)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, encoder_hidden_size=32, vocab_size=100).to_dict(),
+        text_config=tiny_text_config().to_dict(), num_query_tokens=4, image_token_index=IMAGE_TOKEN)
+    return save_checkpoint(Blip2ForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("blip2"))
+
+
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+
+
+def reference_tokens(cls, directory, backbone, instruction, image, max_new_tokens):
+    """transformers' own generate: the same prompt with image-token placeholders, the same pixels."""
+    model = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    lm = backbone.lm
+    pre, post = lm.prompt_ids(instruction)
+    ids = torch.tensor([pre + [IMAGE_TOKEN] * backbone.base_connector().config.num_tokens + post])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         pixel_values=pixel_values([image], backbone.vision.size), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id)
+    return [t for t in out[0, ids.shape[1]:].tolist() if t != lm.eos_id]
+
+
+@pytest.mark.parametrize("kind", ["llava", "blip2"])
+def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir):
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    directory, cls = {"llava": (llava_dir, LlavaForConditionalGeneration),
+                      "blip2": (blip2_dir, Blip2ForConditionalGeneration)}[kind]
+    backbone = Backbone.load(directory)
+    base = backbone.base_connector()
+    assert base.config.projector == ("token_mlp" if kind == "llava" else "token_linear")
+    assert base.config.num_tokens == (16 if kind == "llava" else 4) and base.config.hidden_size == 64
+    pictures, instructions = images(), ["Describe the image.", "What is in this picture?"]
+    features = backbone.encode_images(pictures)
+    assert features.shape == (2, base.config.num_tokens * base.config.feature_dim)
+    assert backbone.routing_features(features).shape == (2, base.config.feature_dim)
+    ours = backbone.generate(features, [TaskAdapter(base)] * 2, instructions, [Sampling(max_new_tokens=8)] * 2)
+    for state, instruction, picture in zip(ours, instructions, pictures):
+        assert state.token_ids == reference_tokens(cls, directory, backbone, instruction, picture, 8)
+        assert len(state.token_ids) >= 1
+
+
+def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llava_dir, tmp_path):
+    backbone = Backbone.load(llava_dir)
+    base = backbone.base_connector()
+    pictures = images()
+    features = backbone.encode_images(pictures).clone()  # a plain tensor, as embed_task's torch.cat makes it
+    # the projection trains: a few steps lower the answer loss through the frozen LM
+    task = base.clone().train()
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = backbone.lm.loss(task(features), ["Name the picture."] * 2, ["noise", "static"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    task.save(tmp_path / "adapter")
+    loaded = Connector.load(tmp_path / "adapter")
+    assert loaded.config == base.config and torch.equal(loaded.linear_1.weight, task.linear_1.weight)
+
+    # served: a registry task with that projection and a key of this backbone's routing dimensions
+    reg = Registry.open(tmp_path / "reg", create=True)
+    engine = Engine(ServerConfig(registry=reg.root, refresh_seconds=0.0), backbone=backbone)
+    try:
+        text = engine.embedder.embed(["Name the picture.", "noise"])
+        key = TaskKey.from_embeddings(backbone.routing_features(features[:1]).numpy(), text[:1], text[1:])
+        reg.commit(TaskCard("noise", 1, "eproj", {"action": "expanded"}), key, {"adapter": task.save})
+        import io
+
+        buf = io.BytesIO()
+        pictures[0].save(buf, format="PNG")
+        decision, done = engine.generate(Request(buf.getvalue(), "Name the picture.", Sampling(max_new_tokens=4)))
+        assert decision.adapter.task_id == "noise" and done.completion_tokens >= 1  # routed by the pooled key
+        alone = backbone.generate(features[:1], [TaskAdapter(task.eval())], ["Name the picture."],
+                                  [Sampling(max_new_tokens=4)])[0]
+        assert done.text == alone.text
+    finally:
+        engine.close()
