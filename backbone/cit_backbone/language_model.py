@@ -311,40 +311,42 @@ class LanguageModel:
     def answer_logits(
         self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], lora: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [T, vocab] at every position that predicts an answer token, and those tokens [T].
+        """Logits [T, vocab] at every position that predicts an answer token, and those tokens [T] (row order).
 
-        Rows are grouped by instruction: the prompt before the image is the same for every row of a group, so its
-        keys and values are computed once and only image + answer positions run per row.
+        The prompt before the image is the same for every row with the same instruction: its keys and values come
+        from the prefix cache, and only image + answer positions run, for all rows in one pass (prefixes of
+        different instructions left-padded to one width, suffixes right-padded).
         """
         from transformers import DynamicCache
 
-        groups: dict[str, list[int]] = {}
+        prefix_of: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        prefixes, suffixes = [], []
         for row, instruction in enumerate(instructions):
-            groups.setdefault(instruction, []).append(row)
-        all_logits, all_targets = [], []
-        for instruction, rows in groups.items():
             pre, post = self.prompt_ids(instruction)
-            suffixes = [(torch.cat([visual[r], self._embed(post + ans)]), [-100] * (visual.shape[1] + len(post)) + ans)
-                        for r, ans in ((r, self.answer_ids(answers[r])) for r in rows)]
-            n, length = len(rows), max(len(lab) for _, lab in suffixes)
-            emb = torch.zeros(n, length, self.hidden_size)
-            labels = torch.full((n, length), -100, dtype=torch.long)
-            mask = torch.ones(n, len(pre) + length, dtype=torch.long)
-            for i, (e, lab) in enumerate(suffixes):  # right padding after the shared prefix
-                emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
-                mask[i, len(pre) + len(lab) :] = 0
-            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                  for k, v in self._prefix(pre, lora)], config=self.model.config)
-            positions = torch.arange(len(pre), len(pre) + length).expand(n, -1)
-            with self._rows([lora] * n):
-                hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
-                                          cache=cache, use_cache=True).last_hidden_state
-            # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
-            targets = labels[:, 1:]
-            keep = targets != -100
-            all_logits.append(self.model.get_output_embeddings()(hidden[:, :-1][keep]))
-            all_targets.append(targets[keep])
-        return torch.cat(all_logits), torch.cat(all_targets)
+            if instruction not in prefix_of:
+                prefix_of[instruction] = self._prefix(pre, lora)
+            prefixes.append(prefix_of[instruction])
+            ans = self.answer_ids(answers[row])
+            suffixes.append((torch.cat([visual[row], self._embed(post + ans)]),
+                             [-100] * (visual.shape[1] + len(post)) + ans))
+        rows, lengths = len(suffixes), [p[0][0].shape[2] for p in prefixes]
+        width, length = max(lengths), max(len(lab) for _, lab in suffixes)
+        emb = torch.zeros(rows, length, self.hidden_size)
+        labels = torch.full((rows, length), -100, dtype=torch.long)
+        mask = torch.zeros(rows, width + length, dtype=torch.long)
+        for i, ((e, lab), n) in enumerate(zip(suffixes, lengths)):
+            emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
+            mask[i, width - n : width + len(lab)] = 1
+        kv = [tuple(torch.cat([_pad_left(p[layer][part], width - n) for p, n in zip(prefixes, lengths)])
+                    for part in (0, 1)) for layer in range(len(prefixes[0]))]
+        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(length)
+        with self._rows([lora] * rows):
+            hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                                      cache=DynamicCache(kv, config=self.model.config), use_cache=True).last_hidden_state
+        # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
+        targets = labels[:, 1:]
+        keep = targets != -100
+        return self.model.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
 
     def _prefix(self, ids: list[int], lora: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes.
