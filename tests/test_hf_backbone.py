@@ -96,8 +96,8 @@ def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, bli
         assert len(state.token_ids) >= 1
 
 
-def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llava_dir, tmp_path):
-    backbone = Backbone.load(llava_dir)
+def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llava_dir, tmp_path, backbone):
+    default, backbone = backbone, Backbone.load(llava_dir)
     base = backbone.base_connector()
     pictures = images()
     features = backbone.encode_images(pictures).clone()  # a plain tensor, as embed_task's torch.cat makes it
@@ -134,3 +134,5 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         assert done.text == alone.text
     finally:
         engine.close()
+    with pytest.raises(ValueError, match="trained on another backbone"):
+        Engine(ServerConfig(registry=reg.root), backbone=default)  # cit's default backbone cannot serve this task

@@ -13,12 +13,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from cit_backbone.adapters import Connector, ConnectorConfig
+from cit_backbone.embedder import TextEmbedder
 from cit_client import CitClient
-from cit_registry.store import Registry, TaskCard
+from cit_registry.store import Registry, TaskCard, TaskKey
 
 from .conftest import ServerProcess
-from .test_engine import synthetic_key
 
 TOKEN = "correct-horse-battery-staple"
 ADMIN = "admin-horse-battery-staple"
@@ -105,7 +104,9 @@ def test_a_missing_or_wrong_token_is_unauthenticated_for_unary_and_streaming_rpc
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure_server, pki, empty_registry):
+def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure_server, pki, empty_registry,
+                                                                          backbone):
+    """And a task committed while the server runs is routed over gRPC at once after ReloadRegistry."""
     def client(token):
         return CitClient(secure_server.target, token=token, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem",
                          tls_key=pki / "client.key")
@@ -116,11 +117,17 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
     with client(ADMIN) as c:
         assert c.list_tasks() == []  # the admin token opens the other RPCs too
-        Registry.open(empty_registry).commit(TaskCard("added", 1, "eproj", {"action": "expanded"}),
-                                             synthetic_key(7), {"adapter": Connector(ConnectorConfig(1280, 576)).save})
+        instruction = "Name the shade of this picture."
+        text = TextEmbedder().embed([instruction, "red"])
+        key = TaskKey.from_embeddings(backbone.encode_images([Image.open(io.BytesIO(png()))]).numpy(), text[:1],
+                                      text[1:])
+        Registry.open(empty_registry).commit(TaskCard("added", 1, "eproj", {"action": "expanded"}), key,
+                                             {"adapter": backbone.base_connector().save})
         reloaded = c.reload_registry()
         assert (reloaded.tasks, reloaded.changed) == (1, True)
         assert c.reload_registry().changed is False
+        routed = c.generate(png(), instruction, max_new_tokens=2).route
+        assert (routed.task_id, routed.version, routed.below_threshold) == ("added", 1, False)
 
 
 def test_no_client_certificate_or_plaintext_does_not_get_in(secure_server, pki):

@@ -32,6 +32,11 @@ class ConnectorConfig:
     # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token.
     projector: str = "linear"
 
+    @classmethod
+    def read(cls, directory: Path) -> "ConnectorConfig":
+        raw = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+
     def __post_init__(self) -> None:
         if self.adapter_type != "eproj":
             raise ValueError(f"not an EProj adapter: adapter_type={self.adapter_type!r}")
@@ -80,10 +85,7 @@ class Connector(nn.Module):
     @classmethod
     def load(cls, directory: Path) -> "Connector":
         directory = Path(directory)
-        raw = json.loads((directory / CONFIG_FILE).read_text())
-        known = set(ConnectorConfig.__dataclass_fields__)
-        config = ConnectorConfig(**{k: v for k, v in raw.items() if k in known})
-        connector = cls(config)
+        connector = cls(ConnectorConfig.read(directory))
         connector.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return connector.eval()
 

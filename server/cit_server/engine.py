@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import TaskAdapter
+from cit_backbone.adapters import ConnectorConfig, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.images import decode_image
@@ -93,6 +93,7 @@ class Engine:
         self.embedder = embedder or TextEmbedder()
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
+        self._check_tasks_fit()
         self.metrics = Metrics(self.adapters)
         self._router = Router.load(self.registry)
         self._router_checked = time.monotonic()
@@ -109,6 +110,18 @@ class Engine:
         self._running: list[_Running] = []
         self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000,
                                    config.max_queue)
+
+    def _check_tasks_fit(self) -> None:
+        """Every task's projection must read this backbone's vision features and write its LM's width: a registry
+        trained on another backbone fails here, clearly, not at its first request."""
+        base = self.adapters.base.connector.config
+        shape = lambda c: (c.feature_dim, c.hidden_size, c.num_tokens, c.projector)  # noqa: E731
+        for task in self.registry.latest():
+            config = ConnectorConfig.read(task.adapter_dir)
+            if shape(config) != shape(base):
+                raise ValueError(f"task {task.task_id!r} was trained on another backbone: its projection "
+                                 f"{shape(config)} does not fit this one's {shape(base)} (feature width, LM width, "
+                                 "visual tokens, projector); start the server with that backbone (--backbone)")
 
     def _new_batch(self):
         """An empty running batch on the configured engine: the embedded LM, or a vLLM worker."""
