@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 from PIL import Image
 
 from .adapters import Connector, ConnectorConfig
+from .language_model import save_to_cache
 from .paths import cache_dir
 
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)
@@ -162,12 +160,4 @@ def _cached_lm(directory: Path, model, tokenizer) -> Path:
         lm.load_state_dict({**state, "lm_head.weight": model.lm_head.weight}, strict=True)
     else:  # BLIP-2: a whole causal LM already
         lm = model.language_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)  # atomic: a concurrent writer either wins or finds the finished copy
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return save_to_cache(lm, tokenizer, target)

@@ -43,12 +43,18 @@ def converted_lm_dir(progress: bool = True) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return save_to_cache(model, tokenizer, target)
+
+
+def save_to_cache(model, tokenizer, target: Path) -> Path:
+    """Write a model and its tokenizer to `target` atomically: a concurrent writer either wins or finds the
+    finished copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{LM_CACHE_NAME}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
-        os.rename(tmp, target)  # atomic: a concurrent converter either wins or finds the finished copy
+        os.rename(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
