@@ -51,11 +51,8 @@ class HfVision:
             self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
         else:
             self.tower, self.qformer, self.query = model.vision_model, model.qformer, model.query_tokens
-        for module in self._modules():
+        for module in [self.tower] + ([self.qformer] if kind == "blip2" else []):
             module.eval().requires_grad_(False)
-
-    def _modules(self):
-        return [self.tower] + ([self.qformer] if self.kind == "blip2" else [])
 
     @property
     def feature_dim(self) -> int:

@@ -49,6 +49,7 @@ class AdapterStore:
         backbone.lm.lora_slots(capacity)  # a resident LoRA task's LoRA is copied into a slot: loads take ms
         self._resident: OrderedDict[AdapterId, TaskAdapter] = OrderedDict()
         self._bytes: dict[AdapterId, int] = {}
+        self._lora_dirs: dict[str, Path] = {}  # LoRA name of a resident adapter -> its directory
         self._users: Counter[AdapterId] = Counter()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
@@ -82,6 +83,8 @@ class AdapterStore:
                 self._resident[adapter] = self.backbone.load_adapter(str(adapter), version.adapter_dir,
                                                                      version.lora_dir)
                 self._bytes[adapter] = size
+                if version.lora_dir is not None:  # the vLLM engine sends this path with each of its requests
+                    self._lora_dirs[str(adapter)] = version.lora_dir
                 self.misses += 1
             self._users[adapter] += 1
             return adapter, self._resident[adapter]
@@ -114,10 +117,9 @@ class AdapterStore:
     def lora_dir(self, name: str) -> Path:
         """The directory (PEFT format) of a resident adapter's LoRA, by the LoRA's name."""
         with self._lock:
-            adapter = next((a for a in self._resident if str(a) == name), None)
-        if adapter is None:
-            raise KeyError(f"no resident adapter has a LoRA named {name!r}")
-        return self.registry.get(adapter.task_id, adapter.version).lora_dir
+            if name not in self._lora_dirs:
+                raise KeyError(f"no resident adapter has a LoRA named {name!r}")
+            return self._lora_dirs[name]
 
     def serving(self, adapter: AdapterId) -> AdapterId:
         """The adapter that serves a task version: itself, or for a shared-connector task its method's newest.
@@ -146,6 +148,7 @@ class AdapterStore:
     def _drop(self, adapter: AdapterId) -> None:
         self.backbone.unload_adapter(self._resident.pop(adapter))
         del self._bytes[adapter]
+        self._lora_dirs.pop(str(adapter), None)
         self.evictions += 1
 
     def resident(self) -> list[AdapterId]:
