@@ -319,21 +319,35 @@ def test_a_reader_never_sees_a_torn_version_while_a_writer_commits(tmp_path):
     assert writer.wait() == 0 and reg.get("t").version == 40 and len(seen) > 1
 
 
-def test_a_large_registry_routes_through_hnsw_with_high_recall():
+def test_a_large_registry_routes_through_the_approximate_index_with_exact_scores(tmp_path):
     import faiss
 
     rng = np.random.default_rng(3)
     n, limit = 6000, 5000  # the limit is lowered for speed; bench/faiss_routing.py measures the real sizes
-    vectors = rng.normal(size=(n, 64)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # like real routing keys: a unit image part and a unit instruction part
+    vectors = routing_query(rng.normal(size=(n, 48)), rng.normal(size=(n, 16)))
     router = Router(vectors, [(f"t{i}", 1) for i in range(n)], fingerprint=[], exact_limit=limit)
-    assert isinstance(router.index, faiss.IndexHNSW)
-    queries = vectors[:200] + 0.05 * rng.normal(size=(200, 64)).astype(np.float32)
+    assert isinstance(router.index, faiss.IndexRefine)
+    queries = routing_query(vectors[:200, :48] + 0.1 * rng.normal(size=(200, 48)),
+                            vectors[:200, 48:] + 0.1 * rng.normal(size=(200, 16)))
     exact = faiss.IndexFlatIP(64)
     exact.add(vectors)
     truth = exact.search(queries, 1)[1][:, 0]
-    got = [c[0].task_id for c in router.search(queries, k=1)]
-    recall = np.mean([g == f"t{t}" for g, t in zip(got, truth)])
+    found = router.search(queries, k=3)
+    recall = np.mean([c[0].task_id == f"t{t}" for c, t in zip(found, truth)])
     assert recall >= 0.95, recall
+    for q, candidates in zip(queries, found):  # scores are inner products of the full keys, as the exact index gives
+        rows = [int(c.task_id[1:]) for c in candidates]
+        np.testing.assert_allclose([c.score for c in candidates], vectors[rows] @ q, atol=1e-4)
+    # persisted and read back (an empty registry's fingerprint matches this router's)
+    reg = Registry.open(tmp_path / "reg", create=True)
+    router.save(reg)
+    loaded = Router.load(reg)
+    assert isinstance(loaded.index, faiss.IndexRefine)
+    assert [[(c.task_id, c.score) for c in r] for r in loaded.search(queries[:20], k=3)] == \
+        [[(c.task_id, c.score) for c in r] for r in found[:20]]
     small = Router(vectors[:limit], [(f"t{i}", 1) for i in range(limit)], fingerprint=[], exact_limit=limit)
     assert isinstance(small.index, faiss.IndexFlatIP)
+    with pytest.raises(ValueError, match="one norm"):
+        Router(vectors * rng.uniform(0.5, 1, size=(n, 1)).astype(np.float32), [(f"t{i}", 1) for i in range(n)],
+               fingerprint=[], exact_limit=limit)

@@ -25,27 +25,60 @@ class Candidate:
 # Requests whose best cos(image) + cos(instruction) is below this are answered by the base connector. Measured on the
 # shipped tasks: held-out requests score at least 1.48 against their own task.
 ROUTING_THRESHOLD = 1.0
-# Up to this many index rows (task centroids) search is exact; above it an HNSW graph answers in well under a
-# millisecond where exact search grows linearly. Recall against exact search: bench/faiss_routing.py.
-EXACT_SEARCH_LIMIT = 20_000
-HNSW_NEIGHBOURS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
+# Up to this many index rows (task centroids) search is exact: one query over 4,096 keys of 1,664 floats takes about
+# a millisecond here, and exact time grows linearly. Above it an IVF index over a random projection of the keys to
+# 256 dimensions, with 4-bit PQ codes, proposes candidates that are re-ranked exactly on the full keys
+# (bench/faiss_routing.py: latency and recall against exact search up to 1 M keys).
+EXACT_SEARCH_LIMIT = 4096
+PROJECTED_DIMS = 256
+REFINE_FACTOR = 8  # candidates re-ranked exactly per result asked for (reading full keys is a large part of a query)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n keys: the power of two nearest sqrt(n) (1 M keys: 1,024), with the 39 keys per list
+    that FAISS's k-means asks for. Fewer, longer lists scan faster per key than many short ones."""
+    return 1 << max(4, min(round(np.log2(np.sqrt(n))), int(np.log2(n / 39))))
+
+
+def ivf_probes(lists: int) -> int:
+    """Lists searched per query: 6 * sqrt(lists) (1,024 lists: 192). Random keys, the hardest case, need this many
+    for recall@1 >= 0.99 at 1 M keys (bench/faiss_routing.py)."""
+    return min(lists, round(6 * np.sqrt(lists)))
 
 
 def make_index(vectors: np.ndarray, exact_limit: int = EXACT_SEARCH_LIMIT) -> faiss.Index:
-    """Inner-product index over the rows of `vectors`, exact while small, HNSW when large."""
-    if len(vectors) <= exact_limit:
-        index = faiss.IndexFlatIP(vectors.shape[1])
+    """Index over the rows of `vectors`: exact inner product while small, approximate when large.
+
+    The approximate index ranks by L2 distance, as IVF's k-means cells are drawn: for keys of one norm (every routing
+    key is two unit vectors) the nearest key is the one with the largest inner product. Router.search turns its
+    distances back into inner products. The projection is random, not PCA: the two parts differ in width, and on
+    keys without strong structure PCA keeps the instruction's dimensions (3.3 times the variance each) and drops
+    the image's (1 M random keys, one IVF setting: recall@1 0.952 after PCA, 0.986 after a random projection).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if n <= exact_limit:
+        index = faiss.IndexFlatIP(dim)
     else:
-        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        norms = np.einsum("ij,ij->i", vectors, vectors)
+        if not np.allclose(norms, norms[0], atol=1e-3):
+            raise ValueError("approximate routing needs keys of one norm (unit image and instruction parts)")
+        reduced = min(PROJECTED_DIMS, dim - dim % 8)
+        lists = ivf_lists(n)
+        index = faiss.index_factory(dim, f"RR{reduced},IVF{lists},PQ{reduced // 8}x4fs,RFlat", faiss.METRIC_L2)
+        sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
+        index.train(vectors[np.sort(sample)])
+    index.add(vectors)
     _tune(index)
     return index
 
 
 def _tune(index: faiss.Index) -> None:
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+    """Search settings; applied to a read index too, so a changed setting needs no rebuild."""
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = REFINE_FACTOR
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = ivf_probes(ivf.nlist)
 
 
 def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
@@ -59,6 +92,8 @@ class Router:
         self.rows = rows  # index row -> (task id, version)
         self.fingerprint = fingerprint
         self.index = make_index(vectors, exact_limit) if len(vectors) else None
+        # every key's squared norm (make_index checks they are one), to turn L2 distances into inner products
+        self._key_norm2 = float(np.dot(vectors[0], vectors[0])) if len(vectors) else 0.0
         self._max_centroids = max(Counter(task for task, _ in rows).values(), default=1)
 
     @classmethod
@@ -85,6 +120,7 @@ class Router:
                 router = cls(np.zeros((0, 0), np.float32), [tuple(r) for r in meta["rows"]], fingerprint)
                 router.index = index
                 router._max_centroids = meta["max_centroids"]
+                router._key_norm2 = meta.get("key_norm2", 0.0)
                 return router
         except (OSError, ValueError, KeyError, RuntimeError):
             pass  # missing, stale or unreadable: derived state, so rebuild it
@@ -101,7 +137,8 @@ class Router:
         if self.index is not None:
             with atomic_path(index_dir / "keys.faiss") as tmp:
                 faiss.write_index(self.index, str(tmp))
-        meta = {"fingerprint": self.fingerprint, "rows": self.rows, "max_centroids": self._max_centroids}
+        meta = {"fingerprint": self.fingerprint, "rows": self.rows, "max_centroids": self._max_centroids,
+                "key_norm2": self._key_norm2}
         with atomic_path(index_dir / "index.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -113,7 +150,10 @@ class Router:
         if self.index is None or self.index.ntotal == 0:
             return [[] for _ in range(len(queries))]
         n = min(self.index.ntotal, k * self._max_centroids)
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, ids = self.index.search(queries, n)
+        if self.index.metric_type == faiss.METRIC_L2:  # |q - k|^2 = |q|^2 + |k|^2 - 2 q.k
+            scores = (np.einsum("ij,ij->i", queries, queries)[:, None] + self._key_norm2 - scores) / 2
         out = []
         for row_scores, row_ids in zip(scores, ids):
             seen: dict[str, Candidate] = {}
