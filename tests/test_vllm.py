@@ -66,7 +66,7 @@ def answers(engine: Engine) -> list[tuple[str, str, int]]:
     return [(d.adapter.task_id, c.text, c.completion_tokens) for d, c in done]
 
 
-def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch(mixed_registry, backbone, vllm_python):
+def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_outlives_its_worker(mixed_registry, backbone, vllm_python):
     # threshold 2 (the maximum): unforced requests go to the base connector; a long window: they start together
     config = dict(registry=mixed_registry, routing_threshold=2.0, batch_window_ms=2000, adapter_cache_size=4,
                   max_batch_size=4)
@@ -81,12 +81,18 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch(mixed_
     try:
         got = answers(vllm)
         batches = vllm.metrics.batch_size.collect()[0].samples
+        # the worker dies: the next requests wait for a new one and get the same answers
+        first = vllm._worker.proc
+        first.kill()
+        first.wait()
+        again = answers(vllm)
+        assert vllm._worker.proc is not first and vllm._worker.proc.poll() is None
     finally:
         vllm.close()
         for adapter in vllm.adapters.resident():
             vllm.adapters.evict(adapter)
     assert [task for task, _, _ in expected] == ["", "shapes", "words"]
-    assert got == expected
+    assert got == expected and again == expected
     # the adapters matter (three different answers), and the rows joined the running batch together
     assert len({text for _, text, _ in expected}) == 3 and sum(n for _, _, n in got) >= 20
     steps = next(s.value for s in batches if s.name.endswith("_count"))

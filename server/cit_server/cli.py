@@ -38,7 +38,7 @@ def serve(
     backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
     engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = "embedded",
     vllm_worker: Annotated[Optional[str], typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
-    vllm_python: Annotated[Optional[str], typer.Option(envvar="CIT_VLLM_PYTHON", help="with --engine vllm: the python of vLLM's environment (default: ./.venv-vllm/bin/python)")] = None,
+    vllm_python: Annotated[Optional[str], typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
 ) -> None:
     """Start the server; it prints `cit-server listening on HOST:PORT` once it accepts requests."""
     from .config import ServerConfig

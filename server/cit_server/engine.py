@@ -98,14 +98,10 @@ class Engine:
         self._router = Router.load(self.registry)
         self._router_checked = time.monotonic()
         self._router_lock = threading.Lock()
+        self._building: threading.Thread | None = None  # a new routing index being built
         self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
-        self._worker = None
-        if config.engine == "vllm" and config.vllm_worker is None:
-            from .vllm_engine import WorkerProcess, default_worker_python
-
-            self._worker = WorkerProcess(config.vllm_python or default_worker_python(), self.backbone.lm.path,
-                                         config.adapter_cache_size)
+        self._worker = self._start_worker() if config.engine == "vllm" and config.vllm_worker is None else None
         self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it
         self._running: list[_Running] = []
         self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000,
@@ -123,12 +119,38 @@ class Engine:
                                  f"{shape(config)} does not fit this one's {shape(base)} (feature width, LM width, "
                                  "visual tokens, projector); start the server with that backbone (--backbone)")
 
+    def _start_worker(self):
+        from .vllm_engine import WorkerProcess, default_worker_python
+
+        return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
+                             self.config.adapter_cache_size)
+
+    def _worker_died(self) -> bool:
+        return self._worker is not None and self._worker.proc.poll() is not None
+
+    def _recover_worker(self) -> None:
+        """Before new rows join: if the vLLM worker this server started has exited, its rows end with an error and
+        a new worker starts (scheduler thread; requests that arrive meanwhile wait in the queue)."""
+        if not self._worker_died():
+            return
+        from .vllm_engine import WorkerError
+
+        error = WorkerError(f"the vLLM worker exited (code {self._worker.proc.returncode}); a new one is starting")
+        for row in list(self._running):
+            self._finish(row, ("error", error))
+        self._batch.close()
+        self._batch = self._new_batch()
+
     def _new_batch(self):
         """An empty running batch on the configured engine: the embedded LM, or a vLLM worker."""
         if self.config.engine == "embedded":
             return self.backbone.decode_batch()
         from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch
 
+        if self._worker_died():
+            log.error("the vLLM worker exited (code %s); starting a new one", self._worker.proc.returncode)
+            self._worker.stop()  # what is left of its process group
+            self._worker = self._start_worker()
         batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
                           self.adapters.lora_dir)
         info = batch.info(timeout=WORKER_START_TIMEOUT_S)
@@ -183,24 +205,37 @@ class Engine:
 
     # -- embed -> route
     def router(self) -> Router:
-        """The routing index, reloaded when the registry gained or changed a task (checked at most once a second)."""
+        """The routing index. When the registry gained or changed a task (checked at most once a second) the new
+        index is built on a thread of its own while requests go on routing with this one (training a large index
+        takes a minute), and replaces it when ready."""
         with self._router_lock:
-            if time.monotonic() - self._router_checked >= self.config.refresh_seconds:
-                self._reload()
+            now = time.monotonic()
+            if self._building is None and now - self._router_checked >= self.config.refresh_seconds:
+                self._router_checked = now
+                if self.registry.fingerprint() != self._router.fingerprint:
+                    self._building = threading.Thread(target=self._rebuild, name="cit-router", daemon=True)
+                    self._building.start()
             return self._router
 
-    def reload(self) -> tuple[int, bool]:
-        """Read the registry now (the admin RPC); returns the routable tasks and whether anything changed."""
+    def _rebuild(self) -> None:
+        try:
+            router = Router.load(self.registry)
+        except Exception:  # noqa: BLE001 - keep routing with the old index; the next check tries again
+            log.exception("rebuilding the routing index failed")
+            router = None
         with self._router_lock:
-            changed = self._reload()
-            return len({row[0] for row in self._router.rows}), changed
+            self._router = router or self._router
+            self._building = None
 
-    def _reload(self) -> bool:
-        self._router_checked = time.monotonic()
-        if self.registry.fingerprint() == self._router.fingerprint:
-            return False
-        self._router = Router.load(self.registry)
-        return True
+    def reload(self) -> tuple[int, bool]:
+        """Read the registry now and wait for its index (the admin RPC): the routable tasks, and whether anything
+        changed. Requests go on routing with the old index meanwhile."""
+        changed = self.registry.fingerprint() != self.router().fingerprint
+        if changed:
+            router = Router.load(self.registry)
+            with self._router_lock:
+                self._router, self._router_checked = router, time.monotonic()
+        return len(self.router()), changed
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
         candidates = self.router().search(embedded.query, k)[0]
@@ -257,6 +292,7 @@ class Engine:
         start = time.monotonic()
         for job in jobs:
             self.metrics.latency.labels("queue").observe(start - job.submitted)
+        self._recover_worker()
         with self._model_lock:
             embedded = self._embed([j.image for j in jobs], [j.instruction for j in jobs])
             joining: list[tuple[Job, Embedded, AdapterId, TaskAdapter]] = []
@@ -304,7 +340,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
                 log.exception("decode step of %d rows failed", len(self._running))
                 self._batch.close()
-                self._batch = self._new_batch()
+                self._batch = self._new_batch()  # a worker that died is started again
                 for row in list(self._running):
                     self._finish(row, ("error", exc))
             self._emit()

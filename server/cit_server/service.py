@@ -22,6 +22,7 @@ from .config import ServerConfig
 from .engine import Cancelled, Engine, Request, RouteDecision
 from .scheduler import Overloaded
 from .security import TokenAuth, server_credentials
+from .vllm_engine import WorkerError
 
 log = logging.getLogger("cit.server")
 SERVICE_NAME = cit_pb2.DESCRIPTOR.services_by_name["Cit"].full_name
@@ -35,6 +36,8 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TaskNotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, WorkerError):  # the vLLM worker went away: a retry reaches the new one
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, ValueError):  # InvalidImage and every validation error are ValueErrors
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -123,13 +124,15 @@ class VllmBatch:
 
 class WorkerProcess:
     """An LM worker started by this server in vLLM's environment (`python` of that environment), and stopped
-    with it."""
+    with it. It leads a process group of its own: vLLM's engine-core process is stopped with it, even when the
+    worker itself died."""
 
     def __init__(self, python: str, model: Path, max_loras: int) -> None:
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
-             "--max-loras", str(max_loras)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+             "--max-loras", str(max_loras)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)
         self.target = self._wait_for_port()
 
     def _wait_for_port(self) -> str:
@@ -145,12 +148,18 @@ class WorkerProcess:
         raise WorkerError(f"the vLLM worker did not start (exit code {self.proc.poll()}); see its log")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            pass
 
 
 def default_worker_python() -> str:
