@@ -10,7 +10,8 @@ every other one with a random LoRA: speed does not depend on what they learnt) a
   2. mixed adapters: tokens/s of 8 requests on 8 tasks in one batch vs 8 on one task (goal >= 0.9);
   3. server vs in-process: tokens/s of 8 concurrent requests over gRPC vs one batched generate (goal >= 0.85);
   4. concurrency scaling: tokens/s over gRPC at concurrency 1, 4, 8, 16;
-  5. cold adapter load (EProj and LoRA) as a share of one request (goal <= 5 %);
+  5. cold adapter load (EProj and LoRA) as a share of one request (goal <= 5 %), and the part of it running rows
+     wait for (the files are read on the adapter store's loader thread);
   7. with --vllm: tokens/s of 8 concurrent mixed-task requests through the engine on vLLM vs embedded (needs
      vLLM's environment, scripts/setup_vllm.sh).
 """
@@ -166,17 +167,29 @@ def main() -> int:
               + f" (batches so far: mean size {mean_batch(engine):.1f})")
         server.stop(0)
 
-        # 5. cold adapter load
-        def cold(adapter: AdapterId) -> float:
+        # 5. cold adapter load: all of it, and the part running rows wait for (the read is on the loader thread)
+        def cold(adapter: AdapterId) -> tuple[float, float]:
             def load():
                 engine.adapters.get(adapter)
                 engine.adapters.evict(adapter)
-            return best_of(args.repeats, load)
+            files = []
+
+            def install():
+                engine.adapters.acquire(adapter, files.pop())
+                engine.adapters.release(adapter)
+                engine.adapters.evict(adapter)
+            best_install = float("inf")
+            for _ in range(args.repeats):
+                files.append(engine.adapters.prefetch(adapter).result())
+                best_install = min(best_install, best_of(1, install))
+            return best_of(args.repeats, load), best_install
         for a in ids[:2]:
             engine.adapters.evict(a)
-        eproj, lora = cold(ids[0]), cold(ids[1])
+        (eproj, eproj_wait), (lora, lora_wait) = cold(ids[0]), cold(ids[1])
         print(f"5. cold adapter load: EProj {eproj * 1000:.1f} ms = {eproj / end_to_end:.1%}, LoRA {lora * 1000:.1f} ms "
-              f"= {lora / end_to_end:.1%} of a {args.tokens}-token request (goal <= 5 %)")
+              f"= {lora / end_to_end:.1%} of a {args.tokens}-token request (goal <= 5 %); running rows wait only "
+              f"for putting it in place after the loader thread read it: EProj {eproj_wait * 1000:.2f} ms, "
+              f"LoRA {lora_wait * 1000:.2f} ms")
 
         # 7. the vLLM engine vs the embedded one, through the same request path
         def engine_tokens_per_s(e: Engine) -> float:

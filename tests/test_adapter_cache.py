@@ -55,6 +55,34 @@ def test_a_lora_lives_in_the_lm_while_resident_and_leaves_it_on_eviction(tmp_pat
     backbone.unload_adapter(store.get(la))  # leave the session LM as it was
 
 
+def test_a_cold_adapter_is_read_ahead_on_the_loader_thread_and_only_put_in_place_by_acquire(tmp_path, backbone):
+    import shutil
+
+    reg = registry_with(tmp_path, ["a", "lb"], backbone.lm)
+    store = AdapterStore(reg, backbone, capacity=2)
+    a, lb = AdapterId("a", 1), AdapterId("lb", 1)
+    reads = [store.prefetch(a), store.prefetch(lb)]
+    assert store.prefetch(a) in (reads[0], None) and store.resident() == []  # one read per adapter; nothing in place
+    files = [r.result(timeout=30) for r in reads]
+    for adapter in (a, lb):  # from here on, the disk is not read again
+        version = reg.get(adapter.task_id)
+        for directory in (version.adapter_dir, version.lora_dir):
+            if directory is not None:
+                shutil.rmtree(directory)
+    weight = store.acquire(a, files[0])[1].connector.proj.weight
+    assert torch.equal(weight, torch.zeros_like(weight))
+    served, loaded = store.acquire(lb, files[1])
+    assert loaded.lora == "lb@v1" and "lb@v1" in backbone.lm.loras()
+    assert torch.equal(loaded.connector.proj.weight, torch.ones_like(weight))
+    assert store.prefetch(a) is None  # resident now
+    for adapter in (a, lb):
+        store.release(adapter)
+    store.evict(lb)  # leave the session LM as it was
+    with pytest.raises(FileNotFoundError):
+        AdapterStore(reg, backbone, capacity=1).get(a)  # without the read-ahead files the deleted task is gone
+    store.close()
+
+
 def test_base_is_never_cached_or_evicted(tmp_path, backbone):
     reg = registry_with(tmp_path, ["a"])
     store = AdapterStore(reg, backbone, capacity=1)

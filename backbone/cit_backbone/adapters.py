@@ -91,6 +91,16 @@ class Connector(nn.Module):
 
 
 @dataclass(frozen=True)
+class AdapterFiles:
+    """A task adapter read from disk, not yet in service (Backbone.read_adapter, then install_adapter)."""
+
+    connector: Connector
+    connector_dir: Path
+    lora_dir: Path | None = None
+    lora_weights: dict[str, torch.Tensor] | None = None  # read ahead when the LoRA fits the LM's slots
+
+
+@dataclass(frozen=True)
 class TaskAdapter:
     """What one row is generated with: a projection and, for a LoRA task, the name of a LoRA loaded in the LM."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .adapters import Connector, ConnectorConfig, TaskAdapter
+from .adapters import AdapterFiles, Connector, ConnectorConfig, TaskAdapter
 from .hf import HfVision, load_checkpoint
 from .language_model import DecodeBatch, LanguageModel, RowState, Sampling
 from .paths import STARTING_CONNECTORS
@@ -61,11 +61,20 @@ class Backbone:
     def load_adapter(self, name: str, connector_dir: Path, lora_dir: Path | None = None,
                      trainable: bool = False) -> TaskAdapter:
         """A task's adapter from disk; its LoRA (if any) is loaded into the LM under `name`."""
-        connector = Connector.load(connector_dir)
-        if lora_dir is None:
-            return TaskAdapter(connector)
-        self.lm.load_lora(name, lora_dir, trainable=trainable)
-        return TaskAdapter(connector, name)
+        return self.install_adapter(name, self.read_adapter(connector_dir, lora_dir), trainable)
+
+    def read_adapter(self, connector_dir: Path, lora_dir: Path | None = None) -> AdapterFiles:
+        """A task's adapter read from disk but not yet in the LM; touches no shared state, so a loader thread can
+        do it while the LM decodes."""
+        weights = self.lm.read_lora(lora_dir) if lora_dir is not None else None
+        return AdapterFiles(Connector.load(connector_dir), Path(connector_dir), lora_dir, weights)
+
+    def install_adapter(self, name: str, files: AdapterFiles, trainable: bool = False) -> TaskAdapter:
+        """Put an adapter that was read into service; its LoRA (if any) goes into the LM under `name`."""
+        if files.lora_dir is None:
+            return TaskAdapter(files.connector)
+        self.lm.load_lora(name, files.lora_dir, trainable=trainable, weights=files.lora_weights)
+        return TaskAdapter(files.connector, name)
 
     def unload_adapter(self, adapter: TaskAdapter) -> None:
         if adapter.lora is not None:

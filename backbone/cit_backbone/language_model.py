@@ -164,8 +164,15 @@ class LanguageModel:
         return (config.r, config.lora_alpha, set(config.target_modules), config.use_rslora, config.use_dora,
                 config.bias) == (slot.r, slot.lora_alpha, set(slot.target_modules), False, False, "none")
 
-    def _load_into_slot(self, name: str, directory: Path) -> bool:
-        """Copy a LoRA into a free slot; False when none is free."""
+    def read_lora(self, directory: Path) -> dict[str, torch.Tensor] | None:
+        """A saved LoRA's weights, when it fits the slots (else None: PEFT reads it at load). Changes nothing, so a
+        loader thread can read ahead of `load_lora`."""
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / "adapter_model.safetensors")) if self._fits_slot(directory) else None
+
+    def _load_into_slot(self, name: str, directory: Path, weights: dict[str, torch.Tensor] | None) -> bool:
+        """Copy a LoRA (its weights, read from `directory` unless given) into a free slot; False when none is free."""
         from peft import PeftModel
         from safetensors.torch import load_file
 
@@ -182,7 +189,8 @@ class LanguageModel:
             return False
         internal = self._free_slots.pop()  # the most recently freed first
         params = self._slot_parameters(internal)
-        weights = load_file(str(directory / "adapter_model.safetensors"))
+        if weights is None:
+            weights = load_file(str(directory / "adapter_model.safetensors"))
         if set(weights) != set(params) or any(weights[k].shape != params[k].shape for k in weights):
             self._free_slots.append(internal)
             raise ValueError(f"{directory}: its weights do not match the LoRA modules of this LM")
@@ -199,13 +207,16 @@ class LanguageModel:
                                            if f".{internal}." in n}
         return self._slot_params[internal]
 
-    def load_lora(self, name: str, directory: Path, trainable: bool = False) -> None:
-        """Load a LoRA saved in PEFT's format (by `save_lora`, or by PEFT itself)."""
+    def load_lora(self, name: str, directory: Path, trainable: bool = False,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Load a LoRA saved in PEFT's format (by `save_lora`, or by PEFT itself); `weights`: read ahead by
+        `read_lora`."""
         from peft import PeftModel
 
         if name in self._names:
             raise ValueError(f"a LoRA named {name!r} is loaded already")
-        if not trainable and self._fits_slot(directory) and self._load_into_slot(name, directory):
+        fits = weights is not None or self._fits_slot(directory)  # weights read ahead fit (read_lora checked)
+        if not trainable and fits and self._load_into_slot(name, directory, weights):
             return
         internal = self._new_name(name)
         if self.peft is None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cit_backbone.adapters import TaskAdapter
+from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_registry.store import Registry
 
@@ -52,6 +53,8 @@ class AdapterStore:
         self._lora_dirs: dict[str, Path] = {}  # LoRA name of a resident adapter -> its directory
         self._users: Counter[AdapterId] = Counter()
         self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="cit-adapter-loader")
+        self._reading: dict[AdapterId, Future[AdapterFiles]] = {}  # reads in flight, for requests to share
         self.hits = self.misses = self.evictions = 0
         self._methods: dict[AdapterId, str | None] = {}  # shared-connector method of a version, None if its own
         self._heads: dict[str, AdapterId] = {}             # newest version of each shared method ...
@@ -65,9 +68,27 @@ class AdapterStore:
         self.release(served)
         return loaded
 
-    def acquire(self, adapter: AdapterId) -> tuple[AdapterId, TaskAdapter]:
-        """The adapter serving a task version, held resident until `release(served)`. CacheFull when it is cold
-        and nothing can make room for it."""
+    def prefetch(self, adapter: AdapterId) -> Future[AdapterFiles] | None:
+        """Start reading a cold adapter's files on the loader thread; None when it is resident (or the base).
+        `acquire(adapter, future.result())` then only puts it in place, so running rows never wait for the disk."""
+        if adapter == BASE:
+            return None
+        adapter = self.serving(adapter)
+        with self._lock:
+            if adapter in self._resident:
+                return None
+            self._reading = {a: f for a, f in self._reading.items() if not f.done()}  # the finished are the caller's
+            if adapter not in self._reading:
+                self._reading[adapter] = self._loader.submit(self._read, adapter)
+            return self._reading[adapter]
+
+    def _read(self, adapter: AdapterId) -> AdapterFiles:
+        version = self.registry.get(adapter.task_id, adapter.version)
+        return self.backbone.read_adapter(version.adapter_dir, version.lora_dir)
+
+    def acquire(self, adapter: AdapterId, files: AdapterFiles | None = None) -> tuple[AdapterId, TaskAdapter]:
+        """The adapter serving a task version, held resident until `release(served)`; `files`: what `prefetch`
+        read, else a cold adapter is read here. CacheFull when it is cold and nothing can make room for it."""
         if adapter == BASE:
             return BASE, self.base
         adapter = self.serving(adapter)
@@ -80,8 +101,9 @@ class AdapterStore:
                 size = sum(f.stat().st_size for d in (version.adapter_dir, version.lora_dir) if d is not None
                            for f in d.glob("*.safetensors"))
                 self._make_room(size)
-                self._resident[adapter] = self.backbone.load_adapter(str(adapter), version.adapter_dir,
-                                                                     version.lora_dir)
+                if files is None or files.connector_dir != version.adapter_dir:  # (a newer shared head since)
+                    files = self.backbone.read_adapter(version.adapter_dir, version.lora_dir)
+                self._resident[adapter] = self.backbone.install_adapter(str(adapter), files)
                 self._bytes[adapter] = size
                 if version.lora_dir is not None:  # the vLLM engine sends this path with each of its requests
                     self._lora_dirs[str(adapter)] = version.lora_dir
@@ -150,6 +172,9 @@ class AdapterStore:
         del self._bytes[adapter]
         self._lora_dirs.pop(str(adapter), None)
         self.evictions += 1
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def resident(self) -> list[AdapterId]:
         with self._lock:

@@ -10,13 +10,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import ConnectorConfig, TaskAdapter
+from cit_backbone.adapters import AdapterFiles, ConnectorConfig, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.images import decode_image
@@ -77,6 +78,16 @@ class Embedded:
 
 
 @dataclass(eq=False)
+class _Loading:
+    """A routed job waiting for its cold adapter's files (read on the adapter store's loader thread)."""
+
+    job: Job
+    embedded: Embedded
+    adapter: AdapterId  # as routed
+    files: Future
+
+
+@dataclass(eq=False)
 class _Running:
     """A row of the running batch and the request it answers."""
 
@@ -104,6 +115,7 @@ class Engine:
         self._worker = self._start_worker() if config.engine == "vllm" and config.vllm_worker is None else None
         self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it
         self._running: list[_Running] = []
+        self._loading: list[_Loading] = []  # only the scheduler thread touches these two
         self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000,
                                    config.max_queue)
 
@@ -162,6 +174,7 @@ class Engine:
     def close(self) -> None:
         self.scheduler.close()
         self._batch.close()
+        self.adapters.close()
         if self._worker is not None:
             self._worker.stop()
 
@@ -288,45 +301,81 @@ class Engine:
                     yield None, delta, None
 
     def admit(self, jobs: list[Job]) -> None:
-        """embed -> route -> adapters -> prefill: new jobs join the running batch (scheduler thread)."""
+        """embed -> route -> adapters -> prefill: new jobs join the running batch (scheduler thread). A job whose
+        adapter is cold waits in `_loading` while the loader thread reads it; it joins at a later step."""
         start = time.monotonic()
         for job in jobs:
             self.metrics.latency.labels("queue").observe(start - job.submitted)
         self._recover_worker()
+        ready: list[tuple[Job, Embedded, AdapterId, AdapterFiles | None]] = []
         with self._model_lock:
             embedded = self._embed([j.image for j in jobs], [j.instruction for j in jobs])
-            joining: list[tuple[Job, Embedded, AdapterId, TaskAdapter]] = []
             for job, emb in zip(jobs, embedded):
                 try:
                     decision = self.route(emb, job.task_id)
-                    served, adapter = self.adapters.acquire(decision.adapter)
+                    reading = self.adapters.prefetch(decision.adapter)  # None: resident
                 except Exception as exc:  # noqa: BLE001 - this row's error (e.g. NOT_FOUND) goes to its request
                     job.out.put(("error", exc))
                     continue
                 job.out.put(("route", decision))
-                joining.append((job, emb, served, adapter))
+                self.metrics.latency.labels("route").observe(time.monotonic() - start)
                 self.metrics.routed.labels(decision.adapter.task_id).inc()
                 if decision.below_threshold:
                     self.metrics.below_threshold.inc()
-            routed = time.monotonic()
-            for _ in joining:
-                self.metrics.latency.labels("route").observe(routed - start)
+                if reading is None:
+                    ready.append((job, emb, decision.adapter, None))
+                else:
+                    self._loading.append(_Loading(job, emb, decision.adapter, reading))
+        self._join(ready)
+
+    def _join_loaded(self) -> None:
+        """Jobs whose adapter has been read join now; cancelled ones leave."""
+        if not self._running:  # nothing to decode meanwhile: wait a little for a read instead of spinning
+            wait([w.files for w in self._loading], timeout=0.05, return_when=FIRST_COMPLETED)
+        done = [w for w in self._loading if w.files.done() or w.job.cancelled()]
+        self._loading = [w for w in self._loading if w not in done]
+        ready = []
+        for waiting in done:
+            if waiting.job.cancelled():
+                waiting.job.out.put(("cancelled", 0))
+            elif waiting.files.exception() is not None:
+                waiting.job.out.put(("error", waiting.files.exception()))
+            else:
+                ready.append((waiting.job, waiting.embedded, waiting.adapter, waiting.files.result()))
+        self._join(ready)
+
+    def _join(self, jobs: list[tuple[Job, Embedded, AdapterId, AdapterFiles | None]]) -> None:
+        """Routed jobs whose adapters are at hand are prefilled into the running batch."""
+        joining: list[tuple[Job, AdapterId, TaskAdapter, torch.Tensor]] = []
+        with self._model_lock:
+            for job, emb, adapter, files in jobs:
+                try:
+                    served, loaded = self.adapters.acquire(adapter, files)  # CacheFull -> RESOURCE_EXHAUSTED
+                except Exception as exc:  # noqa: BLE001 - this row's error goes to its request
+                    job.out.put(("error", exc))
+                    continue
+                joining.append((job, served, loaded, emb.features))
             if not joining:
                 return
             try:
-                states = self.backbone.join(self._batch, torch.cat([j[1].features for j in joining]),
-                                            [j[3] for j in joining], [j[0].instruction for j in joining],
+                states = self.backbone.join(self._batch, torch.cat([j[3] for j in joining]),
+                                            [j[2] for j in joining], [j[0].instruction for j in joining],
                                             [j[0].sampling for j in joining])
-            except Exception:
-                for job, _, served, _ in joining:
+            except Exception as exc:  # noqa: BLE001 - the joining requests get the error; the batch goes on
+                log.exception("prefilling %d requests failed", len(joining))
+                for job, served, _, _ in joining:
                     self.adapters.release(served)
-                raise  # the scheduler sends the error to these jobs
-        for (job, _, served, _), state in zip(joining, states):
+                    job.out.put(("error", exc))
+                return
+        for (job, served, _, _), state in zip(joining, states):
             self._running.append(_Running(job, state, served))
         self._emit()
 
     def step(self) -> int:
-        """Drop rows whose client went away, decode one token for every running row; rows still running."""
+        """Drop rows whose client went away, let in jobs whose adapter is read, decode one token for every running
+        row; returns the rows running or waiting for their adapter."""
+        if self._loading:
+            self._join_loaded()
         for row in [r for r in self._running if r.job.cancelled()]:
             log.info("generation stopped after %d of at most %d tokens: the client went away",
                      len(row.state.token_ids), row.job.sampling.max_new_tokens)
@@ -345,7 +394,7 @@ class Engine:
                     self._finish(row, ("error", exc))
             self._emit()
         self.metrics.running.set(len(self._running))
-        return len(self._running)
+        return len(self._running) + len(self._loading)
 
     def _emit(self) -> None:
         for row in list(self._running):
