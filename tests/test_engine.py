@@ -24,7 +24,9 @@ def test_a_task_committed_while_serving_becomes_routable_without_restart(tmp_pat
     engine = Engine(ServerConfig(registry=tmp_path / "reg", refresh_seconds=0.0), backbone=backbone)
     assert [r[0] for r in engine.router().rows] == ["first"]
     reg.commit(TaskCard("second", 1, "eproj", {"action": "expanded"}), synthetic_key(1), {"adapter": base.save})
-    deadline = time.monotonic() + 30  # the new index is built on a thread of its own; routing goes on meanwhile
+    # the new index is built on a thread of its own; routing goes on with the old one meanwhile
+    assert [r[0] for r in engine.router().rows] == ["first"]
+    deadline = time.monotonic() + 30
     while len(engine.router()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sorted({r[0] for r in engine.router().rows}) == ["first", "second"]

@@ -123,6 +123,7 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         text = engine.embedder.embed(["Name the picture.", "noise"])
         key = TaskKey.from_embeddings(backbone.routing_features(features[:1]).numpy(), text[:1], text[1:])
         reg.commit(TaskCard("noise", 1, "eproj", {"action": "expanded"}), key, {"adapter": task.save})
+        assert engine.reload() == (1, True)  # routable now (a refresh would pick it up within a second)
         import io
 
         buf = io.BytesIO()

@@ -388,10 +388,10 @@ class Engine:
                     self._batch.step()
             except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
                 log.exception("decode step of %d rows failed", len(self._running))
-                self._batch.close()
-                self._batch = self._new_batch()  # a worker that died is started again
                 for row in list(self._running):
                     self._finish(row, ("error", exc))
+                self._batch.close()
+                self._batch = self._new_batch()  # a worker that died is started again
             self._emit()
         self.metrics.running.set(len(self._running))
         return len(self._running) + len(self._loading)

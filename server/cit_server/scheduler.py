@@ -110,4 +110,8 @@ class Scheduler:
                     log.exception("admitting %d requests failed", len(live))
                     for job in live:
                         job.out.put(("error", exc))
-            running = self._step()
+            try:
+                running = self._step()
+            except Exception:  # noqa: BLE001 - the loop outlives a bad step (e.g. a vLLM worker that won't start)
+                log.exception("a scheduler step failed")
+                running = 0
