@@ -1,4 +1,4 @@
-"""FAISS routing at scale: the Router's index (exact up to EXACT_SEARCH_LIMIT rows; above it IVF over a PCA
+"""FAISS routing at scale: the Router's index (exact up to EXACT_SEARCH_LIMIT rows; above it IVF over a random
 projection with 4-bit PQ codes, re-ranked exactly), its single-query latency and its recall@1 against exact search.
 
     python bench/faiss_routing.py [--sizes 10000,100000,1000000] [--queries 1000] [--cos 0.74]

@@ -62,7 +62,7 @@ def test_a_cold_adapter_is_read_ahead_on_the_loader_thread_and_only_put_in_place
     store = AdapterStore(reg, backbone, capacity=2)
     a, lb = AdapterId("a", 1), AdapterId("lb", 1)
     reads = [store.prefetch(a), store.prefetch(lb)]
-    assert store.prefetch(a) in (reads[0], None) and store.resident() == []  # one read per adapter; nothing in place
+    assert store.resident() == []  # read, not put in place
     files = [r.result(timeout=30) for r in reads]
     for adapter in (a, lb):  # from here on, the disk is not read again
         version = reg.get(adapter.task_id)
