@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,7 @@ class LanguageModel:
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.peft = None              # peft.PeftModel around `model`, created when the first LoRA arrives
+        self._lora_layers: list[torch.nn.Module] = []  # PEFT's LoRA layers, found once per injection
         self._names: dict[str, str] = {}  # LoRA name -> PEFT's adapter name
         self._counter = itertools.count()
         self._training: set[str] = set()  # LoRAs being trained: their prefixes change every step, never cached
@@ -279,10 +281,13 @@ class LanguageModel:
 
     def _settle(self) -> None:
         """PEFT marks adapters trainable as it adds them; only the LoRAs being trained may be."""
+        from peft.tuners.lora import LoraLayer
+
         training = {f".{self._names[n]}." for n in self._training}
         for n, p in self.model.named_parameters():
             p.requires_grad_("lora_" in n and any(t in n for t in training))
         self.peft.eval()  # PEFT refuses per-row adapter names in training mode; there is no dropout anyway
+        self._lora_layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
 
     def _rows(self, loras: Sequence[str | None]):
         """Context in which row i of the next forward passes uses LoRA loras[i] (None: the plain LM)."""
@@ -292,10 +297,23 @@ class LanguageModel:
             if any(loras):
                 raise ValueError(f"no LoRA is loaded, but rows ask for {sorted({n for n in loras if n})}")
             return nullcontext()
-        names = [self._internal(n) if n else BASE_ROWS for n in loras]
-        # Private in PEFT, but it is exactly what PeftModel.forward does with `adapter_names`; calling it directly
-        # lets the trainer run the bare decoder (no LM head over every position) with per-row adapters too.
-        return self.peft.base_model._enable_peft_forward_hooks(adapter_names=names)
+        return self._adapter_names([self._internal(n) if n else BASE_ROWS for n in loras])
+
+    @contextmanager
+    def _adapter_names(self, names: list[str]) -> Iterator[None]:
+        """What PeftModel.forward does with `adapter_names` (each LoRA layer gets them as a keyword), for the bare
+        decoder too (the trainer runs it without the LM head), and with the layers found once: PEFT walks the whole
+        module tree twice per forward pass to find them (18 ms of a ~130 ms decode step here, slots injected)."""
+        def pass_names(module, args, kwargs):
+            kwargs["adapter_names"] = names
+            return args, kwargs
+
+        handles = [layer.register_forward_pre_hook(pass_names, with_kwargs=True) for layer in self._lora_layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
