@@ -147,7 +147,11 @@ class Engine:
             return
         from .vllm_engine import WorkerError
 
-        error = WorkerError(f"the vLLM worker exited (code {self._worker.proc.returncode}); a new one is starting")
+        self._reset_batch(WorkerError(f"the vLLM worker exited (code {self._worker.proc.returncode}); a new one "
+                                      "is starting"))
+
+    def _reset_batch(self, error: Exception) -> None:
+        """Every running row ends with `error`; an empty batch replaces theirs (a worker that died is restarted)."""
         for row in list(self._running):
             self._finish(row, ("error", error))
         self._batch.close()
@@ -243,12 +247,14 @@ class Engine:
     def reload(self) -> tuple[int, bool]:
         """Read the registry now and wait for its index (the admin RPC): the routable tasks, and whether anything
         changed. Requests go on routing with the old index meanwhile."""
-        changed = self.registry.fingerprint() != self.router().fingerprint
-        if changed:
-            router = Router.load(self.registry)
-            with self._router_lock:
-                self._router, self._router_checked = router, time.monotonic()
-        return len(self.router()), changed
+        with self._router_lock:  # not router(): it could start a background build of the same index
+            router = self._router
+        if self.registry.fingerprint() == router.fingerprint:
+            return len(router), False
+        router = Router.load(self.registry)
+        with self._router_lock:
+            self._router, self._router_checked = router, time.monotonic()
+        return len(router), True
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
         candidates = self.router().search(embedded.query, k)[0]
@@ -388,10 +394,7 @@ class Engine:
                     self._batch.step()
             except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
                 log.exception("decode step of %d rows failed", len(self._running))
-                for row in list(self._running):
-                    self._finish(row, ("error", exc))
-                self._batch.close()
-                self._batch = self._new_batch()  # a worker that died is started again
+                self._reset_batch(exc)
             self._emit()
         self.metrics.running.set(len(self._running))
         return len(self._running) + len(self._loading)
