@@ -2,6 +2,11 @@
 
     python bench/load.py --registry cit-registry --tasks tasks/fashion-mnist tasks/digits tasks/words \
         --requests 10000 --concurrency 64 [--max-new-tokens 4]
+    python bench/load.py --registry cit-registry --tasks ... --overload 4 --max-requests 64 --requests 4000
+
+Overload mode (--overload F): the server admits --max-requests requests, and F times as many clients send requests
+without pause. Goals: every call succeeds or is refused with RESOURCE_EXHAUSTED, each refusal within 100 ms; a
+health probe every 0.2 s (deadline 1 s) is answered SERVING throughout; resident memory within 10 %.
 
 Starts its own cit-server on the registry, warms it up at full concurrency (so caches, resident adapters and the
 allocator's pools for full batches exist before memory is first read), then sends the requests (test samples of
@@ -17,6 +22,7 @@ import io
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from cit_client import CitClient
@@ -50,14 +57,29 @@ def workload(tasks: list[Path]) -> list[tuple[bytes, str]]:
     return [unroutable if i % 16 == 15 else mixed[i % len(mixed)] for i in range(len(mixed) + len(mixed) // 15)]
 
 
-def start_server(registry: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(["cit-server", "--registry", str(registry), "--port", "0", "--workers", "96"],
+def start_server(registry: Path, max_requests: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(["cit-server", "--registry", str(registry), "--port", "0", "--max-requests", str(max_requests)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         m = re.search(r"listening on ([\d.]+:\d+)", line)
         if m:
             return proc, m.group(1)
     raise RuntimeError("cit-server did not start")
+
+
+def health_probes(target: str, stop: threading.Event, seconds: list[float], failures: Counter) -> None:
+    """Probe health every 0.2 s with a 1 s deadline, as an orchestrator's liveness check would."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not stop.wait(0.2):
+            t0 = time.perf_counter()
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service="cit.v1.Cit"), timeout=1.0).status
+                if status != health_pb2.HealthCheckResponse.SERVING:
+                    failures[health_pb2.HealthCheckResponse.ServingStatus.Name(status)] += 1
+            except grpc.RpcError as exc:
+                failures[exc.code().name] += 1
+            seconds.append(time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -67,21 +89,29 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--max-requests", type=int, default=None,
+                        help="the server's admission bound (default: --concurrency)")
+    parser.add_argument("--overload", type=float, default=None,
+                        help="overload mode: this many clients per admitted request")
     args = parser.parse_args()
+    bound = args.max_requests or args.concurrency
+    clients = round(args.overload * bound) if args.overload else args.concurrency
 
     requests = workload(args.tasks)
-    proc, target = start_server(args.registry)
+    proc, target = start_server(args.registry, bound)
     # The server's log goes to a pipe nobody reads during the run: drain it so it can never block the server.
     drain = ThreadPoolExecutor(1)
     drain.submit(lambda: [None for _ in proc.stdout])
+    stop_probes, health_seconds, health_failures = threading.Event(), [], Counter()
     try:
         with CitClient(target, timeout=3600) as client:
-            with ThreadPoolExecutor(args.concurrency) as pool:  # warm-up: every task, at full concurrency
+            with ThreadPoolExecutor(min(clients, bound)) as pool:  # warm-up: every task, at full admission
                 list(pool.map(lambda r: client.generate(*r, max_new_tokens=args.max_new_tokens),
-                              [requests[i % len(requests)] for i in range(4 * args.concurrency)]))
+                              [requests[i % len(requests)] for i in range(4 * min(clients, bound))]))
             rss_start = rss_mib(proc.pid)
             rss_series: list[float] = []
             latencies: list[float] = []
+            refused: list[float] = []
             errors: Counter = Counter()
 
             def one(i: int) -> None:
@@ -91,29 +121,51 @@ def main() -> int:
                     client.generate(image, instruction, max_new_tokens=args.max_new_tokens)
                     latencies.append(time.perf_counter() - t0)
                 except grpc.RpcError as exc:
-                    errors[exc.code().name] += 1
+                    if args.overload and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused.append(time.perf_counter() - t0)
+                    else:
+                        errors[exc.code().name] += 1
                 if (i + 1) % max(1, args.requests // 10) == 0:
                     rss_series.append(rss_mib(proc.pid))
 
+            probes = threading.Thread(target=health_probes, args=(target, stop_probes, health_seconds,
+                                                                   health_failures))
+            probes.start()
             start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
+            with ThreadPoolExecutor(clients) as pool:
                 list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - start
+            stop_probes.set()
+            probes.join()
             rss_end = rss_mib(proc.pid)
     finally:
+        stop_probes.set()
         proc.terminate()
         proc.wait(timeout=60)
         drain.shutdown()
 
     p = np.percentile(latencies, [50, 90, 99]) if latencies else [float("nan")] * 3
     growth = rss_end / rss_start - 1
-    print(f"{args.requests} requests, concurrency {args.concurrency}, max_new_tokens {args.max_new_tokens}, "
-          f"{len(args.tasks)} task(s) + unroutable: {wall:.0f} s, {args.requests / wall:.1f} requests/s")
+    mode = f"overload x{args.overload:g}: {clients} clients, admission bound {bound}" if args.overload else \
+        f"concurrency {clients}"
+    print(f"{args.requests} requests, {mode}, max_new_tokens {args.max_new_tokens}, "
+          f"{len(args.tasks)} task(s) + unroutable: {wall:.0f} s, {len(latencies) / wall:.1f} answered/s")
     print(f"errors: {sum(errors.values())} {dict(errors) if errors else ''}")
-    print(f"latency p50 {p[0]:.2f} s, p90 {p[1]:.2f} s, p99 {p[2]:.2f} s, max {max(latencies, default=float('nan')):.2f} s")
+    print(f"answered {len(latencies)}: latency p50 {p[0]:.2f} s, p90 {p[1]:.2f} s, p99 {p[2]:.2f} s, "
+          f"max {max(latencies, default=float('nan')):.2f} s")
+    ok = not errors and abs(growth) <= 0.10
+    if args.overload:
+        r = np.percentile(refused, [50, 99]) * 1000 if refused else [float("nan")] * 2
+        slowest = max(refused, default=0.0)
+        print(f"refused {len(refused)} (RESOURCE_EXHAUSTED): p50 {r[0]:.1f} ms, p99 {r[1]:.1f} ms, "
+              f"max {slowest * 1000:.1f} ms (goal: every refusal <= 100 ms)")
+        ok = ok and bool(refused) and slowest <= 0.100
+    h = max(health_seconds, default=float("nan"))
+    print(f"health: {len(health_seconds)} probes, {sum(health_failures.values())} not SERVING in 1 s "
+          f"{dict(health_failures) if health_failures else ''}, slowest {h * 1000:.0f} ms")
     print(f"server resident memory: {rss_start:.0f} MiB after warm-up, {rss_end:.0f} MiB at the end ({growth:+.1%}); "
           f"every tenth of the run: {', '.join(f'{r:.0f}' for r in rss_series)} MiB")
-    return 0 if not errors and abs(growth) <= 0.10 else 1
+    return 0 if ok and not health_failures else 1
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.adapter_cache import AdapterId
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
-from cit_server.service import build_server
+from cit_server.service import BackgroundServer
 
 TASKS = 8
 INSTRUCTION = "Describe the image in detail."
@@ -105,7 +105,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         reg = build_registry(Path(tmp) / "reg", backbone, embedder)
-        config = ServerConfig(registry=reg.root, adapter_cache_size=TASKS + 1, max_batch_size=8, workers=32)
+        config = ServerConfig(registry=reg.root, adapter_cache_size=TASKS + 1, max_batch_size=8)
         engine = Engine(config, backbone, embedder)
         ids = [AdapterId(f"task{i}", 1) for i in range(TASKS)]
         adapters = [engine.adapters.get(a) for a in ids]  # resident: batches compare compute, not loading
@@ -142,8 +142,8 @@ def main() -> int:
               f"{mixed / eproj_only:.2f} (goal >= 0.9)")
 
         # 3 and 4. over gRPC vs in-process
-        server, port, _ = build_server(engine, config)
-        server.start()
+        server = BackgroundServer(engine, config)
+        port = server.port
         from cit_client import CitClient
 
         def grpc_tokens_per_s(concurrency: int) -> float:
@@ -165,7 +165,7 @@ def main() -> int:
         scaling = {c: grpc_tokens_per_s(c) for c in (1, 4, 8, 16)}
         print("4. concurrency scaling over gRPC: " + ", ".join(f"{c}: {v:.1f} tokens/s" for c, v in scaling.items())
               + f" (batches so far: mean size {mean_batch(engine):.1f})")
-        server.stop(0)
+        server.stop()
 
         # 5. cold adapter load: all of it, and the part running rows wait for (the read is on the loader thread)
         def cold(adapter: AdapterId) -> tuple[float, float]:

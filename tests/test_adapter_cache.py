@@ -114,6 +114,18 @@ def test_pinned_tasks_load_at_start_and_stay(tmp_path, backbone):
     assert store.resident() == [a, c] and store.misses == 3
 
 
+def test_pinning_keeps_only_the_newest_version_so_retrains_while_serving_never_fill_the_cache(tmp_path, backbone):
+    reg = registry_with(tmp_path, ["a", "b"])
+    store = AdapterStore(reg, backbone, capacity=2, pinned=("a",))
+    for version in (2, 3, 4):  # retrained three times while serving; each new version is asked for
+        reg.commit(TaskCard("a", version, "eproj", {"action": "reused"}), make_key(),
+                   {"adapter": Connector(TINY).save})
+        store.get(AdapterId("a", version))
+    store.get(AdapterId("b", 1))  # another task still finds room
+    assert store.resident() == [AdapterId("a", 4), AdapterId("b", 1)]
+    store.get(AdapterId("b", 1))
+
+
 def test_a_byte_bound_holds_as_well_as_the_count(tmp_path, backbone):
     reg = registry_with(tmp_path, ["a", "b", "c"])
     size = (reg.get("a").adapter_dir / "adapter_model.safetensors").stat().st_size

@@ -127,12 +127,36 @@ def test_decode_accepts_png_and_jpeg():
         (b"", "empty"),
         (b"not an image at all", "could not be decoded"),
         (png(Image.new("RGB", (64, 64)))[:60], "could not be decoded"),
-        (png(Image.new("RGB", (8, 8)), "GIF"), "not accepted"),
+        (png(Image.new("RGB", (8, 8)), "GIF"), "as PNG or JPEG"),
     ],
 )
 def test_decode_refuses_bad_bytes(data, message):
     with pytest.raises(InvalidImage, match=message):
         decode_image(data)
+
+
+def test_phone_photos_are_decoded_upright_and_multi_frame_files_give_their_first_frame():
+    """Phones write MPO (a JPEG with a second picture) and rotate by EXIF orientation; APNGs animate."""
+    tall = Image.new("RGB", (40, 20), (250, 0, 0))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    buf = io.BytesIO()
+    tall.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).size == (20, 40)
+    buf = io.BytesIO()
+    tall.save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (40, 20), (0, 0, 250))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    r, g, b = decode_image(buf.getvalue()).getpixel((5, 5))
+    assert r > 200 and b < 50  # the first picture
+    frames = [Image.new("RGB", (8, 8), (0, 250, 0)) for _ in range(3)]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(buf, format="PNG", save_all=True, append_images=frames)
+    assert decode_image(buf.getvalue()).getpixel((0, 0)) == (250, 0, 0)
+    many = io.BytesIO()
+    frames[0].save(many, format="PNG", save_all=True, append_images=[Image.new("RGB", (8, 8), (i, 0, 0))
+                                                                     for i in range(100)])
+    with pytest.raises(InvalidImage, match="frames"):
+        decode_image(many.getvalue())
 
 
 def test_decode_refuses_bombs_and_oversized_bytes():

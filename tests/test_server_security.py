@@ -3,12 +3,14 @@ deadlines that stop generation, and a graceful SIGTERM. Real cit-server processe
 import datetime
 import ipaddress
 import io
+import json
 import re
 import signal
 import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -121,13 +123,20 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
         text = TextEmbedder().embed([instruction, "red"])
         key = TaskKey.from_embeddings(backbone.encode_images([Image.open(io.BytesIO(png()))]).numpy(), text[:1],
                                       text[1:])
-        Registry.open(empty_registry).commit(TaskCard("added", 1, "eproj", {"action": "expanded"}), key,
-                                             {"adapter": backbone.base_connector().save})
+        other = TaskKey.from_embeddings(np.ones((1, key.image.shape[1])), text[1:], text[:1])
+        card = TaskCard("added", 1, "eproj", {"action": "expanded"}, datasets=[
+            {"name": "shades", "train": "/data/of/the/trainer/train.jsonl", "test": "/data/of/the/trainer/test.jsonl"}])
+        Registry.open(empty_registry).commit(card, key.merged(other), {"adapter": backbone.base_connector().save})
         reloaded = c.reload_registry()
         assert (reloaded.tasks, reloaded.changed) == (1, True)
         assert c.reload_registry().changed is False
         routed = c.generate(png(), instruction, max_new_tokens=2).route
         assert (routed.task_id, routed.version, routed.below_threshold) == ("added", 1, False)
+        [listed] = c.list_tasks()
+        assert listed.centroids == 2  # one data set, two routing centroids
+        assert json.loads(c.get_task("added").card_json)["datasets"][0]["train"].startswith("/data")
+    with client(TOKEN) as c:  # where the trainer's data lies is for operators only
+        assert json.loads(c.get_task("added").card_json)["datasets"] == [{"name": "shades"}]
 
 
 def test_no_client_certificate_or_plaintext_does_not_get_in(secure_server, pki):
@@ -217,3 +226,53 @@ def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(empty_registry)
     finally:
         output = srv.stop()
     assert re.search(r"generation stopped after \d+ of at most 400 tokens", output), output[-2000:]
+
+
+def test_a_burst_beyond_admission_is_refused_at_once_while_health_answers(empty_registry):
+    """The fast version of `bench/load.py --overload`: 4 admitted, 16 clients at once. Each call is answered or
+    refused with RESOURCE_EXHAUSTED within 100 ms; health answers within its 1 s deadline throughout."""
+    srv = ServerProcess(empty_registry, "--max-requests", "4", "--max-batch-size", "2", "--adapter-cache-size", "2",
+                        "--host", "0.0.0.0", "--metrics-port", "0")
+    # gRPC on every interface; the unauthenticated metrics stay on loopback unless --metrics-host says otherwise
+    assert srv.metrics_url.startswith("http://127.0.0.1:")
+    outcomes: list[tuple[str, float]] = []
+    probes: list[float | str] = []
+    done = threading.Event()
+
+    def probe():
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not done.is_set():
+                t0 = time.monotonic()
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(service="cit.v1.Cit"), timeout=1.0)
+                    probes.append(time.monotonic() - t0)
+                except grpc.RpcError as exc:
+                    probes.append(exc.code().name)
+                time.sleep(0.05)
+
+    try:
+        with CitClient(srv.target, timeout=300) as c:
+            def one(_):
+                t0 = time.monotonic()
+                try:
+                    c.generate(png(), STORY, max_new_tokens=12)
+                    outcomes.append(("OK", time.monotonic() - t0))
+                except grpc.RpcError as exc:
+                    outcomes.append((exc.code().name, time.monotonic() - t0))
+            prober = threading.Thread(target=probe)
+            prober.start()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            done.set()
+            prober.join()
+    finally:
+        srv.stop()
+    codes = [code for code, _ in outcomes]
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and len(codes) == 16, codes
+    assert 4 <= codes.count("OK") < 16, codes
+    assert max(t for code, t in outcomes if code == "RESOURCE_EXHAUSTED") <= 0.1, outcomes
+    assert probes and all(isinstance(p, float) and p < 1.0 for p in probes), probes

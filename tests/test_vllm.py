@@ -3,6 +3,7 @@ greedy tokens on vLLM as on the embedded engine. vLLM runs in its own environmen
 scripts/setup.sh via scripts/setup_vllm.sh): a real vLLM worker process, real weights, real gRPC over loopback."""
 import io
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,7 +14,7 @@ from cit_backbone.language_model import Sampling
 from cit_registry.store import Registry, TaskCard
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
-from cit_server.vllm_engine import default_worker_python
+from cit_server.vllm_engine import WorkerError, default_worker_python
 
 from .test_engine import synthetic_key
 
@@ -55,21 +56,27 @@ def mixed_registry(tmp_path_factory, backbone):
     return root
 
 
-def answers(engine: Engine) -> list[tuple[str, str, int]]:
-    """Three requests sent at once: routed to the base connector, forced to the EProj task, to the LoRA task."""
+MAX_MODEL_LEN = 128  # the vLLM worker's context: LONG's prompt does not fit it
+LONG = Request(png((90, 90, 90)), "Describe every detail of the image. " * 20, Sampling(max_new_tokens=4))
+
+
+def answers(engine: Engine, extra: Request | None = None) -> list[tuple[str, str, int]]:
+    """Three requests sent at once: routed to the base connector, forced to the EProj task, to the LoRA task (and
+    `extra` with them, whose outcome is not returned)."""
     greedy = Sampling(max_new_tokens=16)
     requests = [Request(png((200, 30, 30)), "Describe the image.", greedy),
                 Request(png((30, 200, 30)), "What shape is this?", greedy, task_id="shapes"),
                 Request(png((30, 30, 200)), "Read the word in the image.", greedy, task_id="words")]
-    with ThreadPoolExecutor(len(requests)) as pool:
-        done = list(pool.map(engine.generate, requests))
-    return [(d.adapter.task_id, c.text, c.completion_tokens) for d, c in done]
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        done = [pool.submit(engine.generate, r) for r in requests + ([extra] if extra else [])]
+        results = [d.result() for d in done[:3]]
+    return [(d.adapter.task_id, c.text, c.completion_tokens) for d, c in results]
 
 
 def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_outlives_its_worker(mixed_registry, backbone, vllm_python):
     # threshold 2 (the maximum): unforced requests go to the base connector; a long window: they start together
-    config = dict(registry=mixed_registry, routing_threshold=2.0, batch_window_ms=2000, adapter_cache_size=4,
-                  max_batch_size=4)
+    config = dict(registry=mixed_registry, routing_threshold=2.0, batch_window_ms=2000, adapter_cache_size=5,
+                  max_batch_size=5)
     embedded = Engine(ServerConfig(**config), backbone=backbone)
     try:
         expected = answers(embedded)
@@ -77,14 +84,27 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_ou
         embedded.close()
         for adapter in embedded.adapters.resident():  # its LoRA leaves the shared LM
             embedded.adapters.evict(adapter)
-    vllm = Engine(ServerConfig(**config, engine="vllm", vllm_python=vllm_python), backbone=backbone)
+    vllm = Engine(ServerConfig(**config, engine="vllm", vllm_python=vllm_python, vllm_max_model_len=MAX_MODEL_LEN),
+                  backbone=backbone)
     try:
-        got = answers(vllm)
+        assert backbone.lm.prompt_tokens(LONG.instruction, 1) > MAX_MODEL_LEN
+        # one row the worker refuses (its prompt is over max_model_len) fails alone: the others answer as before
+        got = answers(vllm, extra=LONG)
+        with pytest.raises(ValueError, match="refused the request: .*maximum context length"):
+            vllm.generate(LONG)
         batches = vllm.metrics.batch_size.collect()[0].samples
         # the worker dies: the next requests wait for a new one and get the same answers
         first = vllm._worker.proc
         first.kill()
         first.wait()
+        assert not vllm.ready()  # health says NOT_SERVING until the supervisor's new worker is up ...
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError):  # ... and requests meanwhile are told to retry, at once
+            vllm.generate(Request(png((1, 2, 3)), "Describe the image.", Sampling(max_new_tokens=2)))
+        assert time.monotonic() - t0 < 10, "the restart blocked the scheduler"
+        deadline = time.monotonic() + 300
+        while not vllm.ready() and time.monotonic() < deadline:
+            time.sleep(0.5)
         again = answers(vllm)
         assert vllm._worker.proc is not first and vllm._worker.proc.poll() is None
     finally:

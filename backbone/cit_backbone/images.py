@@ -5,12 +5,16 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SIZE = 224  # EfficientNet-Lite0's native resolution: a 7x7 feature map
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
-ACCEPTED_FORMATS = ("PNG", "JPEG")
+# The openers tried, by name: nothing else parses the bytes. A JPEG with a multi-picture extension (what phone
+# cameras write) opens as MPO; its first picture is the photo.
+OPENERS = ["PNG", "JPEG"]
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO")
+MAX_FRAMES = 64  # animated PNGs and MPOs: the first frame is used; files claiming more frames are refused
 
 
 class InvalidImage(ValueError):
@@ -18,7 +22,8 @@ class InvalidImage(ValueError):
 
 
 def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG bytes into an RGB image, refusing empty, oversized, truncated or bomb-like input."""
+    """Decode PNG/JPEG bytes into an RGB image, upright as its EXIF orientation says (phone photos), refusing
+    empty, oversized, truncated or bomb-like input. Of an animated or multi-picture file, the first frame."""
     if not data:
         raise InvalidImage("image is empty")
     if len(data) > max_bytes:
@@ -26,15 +31,22 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data), formats=OPENERS)
+            except Image.UnidentifiedImageError:
+                raise InvalidImage("image could not be decoded as PNG or JPEG (the formats accepted)") from None
             if img.format not in ACCEPTED_FORMATS:
                 raise InvalidImage(f"image format {img.format} is not accepted; send PNG or JPEG")
             # The header's size is checked before any pixel is decoded, so a bomb costs nothing.
             w, h = img.size
             if w * h > max_pixels:
                 raise InvalidImage(f"image is {w}x{h} pixels; the limit is {max_pixels} pixels")
-            img.load()
-            return img.convert("RGB")
+            frames = getattr(img, "n_frames", 1)
+            if frames > MAX_FRAMES:
+                raise InvalidImage(f"image has {frames} frames; the limit is {MAX_FRAMES} (the first one is used)")
+            img.load()  # the first frame only
+            upright = ImageOps.exif_transpose(img)  # a rotated copy when the EXIF orientation asks for one
+            return upright.convert("RGB")
     except InvalidImage:
         raise
     except Exception as exc:  # PIL raises a zoo of types for broken files

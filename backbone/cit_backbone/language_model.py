@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,11 @@ import torch
 
 from .paths import LM_GGUF_FILE, cache_dir, lm_gguf_dir
 
-PREFIX_CACHE_SIZE = 64  # prompt prefixes (instructions) whose keys/values training keeps
+# Keys and values of prompt prefixes (chat markup + instruction) kept for reuse, bounded in bytes: one token of
+# SmolLM2-135M's prefix holds 30 layers x 2 x 3 heads x 64 x 4 bytes = 45 KiB, so an entry count says little.
+PREFIX_CACHE_BYTES = 256 * 1024 * 1024
+# vLLM's rule: a temperature this small is greedy decoding (dividing logits by it overflows).
+GREEDY_BELOW = 1e-5
 LM_CACHE_NAME = "smollm2-135m-instruct"
 LM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into LoRA configs as their base model
 BASE_ROWS = "__base__"  # PEFT's name for "no LoRA" in a mixed batch
@@ -63,7 +68,7 @@ def save_to_cache(model, tokenizer, target: Path) -> Path:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to decode one request. temperature 0 is greedy."""
+    """How to decode one request. A temperature below GREEDY_BELOW (0 included) is greedy."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -84,15 +89,24 @@ class Sampling:
         if len(self.stop) > 8 or any(not s or len(s) > 64 for s in self.stop):
             raise ValueError("stop takes at most 8 non-empty strings of at most 64 characters")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
 
 @dataclass
 class RowState:
-    """One row of a decode: its tokens, the text so far (stop string cut off) and why it ended."""
+    """One row of a decode: its tokens, the text so far (stop string cut off) and why it ended ("stop", "length",
+    or "error" with the row's own `error`: the other rows go on)."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        self.finish_reason, self.error = "error", error
 
     def stable_text(self, stop: Sequence[str]) -> str:
         """Text that can no longer change: holds back a partial character and a possible partial stop string."""
@@ -115,6 +129,9 @@ class LanguageModel:
         self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._prefix_bytes: dict[tuple, int] = {}
+        self._tokenizer_lock = threading.Lock()
+        self.prefix_cache_bytes = PREFIX_CACHE_BYTES  # the bound; the server sets its --prefix-cache-bytes
         self.peft = None              # peft.PeftModel around `model`, created when the first LoRA arrives
         self._lora_layers: list[torch.nn.Module] = []  # PEFT's LoRA layers, found once per injection
         self._names: dict[str, str] = {}  # LoRA name -> PEFT's adapter name
@@ -245,6 +262,7 @@ class LanguageModel:
     def set_lora_trainable(self, name: str, trainable: bool) -> None:
         self._internal(name)
         (self._training.add if trainable else self._training.discard)(name)
+        self._drop_prefixes(name)
         self._settle()
 
     def unload_lora(self, name: str) -> None:
@@ -258,8 +276,7 @@ class LanguageModel:
                 warnings.simplefilter("ignore")
                 self.peft.delete_adapter(internal)
         self._training.discard(name)
-        for key in [k for k in self._prefixes if k[0] == name]:
-            del self._prefixes[key]
+        self._drop_prefixes(name)
 
     def loras(self) -> list[str]:
         return list(self._names)
@@ -316,11 +333,17 @@ class LanguageModel:
                 handle.remove()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._tokenizer_lock:  # front threads check prompt lengths while the scheduler thread encodes
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the visual tokens."""
         return self.encode(USER_PREFIX + instruction + "\n"), self.encode(ASSISTANT_PREFIX)
+
+    def prompt_tokens(self, instruction: str, visual_tokens: int) -> int:
+        """Length of a request's whole prompt in tokens: what its prefill and keys/values cost."""
+        pre, post = self.prompt_ids(instruction)
+        return len(pre) + visual_tokens + len(post)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
@@ -398,10 +421,22 @@ class LanguageModel:
         with torch.inference_mode(False), torch.no_grad(), self._rows([lora]):
             out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
         kv = [(k, v) for k, v, *_ in out.cache]
-        self._prefixes[key] = kv
-        while len(self._prefixes) > PREFIX_CACHE_SIZE:
-            self._prefixes.popitem(last=False)
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if size <= self.prefix_cache_bytes:  # a prefix larger than the whole cache is used once, not kept
+            self._prefixes[key], self._prefix_bytes[key] = kv, size
+            while self.prefix_bytes() > self.prefix_cache_bytes:
+                oldest = next(iter(self._prefixes))  # least recently used
+                del self._prefixes[oldest], self._prefix_bytes[oldest]
         return kv
+
+    def prefix_bytes(self) -> int:
+        """Bytes of keys and values the prefix cache holds now (at most `prefix_cache_bytes`)."""
+        return sum(self._prefix_bytes.values())
+
+    def _drop_prefixes(self, lora: str) -> None:
+        """A LoRA's cached prefixes go when it is unloaded or starts or stops training (its weights change)."""
+        for key in [k for k in self._prefixes if k[0] == lora]:
+            del self._prefixes[key], self._prefix_bytes[key]
 
     def decode(
         self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
@@ -497,8 +532,14 @@ class DecodeBatch:
         rows = [_Row(RowState(prompt_tokens=length + suffix), s,
                      torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)
                 for length, s, lora in zip(lengths, sampling, loras)]
-        self._append([(k, v) for k, v, *_ in out.cache], mask, positions[:, -1:], rows)
+        # Transactional: a row enters the batch only once its first token is sampled; one that fails (or is done
+        # after one token) stays out, so no later step can trip over it.
         self._sample(out.logits[:, -1, :], rows)
+        live = [i for i, r in enumerate(rows) if not r.state.finish_reason]
+        if live:
+            index = torch.tensor(live)
+            self._append([(k[index], v[index]) for k, v, *_ in out.cache], mask[index], positions[index, -1:],
+                         [rows[i] for i in live])
         return [r.state for r in rows]
 
     @torch.inference_mode()
@@ -509,14 +550,17 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         lm = self.lm
-        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
-        self._positions = self._positions + 1
+        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
+        positions = self._positions + 1
         with lm._rows([r.lora for r in self._rows]):
-            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows]), attention_mask=self._mask,
-                           position_ids=self._positions, cache=DynamicCache(self._kv, config=lm.model.config),
+            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows]), attention_mask=mask,
+                           position_ids=positions, cache=DynamicCache(self._kv, config=lm.model.config),
                            use_cache=True, logits_to_keep=1)
-        self._kv = [(k, v) for k, v, *_ in out.cache]
+        # the batch changes only once the forward pass has succeeded
+        self._kv, self._mask, self._positions = [(k, v) for k, v, *_ in out.cache], mask, positions
         self._sample(out.logits[:, -1, :], self._rows)
+        if any(r.state.finish_reason for r in self._rows):
+            self._keep([i for i, r in enumerate(self._rows) if not r.state.finish_reason])
 
     def close(self) -> None:
         """Nothing to release (the vLLM engine's batch has a connection to close)."""
@@ -526,11 +570,14 @@ class DecodeBatch:
         self._keep([i for i, r in enumerate(self._rows) if r.state is not state])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """The next token of every row; a row whose sampling fails (e.g. its adapter made the logits NaN) ends
+        with its own error and the others go on."""
         for i, row in enumerate(rows):
-            row.token = _sample(logits[i], row.sampling, row.generator)
-            self.lm._advance(row.state, row.token, row.sampling)
-        if any(r.state.finish_reason for r in rows):
-            self._keep([i for i, r in enumerate(self._rows) if not r.state.finish_reason])
+            try:
+                row.token = _sample(logits[i], row.sampling, row.generator)
+                self.lm._advance(row.state, row.token, row.sampling)
+            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request only
+                row.state.fail(exc)
 
     def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor,
                 rows: list[_Row]) -> None:
@@ -567,7 +614,7 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> int:
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k:

@@ -191,6 +191,13 @@ class TaskVersion:
     def key(self) -> TaskKey:
         return TaskKey.load(self.path / "key.safetensors")
 
+    def centroids(self) -> int:
+        """Routing centroids in the task key, read from the file's header (no tensor is loaded)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / "key.safetensors"), "np") as f:
+            return f.get_slice("counts").get_shape()[0]
+
 
 class Registry:
     def __init__(self, root: Path) -> None:

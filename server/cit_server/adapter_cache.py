@@ -130,11 +130,15 @@ class AdapterStore:
         for candidate in list(self._resident):  # oldest first
             if not over():
                 return
-            if candidate.task_id not in self.pinned and not self._users[candidate]:
+            if not self._is_pinned(candidate) and not self._users[candidate]:
                 self._drop(candidate)
         if over():
             raise CacheFull(f"all {len(self._resident)} resident adapters are pinned or in use; "
                             "retry shortly or raise --adapter-cache-size / --adapter-cache-bytes")
+
+    def _is_pinned(self, adapter: AdapterId) -> bool:
+        """Pinning keeps a task's newest version resident: versions it replaced while serving are evictable."""
+        return adapter.task_id in self.pinned and self.registry.get(adapter.task_id).version == adapter.version
 
     def lora_dir(self, name: str) -> Path:
         """The directory (PEFT format) of a resident adapter's LoRA, by the LoRA's name."""

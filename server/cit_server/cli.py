@@ -1,83 +1,101 @@
 """cit-server: serve a registry over gRPC on the embedded backbone."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cit_registry.router import ROUTING_THRESHOLD
-from cit_registry.store import TaskNotFound
-
 app = typer.Typer(add_completion=False, help=__doc__)
+log = logging.getLogger("cit.server")
+
+
+def _default(name: str):
+    """ServerConfig owns every default; the options only show them."""
+    from .config import ServerConfig
+
+    return ServerConfig.__dataclass_fields__[name].default
 
 
 @app.command()
 def serve(
     registry: Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")] = Path("cit-registry"),
-    host: str = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="0 picks a free port")] = 50051,
-    routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = ROUTING_THRESHOLD,
-    adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = 16,
+    host: Annotated[str, typer.Option(help="address gRPC listens on")] = _default("host"),
+    port: Annotated[int, typer.Option(help="0 picks a free port")] = _default("port"),
+    routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = _default("routing_threshold"),
+    adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = _default("adapter_cache_size"),
     adapter_cache_bytes: Annotated[Optional[int], typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
-    pin: Annotated[Optional[list[str]], typer.Option(help="task id kept resident from the start, never evicted (repeatable)")] = None,
-    workers: Annotated[int, typer.Option(help="gRPC threads: requests in flight at once (waiting ones queue)")] = 8,
-    max_batch_size: Annotated[int, typer.Option(help="rows of the running batch, any mix of tasks (<= --adapter-cache-size)")] = 8,
-    batch_window_ms: Annotated[float, typer.Option(help="an idle server waits this long after a request for others to join it")] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED")] = 256,
+    pin: Annotated[Optional[list[str]], typer.Option(help="task id whose newest version stays resident from the start, never evicted (repeatable)")] = None,
+    workers: Annotated[int, typer.Option(help="threads that decode request images and read the registry (generation runs on one scheduler thread)")] = _default("workers"),
+    max_batch_size: Annotated[int, typer.Option(help="rows of the running batch, any mix of tasks (plus pinned tasks <= --adapter-cache-size)")] = _default("max_batch_size"),
+    batch_window_ms: Annotated[float, typer.Option(help="an idle server waits this long after a request for others to join it")] = _default("batch_window_ms"),
+    max_requests: Annotated[int, typer.Option(help="requests inside the server at once (running + waiting); more are refused at once with RESOURCE_EXHAUSTED")] = _default("max_requests"),
+    max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt (chat markup + instruction + visual tokens) in LM tokens; longer: INVALID_ARGUMENT")] = _default("max_prompt_tokens"),
+    max_instruction_chars: Annotated[int, typer.Option(help="longest instruction in characters (checked before tokenising)")] = _default("max_instruction_chars"),
+    prefix_cache_bytes: Annotated[int, typer.Option(help="bytes of prompt-prefix keys/values kept for reuse (LRU)")] = _default("prefix_cache_bytes"),
     auth_token: Annotated[Optional[str], typer.Option(envvar="CIT_AUTH_TOKEN", help="require 'authorization: Bearer <token>' on every cit RPC (prefer the environment variable)")] = None,
-    admin_token: Annotated[Optional[str], typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry); unset: they are off (prefer the environment variable)")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry) and of data paths in GetTask; unset: admin RPCs are off (prefer the environment variable)")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate chain: serve TLS only")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[Optional[Path], typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port)")] = None,
-    grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = 10.0,
+    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port)")] = None,
+    metrics_host: Annotated[str, typer.Option(help="address the unauthenticated metrics listen on (loopback unless you mean it)")] = _default("metrics_host"),
+    grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = _default("grace_seconds"),
     backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
-    engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = "embedded",
+    engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = _default("engine"),
     vllm_worker: Annotated[Optional[str], typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
     vllm_python: Annotated[Optional[str], typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
+    vllm_max_model_len: Annotated[int, typer.Option(help="with --engine vllm: the worker's context length (prompt + generated tokens)")] = _default("vllm_max_model_len"),
 ) -> None:
     """Start the server; it prints `cit-server listening on HOST:PORT` once it accepts requests."""
+    from cit_registry.store import TaskNotFound
+
     from .config import ServerConfig
     from .engine import Engine
-    from .service import build_server
     from .vllm_engine import WorkerError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = {k: v for k, v in locals().items() if k in ServerConfig.__dataclass_fields__}
     try:
-        config = ServerConfig(registry, host, port, routing_threshold, adapter_cache_size=adapter_cache_size,
-                              adapter_cache_bytes=adapter_cache_bytes, pinned_tasks=tuple(pin or ()),
-                              workers=workers, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                              max_queue=max_queue, auth_token=auth_token, admin_token=admin_token,
-                              tls_cert=tls_cert, tls_key=tls_key,
-                              tls_client_ca=tls_client_ca, grace_seconds=grace_seconds, engine=engine,
-                              vllm_worker=vllm_worker, vllm_python=vllm_python)
+        config = ServerConfig(**{**settings, "pinned_tasks": tuple(pin or ())})
         from cit_backbone.backbone import Backbone
 
-        engine = Engine(config, backbone=Backbone.load(backbone))
+        engine_ = Engine(config, backbone=Backbone.load(backbone))
     except (ValueError, FileNotFoundError, TaskNotFound, WorkerError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    server, bound, health = build_server(engine, config)
-    server.start()
-    metrics = f", metrics on {host}:{engine.metrics.serve(host, metrics_port)}" if metrics_port is not None else ""
-    security = ("TLS" + (" + client certificates" if tls_client_ca else "") if tls_cert else "plaintext") + \
-        (", bearer token" if auth_token else "") + (", admin token" if admin_token else "")
-    typer.echo(f"cit-server listening on {host}:{bound} ({len(engine.router())} tasks, {security}{metrics})")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    # Graceful stop, as vLLM's gRPC server does: health says NOT_SERVING first, new RPCs are refused, in-flight
-    # ones get the grace period.
-    health.enter_graceful_shutdown()
-    logging.getLogger("cit.server").info("shutting down: in-flight requests have %.0f s", grace_seconds)
-    server.stop(grace=grace_seconds).wait()
-    engine.close()
+    try:  # every way out stops the engine, and with it a vLLM worker it started
+        asyncio.run(_serve(engine_, config))
+    except OSError as exc:  # e.g. the port is taken
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine_.close()
     typer.echo("cit-server stopped")
+
+
+async def _serve(engine, config) -> None:
+    from .service import CitServer
+
+    server = CitServer(engine, config)
+    await server.start()
+    metrics = (f", metrics on {config.metrics_host}:{engine.metrics.serve(config.metrics_host, config.metrics_port)}"
+               if config.metrics_port is not None else "")
+    security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls_cert
+                else "plaintext") + (", bearer token" if config.auth_token else "") + \
+        (", admin token" if config.admin_token else "")
+    typer.echo(f"cit-server listening on {config.host}:{server.port} ({len(engine.router())} tasks, "
+               f"{security}{metrics})")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: in-flight requests have %.0f s", config.grace_seconds)
+    await server.stop(config.grace_seconds)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cit_backbone.language_model import PREFIX_CACHE_BYTES
 from cit_registry.router import ROUTING_THRESHOLD
 
 
@@ -15,39 +16,46 @@ class ServerConfig:
     routing_threshold: float = ROUTING_THRESHOLD  # best cos(image)+cos(instruction) below: the base connector answers
     default_max_new_tokens: int = 32
     max_instruction_chars: int = 2000
+    max_prompt_tokens: int = 512       # chat markup + instruction + visual tokens, in the LM's tokens
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES  # keys/values of prompt prefixes kept for reuse
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     adapter_cache_size: int = 16       # resident task adapters (LRU); the registry on disk is the cold tier
     adapter_cache_bytes: int | None = None  # set: resident adapter weights stay within this many bytes too
     pinned_tasks: tuple[str, ...] = ()  # loaded at start and never evicted
-    workers: int = 8                   # gRPC worker threads; the backbone itself runs one batch at a time
+    workers: int = 4                   # threads that decode images and read the registry for requests
     refresh_seconds: float = 1.0       # how often the registry is checked for new task versions
     max_batch_size: int = 8            # rows of the running batch (any mix of tasks); <= adapter_cache_size
     batch_window_ms: float = 5.0       # an idle server waits this long after a request for others to join it
-    max_queue: int = 256               # waiting requests beyond this get RESOURCE_EXHAUSTED
+    max_requests: int = 64             # requests inside the server at once (waiting + running); more: RESOURCE_EXHAUSTED
     auth_token: str | None = None      # set: every cit RPC needs `authorization: Bearer <token>`
     admin_token: str | None = None     # set: admin RPCs (ReloadRegistry) take this token; unset: they are off
     tls_cert: Path | None = None       # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate this CA signed
+    metrics_host: str = "127.0.0.1"   # the metrics carry no auth: loopback unless an operator says otherwise
+    metrics_port: int | None = None    # set: Prometheus metrics at http://metrics_host:metrics_port/metrics
     grace_seconds: float = 10.0        # on SIGTERM: in-flight requests get this long to finish
     engine: str = "embedded"           # "vllm": the LM decodes in a vLLM worker process (vllm_engine.py)
     vllm_worker: str | None = None     # HOST:PORT of a running worker; unset: the server starts its own
     vllm_python: str | None = None     # the interpreter of vLLM's environment for that worker
+    vllm_max_model_len: int = 2048     # the worker's context length (prompt + generated tokens)
 
     def __post_init__(self) -> None:
         if not -2.0 <= self.routing_threshold <= 2.0:
             raise ValueError("routing_threshold is a sum of two cosines: it must lie in [-2, 2]")
         if self.adapter_cache_size < 1 or self.workers < 1:
             raise ValueError("adapter_cache_size and workers must be at least 1")
-        if not 1 <= self.max_batch_size <= self.adapter_cache_size:
-            raise ValueError("max_batch_size must lie in 1..adapter_cache_size: a batch holds all its adapters")
+        if self.max_batch_size < 1 or self.max_batch_size + len(self.pinned_tasks) > self.adapter_cache_size:
+            raise ValueError(f"--max-batch-size ({self.max_batch_size}) plus pinned tasks ({len(self.pinned_tasks)}) "
+                             f"must fit --adapter-cache-size ({self.adapter_cache_size}): a batch of distinct "
+                             "tasks holds all its adapters resident beside the pinned ones")
         if self.adapter_cache_bytes is not None and self.adapter_cache_bytes < 1:
             raise ValueError("adapter_cache_bytes must be positive")
-        if len(self.pinned_tasks) >= self.adapter_cache_size:
-            raise ValueError("pin fewer tasks than --adapter-cache-size: unpinned tasks need a slot")
-        if self.batch_window_ms < 0 or self.max_queue < 1:
-            raise ValueError("batch_window_ms must be >= 0 and max_queue >= 1")
+        if self.batch_window_ms < 0 or self.max_requests < 1:
+            raise ValueError("batch_window_ms must be >= 0 and max_requests >= 1")
+        if self.max_prompt_tokens < 8 or self.prefix_cache_bytes < 0:
+            raise ValueError("max_prompt_tokens must be >= 8 and prefix_cache_bytes >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range")
         for name, token in (("auth", self.auth_token), ("admin", self.admin_token)):

@@ -1,17 +1,20 @@
 """The request path: request -> embed -> route (FAISS) -> adapter cache -> backbone -> tokens.
 
-Generation runs on the scheduler's thread (scheduler.py): `admit` takes new requests along that path into the
-running batch, `step` decodes one token for every running request."""
+A front (the gRPC servicer, or `stream` in-process) takes an admission slot, then `submit` decodes and checks the
+request on a front thread and queues it. Generation runs on the scheduler's thread (scheduler.py): `admit` takes
+new requests along that path into the running batch, `step` decodes one token for every running request."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TypeVar, Union
 
 import numpy as np
 import torch
@@ -28,11 +31,13 @@ from cit_registry.store import Registry, TaskVersion, routing_query
 from .adapter_cache import BASE, AdapterId, AdapterStore
 from .config import ServerConfig
 from .metrics import Metrics
-from .scheduler import Job, Scheduler, Step
+from .scheduler import Admission, Event, EventSink, Failed, Job, Routed, Scheduler, Step, Stopped
 
 
 log = logging.getLogger("cit.server")
 INSTRUCTION_CACHE_SIZE = 4096  # instruction embeddings kept for routing
+WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
+T = TypeVar("T")
 
 
 class Cancelled(Exception):
@@ -62,11 +67,23 @@ class RouteDecision:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """Text that follows what was sent so far."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Completion:
+    """The last output of a stream: the whole text and why it ended."""
+
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+Output = Union[RouteDecision, Delta, Completion]  # what a stream yields: the route, deltas, the completion
 
 
 @dataclass(frozen=True)
@@ -96,28 +113,73 @@ class _Running:
     served: AdapterId  # acquired from the adapter store until the row leaves
 
 
+class _LoopSink:
+    """A job's events, handed from the scheduler thread to an asyncio front's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class _Reader:
+    """Turns one job's events into what a front sends: the route, text deltas, and the completion."""
+
+    def __init__(self, engine: "Engine", job: Job) -> None:
+        self.metrics, self.job = engine.metrics, job
+        self.sent, self.first, self.done = 0, True, False
+
+    def read(self, event: Event) -> list[Output]:
+        if isinstance(event, Routed):
+            return [event.decision]
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Stopped):
+            raise Cancelled("the client cancelled the request or its deadline passed")
+        if self.first:
+            self.metrics.latency.labels("first_token").observe(time.monotonic() - self.job.submitted)
+            self.first = False
+        delta, self.sent = event.stable_text[self.sent:], len(event.stable_text)
+        out: list[Output] = [Delta(delta)] if delta else []
+        if event.finish_reason:
+            self.metrics.latency.labels("total").observe(time.monotonic() - self.job.submitted)
+            self.metrics.tokens.inc(event.completion_tokens)
+            out.append(Completion(event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens))
+            self.done = True
+        return out
+
+
 class Engine:
     def __init__(self, config: ServerConfig, backbone: Backbone | None = None, embedder: TextEmbedder | None = None):
         self.config = config
         self.registry = Registry.open(config.registry)
         self.backbone = backbone or Backbone()
+        self.backbone.lm.prefix_cache_bytes = config.prefix_cache_bytes
         self.embedder = embedder or TextEmbedder()
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_tasks_fit()
         self.metrics = Metrics(self.adapters)
+        self.admission = Admission(config.max_requests)
+        self._front = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, registry reads
         self._router = Router.load(self.registry)
         self._router_checked = time.monotonic()
         self._router_lock = threading.Lock()
         self._building: threading.Thread | None = None  # a new routing index being built
         self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
+        self._closing = threading.Event()
         self._worker = self._start_worker() if config.engine == "vllm" and config.vllm_worker is None else None
-        self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it
+        self._worker_ready = threading.Event()  # set while a started worker is up (see _supervise)
+        self._worker_ready.set()
+        self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it (None: no worker)
+        self._batch_worker = self._worker  # the worker process self._batch talks to
+        if self._worker is not None:
+            threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True).start()
         self._running: list[_Running] = []
         self._loading: list[_Loading] = []  # only the scheduler thread touches these two
-        self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000,
-                                   config.max_queue)
+        self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000)
 
     def _check_tasks_fit(self) -> None:
         """Every task's projection must read this backbone's vision features and write its LM's width: a registry
@@ -131,31 +193,59 @@ class Engine:
                                  f"{shape(config)} does not fit this one's {shape(base)} (feature width, LM width, "
                                  "visual tokens, projector); start the server with that backbone (--backbone)")
 
+    # -- the vLLM worker: started with the engine, restarted by a supervisor thread when it dies
     def _start_worker(self):
         from .vllm_engine import WorkerProcess, default_worker_python
 
         return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
-                             self.config.adapter_cache_size)
+                             self.config.adapter_cache_size, self.config.vllm_max_model_len)
 
-    def _worker_died(self) -> bool:
-        return self._worker is not None and self._worker.proc.poll() is not None
+    def _supervise(self) -> None:
+        """Restart a worker this server started when it exits, on this thread: the scheduler goes on meanwhile
+        (new requests get UNAVAILABLE, health says NOT_SERVING) and is handed the new worker when it is up."""
+        while not self._closing.wait(0.25):
+            if self._worker.proc.poll() is None:
+                continue
+            self._worker_ready.clear()
+            log.error("the vLLM worker exited (code %s); starting a new one", self._worker.proc.returncode)
+            self._worker.stop()  # what is left of its process group
+            try:
+                self._worker = self._start_worker()
+            except Exception:  # noqa: BLE001 - logged; tried again shortly
+                log.exception("starting a new vLLM worker failed; trying again in %.0f s", WORKER_RETRY_S)
+                self._closing.wait(WORKER_RETRY_S)
+                continue
+            self._worker_ready.set()
 
-    def _recover_worker(self) -> None:
-        """Before new rows join: if the vLLM worker this server started has exited, its rows end with an error and
-        a new worker starts (scheduler thread; requests that arrive meanwhile wait in the queue)."""
-        if not self._worker_died():
+    def _follow_worker(self) -> None:
+        """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end
+        with UNAVAILABLE (retryable) and a batch on the new worker replaces theirs once it is up."""
+        if self._worker is None:
             return
         from .vllm_engine import WorkerError
 
-        self._reset_batch(WorkerError(f"the vLLM worker exited (code {self._worker.proc.returncode}); a new one "
-                                      "is starting"))
+        current = self._worker if self._worker_ready.is_set() else None
+        if self._batch is not None and (current is not self._batch_worker or current.proc.poll() is not None):
+            self._reset_batch(WorkerError("the vLLM worker exited; a new one is starting, retry shortly"))
+            self._batch = None
+        if self._batch is None and current is not None and current.proc.poll() is None:
+            try:
+                self._batch, self._batch_worker = self._new_batch(), current
+            except Exception:  # noqa: BLE001 - the supervisor sees a dead worker; requests meanwhile: UNAVAILABLE
+                log.exception("connecting to the new vLLM worker failed")
+
+    def ready(self) -> bool:
+        """Whether requests can be served now (false while a vLLM worker is being restarted): health follows it."""
+        if not self.scheduler.alive():
+            return False
+        return self._worker is None or (self._worker_ready.is_set() and self._worker.proc.poll() is None)
 
     def _reset_batch(self, error: Exception) -> None:
-        """Every running row ends with `error`; an empty batch replaces theirs (a worker that died is restarted)."""
+        """Every running row ends with `error`; the batch is closed."""
         for row in list(self._running):
-            self._finish(row, ("error", error))
-        self._batch.close()
-        self._batch = self._new_batch()
+            self._finish(row, Failed(error))
+        if self._batch is not None:
+            self._batch.close()
 
     def _new_batch(self):
         """An empty running batch on the configured engine: the embedded LM, or a vLLM worker."""
@@ -163,31 +253,38 @@ class Engine:
             return self.backbone.decode_batch()
         from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch
 
-        if self._worker_died():
-            log.error("the vLLM worker exited (code %s); starting a new one", self._worker.proc.returncode)
-            self._worker.stop()  # what is left of its process group
-            self._worker = self._start_worker()
         batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
                           self.adapters.lora_dir)
         info = batch.info(timeout=WORKER_START_TIMEOUT_S)
         if info.hidden_size != self.backbone.lm.hidden_size:
+            batch.close()
             raise ValueError(f"the vLLM worker serves {info.model} (hidden size {info.hidden_size}); this "
                              f"backbone's LM has hidden size {self.backbone.lm.hidden_size}")
         return batch
 
     def close(self) -> None:
+        self._closing.set()
         self.scheduler.close()
-        self._batch.close()
+        if self._batch is not None:
+            self._batch.close()
         self.adapters.close()
+        self._front.shutdown(wait=False, cancel_futures=True)
         if self._worker is not None:
             self._worker.stop()
 
     # -- request -> embed
     def validate_instruction(self, instruction: str) -> str:
+        """Limits in the units that cost: characters first (cheap), then the prompt's tokens (its keys and values
+        are what memory and prefill time grow with; rare scripts and emoji take several tokens a character)."""
         if not instruction.strip():
             raise ValueError("instruction is empty")
         if len(instruction) > self.config.max_instruction_chars:
-            raise ValueError(f"instruction has {len(instruction)} characters; the limit is {self.config.max_instruction_chars}")
+            raise ValueError(f"instruction has {len(instruction)} characters; the limit is "
+                             f"{self.config.max_instruction_chars}")
+        tokens = self.backbone.lm.prompt_tokens(instruction, self.adapters.base.connector.config.num_tokens)
+        if tokens > self.config.max_prompt_tokens:
+            raise ValueError(f"the prompt has {tokens} tokens; the limit is {self.config.max_prompt_tokens} "
+                             "(--max-prompt-tokens): shorten the instruction")
         return instruction
 
     def decode(self, image: bytes, instruction: str) -> Image.Image:
@@ -270,41 +367,54 @@ class Engine:
         return RouteDecision(AdapterId(chosen.task_id, chosen.version), chosen.score, False, False, threshold, candidates)
 
     # -- route -> adapter -> backbone -> tokens
-    def stream(self, request: Request, cancelled: Callable[[], bool] = _never,
-               ) -> Iterator[tuple[RouteDecision | None, str, Completion | None]]:
-        """Yields (route, "", None) first, then (None, delta, None) per step, and (None, delta, completion) last.
-        When `cancelled()` turns true the generation stops at the next step (Cancelled is raised)."""
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        """Run blocking front work (image decoding, registry reads) on the engine's front threads, so that an
+        asyncio front's loop (and health checks on it) never waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._front, fn, *args)
+
+    def submit(self, request: Request, out: EventSink, cancelled: Callable[[], bool] = _never) -> Job:
+        """Decode and check a request (ValueError: INVALID_ARGUMENT), then queue it for the scheduler; its events
+        go to `out`. The caller holds an admission slot until the request ends."""
         job = Job(self.decode(request.image, request.instruction), request.instruction, request.sampling,
-                  request.task_id, cancelled)
-        self.scheduler.submit(job)  # Overloaded -> RESOURCE_EXHAUSTED
-        sent, first = 0, True
-        while True:
+                  request.task_id, cancelled, out)
+        self.scheduler.submit(job)
+        return job
+
+    def stream(self, request: Request, cancelled: Callable[[], bool] = _never) -> Iterator[Output]:
+        """The route, then text deltas, then the Completion. When `cancelled()` turns true the generation stops at
+        the next step (Cancelled is raised). Overloaded when the server holds --max-requests requests already."""
+        with self.admission.slot():
+            events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+            reader = _Reader(self, self.submit(request, events, cancelled))
+            while not reader.done:
+                try:
+                    event = events.get(timeout=1.0)
+                except queue.Empty:
+                    if cancelled():  # gone while queued or running: the scheduler drops the job at its next look
+                        raise Cancelled("the client cancelled the request or its deadline passed") from None
+                    continue
+                yield from reader.read(event)
+
+    async def astream(self, request: Request) -> AsyncIterator[Output]:
+        """`stream` for asyncio fronts: the same outputs, admission and limits; decoding runs on a front thread.
+        A caller that stops iterating (its client went away) stops the generation at the next step."""
+        with self.admission.slot():
+            sink, gone = _LoopSink(asyncio.get_running_loop()), threading.Event()
             try:
-                kind, payload = job.out.get(timeout=1.0)
-            except queue.Empty:
-                if cancelled():  # gone while queued or running: the scheduler drops the job at its next look
-                    raise Cancelled("the client cancelled the request or its deadline passed") from None
-                continue
-            if kind == "route":
-                yield payload, "", None
-            elif kind == "error":
-                raise payload
-            elif kind == "cancelled":
-                raise Cancelled("the client cancelled the request or its deadline passed")
-            else:
-                step: Step = payload
-                if first:
-                    self.metrics.latency.labels("first_token").observe(time.monotonic() - job.submitted)
-                    first = False
-                delta, sent = step.stable_text[sent:], len(step.stable_text)
-                if step.finish_reason:
-                    self.metrics.latency.labels("total").observe(time.monotonic() - job.submitted)
-                    self.metrics.tokens.inc(step.completion_tokens)
-                    yield None, delta, Completion(step.text, step.finish_reason, step.prompt_tokens,
-                                                  step.completion_tokens)
-                    return
-                if delta:
-                    yield None, delta, None
+                reader = _Reader(self, await self.call(self.submit, request, sink, gone.is_set))
+                while not reader.done:
+                    for output in reader.read(await sink.queue.get()):
+                        yield output
+            finally:
+                gone.set()
+
+    def generate(self, request: Request, cancelled: Callable[[], bool] = _never) -> tuple[RouteDecision, Completion]:
+        outputs = list(self.stream(request, cancelled))
+        return outputs[0], outputs[-1]
+
+    async def agenerate(self, request: Request) -> tuple[RouteDecision, Completion]:
+        outputs = [output async for output in self.astream(request)]
+        return outputs[0], outputs[-1]
 
     def admit(self, jobs: list[Job]) -> None:
         """embed -> route -> adapters -> prefill: new jobs join the running batch (scheduler thread). A job whose
@@ -312,7 +422,13 @@ class Engine:
         start = time.monotonic()
         for job in jobs:
             self.metrics.latency.labels("queue").observe(start - job.submitted)
-        self._recover_worker()
+        self._follow_worker()
+        if self._batch is None:
+            from .vllm_engine import WorkerError
+
+            for job in jobs:
+                job.out.put(Failed(WorkerError("the vLLM worker is restarting; retry shortly")))
+            return
         ready: list[tuple[Job, Embedded, AdapterId, AdapterFiles | None]] = []
         with self._model_lock:
             embedded = self._embed([j.image for j in jobs], [j.instruction for j in jobs])
@@ -321,9 +437,9 @@ class Engine:
                     decision = self.route(emb, job.task_id)
                     reading = self.adapters.prefetch(decision.adapter)  # None: resident
                 except Exception as exc:  # noqa: BLE001 - this row's error (e.g. NOT_FOUND) goes to its request
-                    job.out.put(("error", exc))
+                    job.out.put(Failed(exc))
                     continue
-                job.out.put(("route", decision))
+                job.out.put(Routed(decision))
                 self.metrics.latency.labels("route").observe(time.monotonic() - start)
                 self.metrics.routed.labels(decision.adapter.task_id).inc()
                 if decision.below_threshold:
@@ -343,9 +459,9 @@ class Engine:
         ready = []
         for waiting in done:
             if waiting.job.cancelled():
-                waiting.job.out.put(("cancelled", 0))
+                waiting.job.out.put(Stopped(0))
             elif waiting.files.exception() is not None:
-                waiting.job.out.put(("error", waiting.files.exception()))
+                waiting.job.out.put(Failed(waiting.files.exception()))
             else:
                 ready.append((waiting.job, waiting.embedded, waiting.adapter, waiting.files.result()))
         self._join(ready)
@@ -358,43 +474,49 @@ class Engine:
                 try:
                     served, loaded = self.adapters.acquire(adapter, files)  # CacheFull -> RESOURCE_EXHAUSTED
                 except Exception as exc:  # noqa: BLE001 - this row's error goes to its request
-                    job.out.put(("error", exc))
+                    job.out.put(Failed(exc))
                     continue
                 joining.append((job, served, loaded, emb.features))
-            if not joining:
-                return
-            try:
-                states = self.backbone.join(self._batch, torch.cat([j[3] for j in joining]),
-                                            [j[2] for j in joining], [j[0].instruction for j in joining],
-                                            [j[0].sampling for j in joining])
-            except Exception as exc:  # noqa: BLE001 - the joining requests get the error; the batch goes on
-                log.exception("prefilling %d requests failed", len(joining))
-                for job, served, _, _ in joining:
-                    self.adapters.release(served)
-                    job.out.put(("error", exc))
-                return
+            self._prefill(joining)
+        self._emit()
+
+    def _prefill(self, joining: list[tuple[Job, AdapterId, TaskAdapter, torch.Tensor]]) -> None:
+        """Rows join the batch in one prefill. A failed prefill fails the joining requests and leaves the running
+        batch as it was; a row whose first token fails to sample fails alone (DecodeBatch.join)."""
+        if not joining:
+            return
+        try:
+            states = self.backbone.join(self._batch, torch.cat([j[3] for j in joining]), [j[2] for j in joining],
+                                        [j[0].instruction for j in joining], [j[0].sampling for j in joining])
+        except Exception as exc:  # noqa: BLE001 - the joining requests get the error; the batch goes on
+            log.exception("prefilling %d requests failed", len(joining))
+            for job, served, _, _ in joining:
+                self.adapters.release(served)
+                job.out.put(Failed(exc))
+            return
         for (job, served, _, _), state in zip(joining, states):
             self._running.append(_Running(job, state, served))
-        self._emit()
 
     def step(self) -> int:
         """Drop rows whose client went away, let in jobs whose adapter is read, decode one token for every running
         row; returns the rows running or waiting for their adapter."""
+        self._follow_worker()
         if self._loading:
             self._join_loaded()
         for row in [r for r in self._running if r.job.cancelled()]:
             log.info("generation stopped after %d of at most %d tokens: the client went away",
                      len(row.state.token_ids), row.job.sampling.max_new_tokens)
             self._batch.remove(row.state)
-            self._finish(row, ("cancelled", len(row.state.token_ids)))
+            self._finish(row, Stopped(len(row.state.token_ids)))
         if self._running:
             self.metrics.batch_size.observe(len(self._running))
             try:
                 with self._model_lock:
-                    self._batch.step()
-            except Exception as exc:  # noqa: BLE001 - every running request gets the error; the server goes on
+                    self._batch.step()  # a row that fails alone ends alone (RowState.error)
+            except Exception as exc:  # noqa: BLE001 - the whole step failed: every running request gets the error
                 log.exception("decode step of %d rows failed", len(self._running))
                 self._reset_batch(exc)
+                self._batch = self._new_batch() if self._worker is None else None  # vLLM: see _follow_worker
             self._emit()
         self.metrics.running.set(len(self._running))
         return len(self._running) + len(self._loading)
@@ -404,23 +526,18 @@ class Engine:
             state, job = row.state, row.job
             step = Step(state.stable_text(job.sampling.stop), state.text, state.finish_reason, state.prompt_tokens,
                         len(state.token_ids))
-            if state.finish_reason:
-                self._finish(row, ("step", step))
+            if state.error is not None:
+                log.warning("a request failed alone after %d tokens: %r", len(state.token_ids), state.error)
+                self._finish(row, Failed(state.error))
+            elif state.finish_reason:
+                self._finish(row, step)
             elif state.token_ids:  # a vLLM row has none until the worker's first tokens arrive
-                job.out.put(("step", step))
+                job.out.put(step)
 
-    def _finish(self, row: _Running, message: tuple) -> None:
+    def _finish(self, row: _Running, event: Event) -> None:
         self._running.remove(row)
         self.adapters.release(row.served)
-        row.job.out.put(message)
-
-    def generate(self, request: Request, cancelled: Callable[[], bool] = _never) -> tuple[RouteDecision, Completion]:
-        decision, completion = None, None
-        for route, _, final in self.stream(request, cancelled):
-            decision = route or decision
-            completion = final or completion
-        assert decision is not None and completion is not None
-        return decision, completion
+        row.job.out.put(event)
 
     # -- registry views
     def tasks(self) -> list[TaskVersion]:

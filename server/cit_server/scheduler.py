@@ -2,8 +2,9 @@
 one forward pass). Between two decode steps waiting requests join it (embedded, routed and prefilled together),
 and rows that finished or whose client went away leave it, so a free slot is taken at the next step.
 
-One scheduler thread owns the model. Request threads decode and check their input, queue a Job, and read what the
-scheduler sends back on the job's own queue: the route decision, one Step per decoded token, or an error.
+One scheduler thread owns the model. Fronts decode and check a request's input on their own threads, queue a Job,
+and read the typed events the scheduler puts into the job's sink: Routed, one Step per decoded token, then Failed
+or Stopped if it did not finish. Admission bounds how many jobs the server holds at all.
 """
 from __future__ import annotations
 
@@ -11,18 +12,43 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Union
 
 from PIL import Image
 
 from cit_backbone.language_model import Sampling
 
+if TYPE_CHECKING:
+    from .engine import RouteDecision
+
 log = logging.getLogger("cit.server")
 
 
 class Overloaded(Exception):
-    """The queue of waiting requests is full (RESOURCE_EXHAUSTED)."""
+    """The server holds as many requests as it admits (RESOURCE_EXHAUSTED)."""
+
+
+class Admission:
+    """At most `limit` requests inside the server at once: decoding, waiting, prefilling or decoding tokens.
+    Every front door (the gRPC servicer, the in-process stream) takes a slot before any work and gives it back
+    when the request ends; beyond the limit a request is refused at once, so a burst costs the refused nothing
+    and the admitted a bounded wait (gRPC's advice on admission control)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise Overloaded(f"the server holds {self.limit} requests already (--max-requests); retry shortly")
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,36 @@ class Step:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Routed:
+    """Where the job goes: sent once, before its first Step."""
+
+    decision: "RouteDecision"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job ended with an error of its own (bad task, cache full, a row that failed); other jobs go on."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The job's client went away; generation stopped after `tokens` tokens."""
+
+    tokens: int
+
+
+Event = Union[Routed, Step, Failed, Stopped]
+
+
+class EventSink(Protocol):
+    """Where the scheduler thread puts a job's events: a queue.SimpleQueue, or a front's own (an asyncio loop's)."""
+
+    def put(self, event: Event) -> None: ...
+
+
 @dataclass
 class Job:
     image: Image.Image
@@ -43,7 +99,7 @@ class Job:
     sampling: Sampling
     task_id: str | None
     cancelled: Callable[[], bool]
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("route"|"step"|"cancelled"|"error", x)
+    out: EventSink
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -53,17 +109,18 @@ class Scheduler:
     never waits: whatever is queued joins at once, up to `max_batch` rows in all."""
 
     def __init__(self, admit: Callable[[list[Job]], None], step: Callable[[], int], max_batch: int,
-                 window_s: float, max_queue: int):
+                 window_s: float):
         self._admit, self._step = admit, step
-        self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.max_batch, self.window_s = max_batch, window_s
+        self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by Admission, not here
         self._thread = threading.Thread(target=self._run, name="cit-scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if self._queue.qsize() >= self.max_queue:
-            raise Overloaded(f"{self.max_queue} requests are waiting already; try again shortly")
         self._queue.put(job)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Running rows finish first; jobs still queued behind the close are not started."""
@@ -100,7 +157,7 @@ class Scheduler:
             live = []
             for job in jobs:
                 if job.cancelled():
-                    job.out.put(("cancelled", 0))
+                    job.out.put(Stopped(0))
                 else:
                     live.append(job)
             if live:
@@ -109,7 +166,7 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001 - the joining requests get the error, the loop goes on
                     log.exception("admitting %d requests failed", len(live))
                     for job in live:
-                        job.out.put(("error", exc))
+                        job.out.put(Failed(exc))
             try:
                 running = self._step()
             except Exception:  # noqa: BLE001 - the loop outlives a bad step (e.g. a vLLM worker that won't start)

@@ -1,11 +1,17 @@
-"""The gRPC servicer: convert protobuf -> engine call -> protobuf. Errors map to status codes in one place."""
+"""The gRPC servicer (grpc.aio): convert protobuf -> engine call -> protobuf. Errors map to status codes in one place.
+
+The server is asyncio: a request waiting for its tokens holds no thread, so the only bound on requests in flight is
+the engine's admission (--max-requests), and health and reflection are answered on the event loop whatever the load
+— the loop itself never runs blocking work (decoding, registry reads and generation run on the engine's threads).
+"""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
 from google.protobuf import message_factory
@@ -19,14 +25,15 @@ from cit_registry.store import TaskNotFound, TaskVersion
 
 from .adapter_cache import CacheFull
 from .config import ServerConfig
-from .engine import Cancelled, Engine, Request, RouteDecision
+from .engine import Cancelled, Completion, Delta, Engine, Request, RouteDecision
 from .scheduler import Overloaded
-from .security import TokenAuth, server_credentials
+from .security import TokenAuth, public_card, server_credentials
 from .vllm_engine import WorkerError
 
 log = logging.getLogger("cit.server")
 SERVICE_NAME = cit_pb2.DESCRIPTOR.services_by_name["Cit"].full_name
 MAX_ROUTE_CANDIDATES = 50
+HEALTH_POLL_S = 0.25  # how often health follows the engine's readiness (a vLLM worker being restarted)
 
 
 def _status_of(exc: Exception) -> grpc.StatusCode:
@@ -60,7 +67,7 @@ def _lenient(parse: Callable) -> Callable:
     return deserialize
 
 
-def add_servicer(servicer: "CitServicer", server: grpc.Server) -> None:
+def add_servicer(servicer: "CitServicer", server: grpc.aio.Server) -> None:
     """Like the generated add_CitServicer_to_server, with requests decoded by `_lenient`."""
     service = cit_pb2.DESCRIPTOR.services_by_name["Cit"]
     handlers = {}
@@ -79,34 +86,37 @@ def _check_decoded(request) -> None:
 
 
 def _abort_on_error(method: Callable) -> Callable:
-    """Bad input -> INVALID_ARGUMENT, unknown task -> NOT_FOUND, anything else -> INTERNAL with a log line."""
+    """Bad input -> INVALID_ARGUMENT, unknown task -> NOT_FOUND, overload -> RESOURCE_EXHAUSTED, anything else ->
+    INTERNAL with a log line."""
 
-    def fail(self, context: grpc.ServicerContext, exc: Exception):
+    async def fail(self, context: grpc.aio.ServicerContext, exc: Exception):
         code = _status_of(exc)
         self.engine.metrics.requests.labels(method.__name__, code.name).inc()
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error in %s", method.__name__)
-        context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(exc).__name__}")
+            log.error("internal error in %s", method.__name__, exc_info=exc)
+        await context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else
+                            f"internal error: {type(exc).__name__}")
 
     if method.__name__.endswith("Stream"):
         @functools.wraps(method)
-        def stream_wrapper(self, request, context):
+        async def stream_wrapper(self, request, context):
             try:
                 _check_decoded(request)
-                yield from method(self, request, context)
+                async for response in method(self, request, context):
+                    yield response
             except Exception as exc:  # noqa: BLE001 - every error gets a status
-                fail(self, context, exc)
+                await fail(self, context, exc)
             else:
                 self.engine.metrics.requests.labels(method.__name__, "OK").inc()
         return stream_wrapper
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             _check_decoded(request)
-            response = method(self, request, context)
+            response = await method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            fail(self, context, exc)
+            await fail(self, context, exc)
         else:
             self.engine.metrics.requests.labels(method.__name__, "OK").inc()
             return response
@@ -136,78 +146,146 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
 def to_summary_pb(t: TaskVersion) -> cit_pb2.TaskSummary:
     return cit_pb2.TaskSummary(
         task_id=t.task_id, version=t.version, adapter_kind=t.card.adapter_kind,
-        decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=len(t.card.datasets),
+        decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=t.centroids(),
     )
 
 
 class CitServicer(cit_pb2_grpc.CitServicer):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, auth: TokenAuth) -> None:
+        self.engine, self.auth = engine, auth
 
     def _request(self, r: cit_pb2.GenerateRequest) -> Request:
         return Request(r.image, r.instruction, to_sampling(r.sampling, self.engine.config.default_max_new_tokens),
                        r.task_id if r.HasField("task_id") else None)
 
     @_abort_on_error
-    def Generate(self, request, context):
-        # A client that cancels or whose deadline passes stops the generation at the next step.
-        decision, done = self.engine.generate(self._request(request), cancelled=lambda: not context.is_active())
+    async def Generate(self, request, context):
+        # A client that cancels or whose deadline passes cancels this coroutine: generation stops at the next step.
+        decision, done = await self.engine.agenerate(self._request(request))
         return cit_pb2.GenerateResponse(text=done.text, route=to_route_pb(decision), finish_reason=done.finish_reason,
                                         prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
 
     @_abort_on_error
-    def GenerateStream(self, request, context):
-        for decision, delta, done in self.engine.stream(self._request(request), lambda: not context.is_active()):
-            if decision is not None:
-                yield cit_pb2.GenerateStreamResponse(route=to_route_pb(decision))
-            elif done is not None:
-                yield cit_pb2.GenerateStreamResponse(delta=delta, finish_reason=done.finish_reason,
-                                                     prompt_tokens=done.prompt_tokens,
-                                                     completion_tokens=done.completion_tokens)
-            else:
-                yield cit_pb2.GenerateStreamResponse(delta=delta)
+    async def GenerateStream(self, request, context):
+        async for output in self.engine.astream(self._request(request)):
+            if isinstance(output, RouteDecision):
+                yield cit_pb2.GenerateStreamResponse(route=to_route_pb(output))
+            elif isinstance(output, Delta):
+                yield cit_pb2.GenerateStreamResponse(delta=output.text)
+            elif isinstance(output, Completion):
+                yield cit_pb2.GenerateStreamResponse(finish_reason=output.finish_reason,
+                                                     prompt_tokens=output.prompt_tokens,
+                                                     completion_tokens=output.completion_tokens)
 
     @_abort_on_error
-    def Route(self, request, context):
+    async def Route(self, request, context):
         k = request.top_k or 5
         if k > MAX_ROUTE_CANDIDATES:
             raise ValueError(f"top_k must be at most {MAX_ROUTE_CANDIDATES}, got {k}")
-        decision = self.engine.route(self.engine.embed(request.image, request.instruction), k=k)
+        with self.engine.admission.slot():  # it runs the vision tower and the embedder: it counts as a request
+            decision = await self.engine.call(
+                lambda: self.engine.route(self.engine.embed(request.image, request.instruction), k=k))
         return cit_pb2.RouteResponse(route=to_route_pb(decision))
 
     @_abort_on_error
-    def ListTasks(self, request, context):
-        return cit_pb2.ListTasksResponse(tasks=[to_summary_pb(t) for t in self.engine.tasks()])
+    async def ListTasks(self, request, context):
+        with self.engine.admission.slot():
+            tasks = await self.engine.call(self.engine.tasks)
+            return cit_pb2.ListTasksResponse(tasks=[to_summary_pb(t) for t in tasks])
 
     @_abort_on_error
-    def GetTask(self, request, context):
-        task = self.engine.task(request.task_id)
-        return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=task.card.to_json())
+    async def GetTask(self, request, context):
+        with self.engine.admission.slot():
+            task = await self.engine.call(self.engine.task, request.task_id)
+        # What the trainer read its data from (paths on its machine) is for operators: the admin token only.
+        card = task.card if self.auth.is_admin(context.invocation_metadata()) else public_card(task.card)
+        return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=card.to_json())
 
     @_abort_on_error
-    def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
-        tasks, changed = self.engine.reload()
+    async def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
+        tasks, changed = await self.engine.call(self.engine.reload)
         return cit_pb2.ReloadRegistryResponse(tasks=tasks, changed=changed)
 
 
-def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready gRPC server with cit, health checking and reflection; returns it, its bound port and its
-    health servicer (set NOT_SERVING before a graceful stop)."""
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options,
-                         interceptors=[TokenAuth(config, SERVICE_NAME)])
-    add_servicer(CitServicer(engine), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    credentials = server_credentials(config)
-    address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    return server, port, health_servicer
+class CitServer:
+    """cit, health checking and reflection on one grpc.aio server; health follows the engine's readiness."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.engine, self.config = engine, config
+        auth = TokenAuth(config, SERVICE_NAME)
+        self.server = grpc.aio.server(options=options, interceptors=[auth])
+        add_servicer(CitServicer(engine, auth), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        credentials = server_credentials(config)
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = (self.server.add_secure_port(address, credentials) if credentials
+                         else self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc.aio raises where the sync server returns 0
+            raise OSError(f"could not bind {address}: {exc}") from None
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self._serving: bool | None = None
+        self._follow: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._set_health(self.engine.ready())
+        await self.server.start()
+        self._follow = asyncio.create_task(self._follow_engine())
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        if self._serving is not None:
+            log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (the engine cannot serve now)")
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _follow_engine(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            await self._set_health(self.engine.ready())
+
+    async def stop(self, grace: float) -> None:
+        """Graceful stop, as vLLM's gRPC server does: health says NOT_SERVING first, new RPCs are refused,
+        in-flight ones get `grace` seconds."""
+        if self._follow is not None:
+            self._follow.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+class BackgroundServer:
+    """A started CitServer on an event loop of its own thread, for benchmarks and tests that drive an in-process
+    engine: `with BackgroundServer(engine, config) as server: CitClient(f"127.0.0.1:{server.port}")`."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cit-grpc", daemon=True)
+        self._thread.start()
+
+        async def start() -> CitServer:
+            server = CitServer(engine, config)
+            await server.start()
+            return server
+        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+        self.port = self.server.port
+
+    def stop(self, grace: float = 0.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -80,7 +80,9 @@ class VllmBatch:
             for message in row.call:
                 self._events.put((row, message))
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # this request, e.g. a prompt over max_model_len
+                self._events.put((row, ValueError(f"the vLLM worker refused the request: {exc.details()}")))
+            elif exc.code() != grpc.StatusCode.CANCELLED:
                 self._events.put((row, WorkerError(f"LM worker: {exc.code().name}: {exc.details()}")))
 
     def step(self, wait_s: float = 0.05) -> None:
@@ -95,10 +97,11 @@ class VllmBatch:
         except queue.Empty:
             pass
         for row, message in events:
-            if row not in self._rows:  # removed or finished already: late messages are dropped
+            if row not in self._rows or row.state.finish_reason:  # gone already: late messages are dropped
                 continue
-            if isinstance(message, Exception):
-                raise message
+            if isinstance(message, Exception):  # this row's call failed: it ends alone, the others go on
+                row.state.fail(message)
+                continue
             for token in message.token_ids:
                 if row.state.finish_reason:
                     break
@@ -125,27 +128,44 @@ class VllmBatch:
 class WorkerProcess:
     """An LM worker started by this server in vLLM's environment (`python` of that environment), and stopped
     with it. It leads a process group of its own: vLLM's engine-core process is stopped with it, even when the
-    worker itself died."""
+    worker itself died. It exits by itself when this server's process is gone (--parent-pid), so that not even a
+    SIGKILL of the server leaves it running."""
 
-    def __init__(self, python: str, model: Path, max_loras: int) -> None:
+    def __init__(self, python: str, model: Path, max_loras: int, max_model_len: int = 2048,
+                 timeout: float = WORKER_START_TIMEOUT_S) -> None:
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
-             "--max-loras", str(max_loras)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True)
-        self.target = self._wait_for_port()
+             "--max-loras", str(max_loras), "--max-model-len", str(max_model_len), "--parent-pid", str(os.getpid())],
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        try:
+            self.target = self._wait_for_port(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
-    def _wait_for_port(self) -> str:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        for line in iter(self.proc.stdout.readline, b""):
+    def _wait_for_port(self, timeout: float) -> str:
+        """The address the worker prints once it serves; WorkerError when it exits or is silent past `timeout`."""
+        lines: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+        def drain() -> None:  # reads all its output, for as long as it runs, so its pipe never fills
+            for line in iter(self.proc.stdout.readline, b""):
+                lines.put(line)
+            lines.put(b"")
+
+        threading.Thread(target=drain, daemon=True, name="cit-vllm-output").start()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if not line:
+                raise WorkerError(f"the vLLM worker exited while starting (code {self.proc.wait()}); see its log")
             match = re.search(rb"cit-vllm-worker listening on (\S+)", line)
             if match:
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep draining its output
                 return match.group(1).decode()
-            if time.monotonic() > deadline:
-                break
-        self.stop()
-        raise WorkerError(f"the vLLM worker did not start (exit code {self.proc.poll()}); see its log")
+        raise WorkerError(f"the vLLM worker did not start within {timeout:.0f} s; see its log")
 
     def stop(self) -> None:
         self._signal(signal.SIGTERM)

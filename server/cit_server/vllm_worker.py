@@ -36,6 +36,7 @@ class LmWorker(pb_grpc.LmWorkerServicer):
     async def Generate(self, request, context):
         import torch
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
@@ -53,12 +54,16 @@ class LmWorker(pb_grpc.LmWorkerServicer):
             lora_id = self._lora_ids.setdefault(request.lora_name, len(self._lora_ids) + 1)
             lora = LoRARequest(request.lora_name, lora_id, request.lora_path)
         # Closing this generator (the client cancelled) aborts the request inside vLLM.
-        async for out in self.engine.generate({"prompt_embeds": embeds}, params, uuid.uuid4().hex,
-                                              lora_request=lora):
-            yield pb.LmTokens(token_ids=out.outputs[0].token_ids, finished=out.finished)
+        try:
+            async for out in self.engine.generate({"prompt_embeds": embeds}, params, uuid.uuid4().hex,
+                                                  lora_request=lora):
+                yield pb.LmTokens(token_ids=out.outputs[0].token_ids, finished=out.finished)
+        except (VLLMClientError, ValueError) as exc:  # this request's fault (e.g. a prompt over max_model_len)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def start_engine(args: argparse.Namespace):
+    """vLLM's AsyncLLM over the LM, set up for cit's prompts (embeddings) and LoRAs; and the LM's hidden size."""
     from transformers import AutoConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -68,19 +73,35 @@ async def serve(args: argparse.Namespace) -> None:
         enable_prompt_embeds=True, enable_lora=True, max_lora_rank=args.max_lora_rank,
         # One slot more than adapters in use: vLLM gives base rows the last slot when all are full (STACK.md).
         max_loras=args.max_loras + 1, max_cpu_loras=args.max_loras + 1, lora_target_modules=LORA_TARGETS))
-    hidden = AutoConfig.from_pretrained(args.model).hidden_size
+    return engine, AutoConfig.from_pretrained(args.model).hidden_size
+
+
+async def serve(args: argparse.Namespace, engine, hidden_size: int) -> None:
+    """Serve LmWorker on `engine` (vLLM's AsyncLLM, or anything with its `generate` and `shutdown`) until
+    terminated, or until the process that started this worker is gone."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden, args.max_loras), server)
+    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden_size, args.max_loras), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     print(f"cit-vllm-worker listening on {args.host}:{port}", flush=True)
     try:
-        await server.wait_for_termination()
+        if args.parent_pid:
+            await _until_orphaned(args.parent_pid)
+            log.warning("the process that started this worker (pid %d) is gone: stopping", args.parent_pid)
+            await server.stop(grace=1)
+        else:
+            await server.wait_for_termination()
     finally:
         engine.shutdown()
 
 
-def main() -> None:
+async def _until_orphaned(parent: int) -> None:
+    """Returns when this process's parent is no longer `parent` (it died, even by SIGKILL)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the LM's directory (safetensors, config, tokenizer)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -88,14 +109,23 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=16, help="LoRAs resident in vLLM at once")
     parser.add_argument("--max-lora-rank", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=2048)
-    args = parser.parse_args()
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
+    return parser
+
+
+async def _main(args: argparse.Namespace) -> None:
+    await serve(args, *await start_engine(args))
+
+
+def main() -> None:
+    args = arguments().parse_args()
     logging.basicConfig(level=logging.INFO)
     # Defaults that make vLLM's CPU build usable on a small machine; a caller's own settings win.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    asyncio.run(serve(args))
+    asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,282 @@
+"""Named mutants: each removes one guarantee's guard, defined by the behaviour it removes (a patch on the running
+code, not a text edit), so that a refactor keeps it meaningful. `tests` are the tests that must then fail.
+
+A mutant whose target no longer exists raises at apply time: scripts/mutation_check.py reports it as broken, never
+as killed."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    removes: str               # the guarantee it takes away
+    tests: tuple[str, ...]     # pytest node ids (or files) that must fail with it applied
+    patch: Callable[[], None]
+
+
+MUTANTS: dict[str, Mutant] = {}
+
+
+def mutant(name: str, *tests: str):
+    def register(patch: Callable[[], None]) -> Callable[[], None]:
+        MUTANTS[name] = Mutant(name, (patch.__doc__ or "").strip(), tests, patch)
+        return patch
+    return register
+
+
+def apply(name: str) -> None:
+    MUTANTS[name].patch()
+
+
+def _replace(owner, attribute: str, value) -> None:
+    if not hasattr(owner, attribute):
+        raise AttributeError(f"mutant target {owner.__name__}.{attribute} no longer exists")
+    setattr(owner, attribute, value)
+
+
+# -- 1. one request never fails another
+ISOLATION = "tests/test_isolation.py"
+
+
+@mutant("greedy-below-1e-5", f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody")
+def _greedy():
+    """A temperature below 1e-5 is sampled (logits / temperature overflows) instead of decoded greedily."""
+    from cit_backbone.language_model import Sampling
+
+    _replace(Sampling, "greedy", property(lambda self: self.temperature == 0.0))
+
+
+@mutant("row-sampling-fails-alone", f"{ISOLATION}::test_a_row_whose_sampling_fails_fails_alone")
+def _sampling():
+    """A row whose sampling raises takes the whole sampling call (all rows of that join or step) down with it."""
+    from cit_backbone import language_model as lm
+
+    def sample_all(self, logits, rows):
+        for i, row in enumerate(rows):
+            row.token = lm._sample(logits[i], row.sampling, row.generator)
+            self.lm._advance(row.state, row.token, row.sampling)
+    _replace(lm.DecodeBatch, "_sample", sample_all)
+
+
+@mutant("failed-row-leaves-the-batch", f"{ISOLATION}::test_a_row_whose_sampling_fails_fails_alone")
+def _failed_row_stays():
+    """A row whose sampling failed stays in the running batch (with no next token) instead of leaving it."""
+    from cit_backbone.language_model import RowState
+
+    _replace(RowState, "fail", lambda self, error: setattr(self, "error", error))
+
+
+@mutant("vllm-row-error-stays-with-its-row", "tests/test_vllm.py")
+def _vllm_row_error():
+    """One vLLM row's worker error is raised out of the batch's step, failing every running row."""
+    from cit_server.vllm_engine import VllmBatch
+
+    step = VllmBatch.step
+
+    def step_raising(self, wait_s=0.05):
+        rows = list(self._rows)
+        step(self, wait_s)
+        for row in rows:
+            if row.state.error is not None:
+                raise row.state.error
+    _replace(VllmBatch, "step", step_raising)
+
+
+# -- 2. limits in the units that cost memory and time
+@mutant("prompt-limit-in-tokens", f"{ISOLATION}::test_prompt_limits_are_counted_in_tokens")
+def _prompt_tokens():
+    """Only the instruction's characters are limited, not the prompt's tokens."""
+    from cit_server.engine import Engine
+
+    def characters_only(self, instruction):
+        if not instruction.strip() or len(instruction) > self.config.max_instruction_chars:
+            raise ValueError("instruction is empty or too long")
+        return instruction
+    _replace(Engine, "validate_instruction", characters_only)
+
+
+@mutant("prefix-cache-bytes", f"{ISOLATION}::test_the_prefix_cache_stays_inside_its_byte_bound")
+def _prefix_bytes():
+    """The prefix cache keeps every prefix, whatever its keys and values weigh."""
+    from cit_backbone.language_model import LanguageModel
+
+    prefix = LanguageModel._prefix
+
+    def unbounded(self, ids, lora):
+        bound, self.prefix_cache_bytes = self.prefix_cache_bytes, 1 << 62
+        try:
+            return prefix(self, ids, lora)
+        finally:
+            self.prefix_cache_bytes = bound
+    _replace(LanguageModel, "_prefix", unbounded)
+
+
+# -- 3. overload is refused, health stays reachable
+BURST = "tests/test_server_security.py::test_a_burst_beyond_admission_is_refused_at_once_while_health_answers"
+
+
+@mutant("admission-bound", BURST)
+def _admission():
+    """Requests beyond --max-requests are let in (and wait) instead of being refused at once."""
+    from contextlib import nullcontext
+
+    from cit_server.scheduler import Admission
+
+    _replace(Admission, "slot", lambda self: nullcontext())
+
+
+@mutant("waiting-holds-no-thread-of-the-loop", BURST)
+def _blocking_wait():
+    """A request waiting for its tokens blocks the front (as a thread per RPC from a bounded pool would), so
+    health checks queue behind generations."""
+    from cit_server.engine import Engine
+
+    async def blocking(self, request):
+        return self.generate(request)
+    _replace(Engine, "agenerate", blocking)
+
+
+# -- 4. (server side) pinning, batch size, what the server tells callers
+@mutant("pin-newest-version-only",
+        "tests/test_adapter_cache.py::test_pinning_keeps_only_the_newest_version_so_retrains_while_serving_never_fill_the_cache")
+def _pin_all_versions():
+    """Every version of a pinned task stays resident, so retrains while serving fill the cache."""
+    from cit_server.adapter_cache import AdapterStore
+
+    _replace(AdapterStore, "_is_pinned", lambda self, adapter: adapter.task_id in self.pinned)
+
+
+ADMIN = "tests/test_server_security.py::test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others"
+
+
+@mutant("list-tasks-counts-centroids", ADMIN)
+def _centroids():
+    """ListTasks reports a task's data sets as its centroids."""
+    from cit_registry.store import TaskVersion
+
+    _replace(TaskVersion, "centroids", lambda self: len(self.card.datasets))
+
+
+@mutant("data-paths-for-admins-only", ADMIN)
+def _paths():
+    """GetTask shows every caller the trainer's data paths."""
+    from cit_server import service
+
+    _replace(service, "public_card", lambda card: card)
+
+
+@mutant("metrics-on-loopback", BURST)
+def _metrics_host():
+    """The unauthenticated metrics listen wherever gRPC does."""
+    from cit_server.config import ServerConfig
+
+    init = ServerConfig.__post_init__
+
+    def follow_host(self):
+        object.__setattr__(self, "metrics_host", self.host)
+        init(self)
+    _replace(ServerConfig, "__post_init__", follow_host)
+
+
+# -- 7. images from phones
+IMAGES = "tests/test_backbone.py::test_phone_photos_are_decoded_upright_and_multi_frame_files_give_their_first_frame"
+
+
+@mutant("exif-orientation", IMAGES)
+def _exif():
+    """EXIF orientation is ignored: phone photos arrive on their side."""
+    from PIL import ImageOps
+
+    _replace(ImageOps, "exif_transpose", lambda image, **kwargs: image)
+
+
+@mutant("mpo-accepted", IMAGES)
+def _mpo():
+    """MPO (phone cameras' JPEGs) is refused."""
+    from cit_backbone import images
+
+    _replace(images, "ACCEPTED_FORMATS", ("PNG", "JPEG"))
+
+
+@mutant("frame-count-capped", IMAGES)
+def _frames():
+    """Any number of frames is accepted."""
+    from cit_backbone import images
+
+    _replace(images, "MAX_FRAMES", 1 << 30)
+
+
+# -- 6. the vLLM worker's lifecycle
+LIFECYCLE = "tests/test_worker_lifecycle.py"
+
+
+@mutant("worker-start-deadline", f"{LIFECYCLE}::test_a_silent_worker_misses_its_start_deadline_and_is_stopped")
+def _start_deadline():
+    """The start deadline is checked only when the worker prints a line: a silent worker blocks the start."""
+    import re
+
+    from cit_server.vllm_engine import WorkerError, WorkerProcess
+
+    def wait_for_a_line(self, timeout):
+        for line in iter(self.proc.stdout.readline, b""):
+            match = re.search(rb"cit-vllm-worker listening on (\S+)", line)
+            if match:
+                return match.group(1).decode()
+        raise WorkerError("the vLLM worker exited while starting")
+    _replace(WorkerProcess, "_wait_for_port", wait_for_a_line)
+
+
+@mutant("server-stops-its-worker", f"{LIFECYCLE}::test_a_server_that_cannot_bind_stops_the_worker_it_started")
+def _worker_left():
+    """A server that fails after starting its worker (e.g. its port is taken) leaves the worker running."""
+    from cit_server.engine import Engine
+
+    close = Engine.close
+
+    def close_but_the_worker(self):
+        self._worker, worker = None, self._worker
+        close(self)
+    _replace(Engine, "close", close_but_the_worker)
+
+
+@mutant("worker-watches-its-parent", f"{LIFECYCLE}::test_a_worker_outlives_no_killed_server")
+def _no_parent_watch():
+    """A worker whose server was killed (SIGKILL) keeps running."""
+    import asyncio
+
+    from cit_server import vllm_worker
+
+    async def forever(parent):
+        await asyncio.Event().wait()
+    _replace(vllm_worker, "_until_orphaned", forever)
+
+
+VLLM = "tests/test_vllm.py"
+
+
+@mutant("health-follows-the-worker", VLLM)
+def _ready():
+    """Health says SERVING while the vLLM worker is down and being restarted."""
+    from cit_server.engine import Engine
+
+    _replace(Engine, "ready", lambda self: self.scheduler.alive())
+
+
+@mutant("worker-restart-off-the-scheduler", VLLM)
+def _restart_blocks():
+    """The scheduler thread waits for a restarting vLLM worker, so requests meanwhile wait instead of being told
+    to retry."""
+    import time
+
+    from cit_server.engine import Engine
+
+    follow = Engine._follow_worker
+
+    def wait_for_the_worker(self):
+        while self._worker is not None and not self.ready() and not self._closing.is_set():
+            time.sleep(0.1)
+        follow(self)
+    _replace(Engine, "_follow_worker", wait_for_the_worker)
