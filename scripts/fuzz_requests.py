@@ -1,12 +1,15 @@
-"""Fuzz the server's request decoding: protobuf bytes -> GenerateRequest -> sampling, instruction and image checks.
+"""Fuzz the server's request path up to the sampler: protobuf bytes -> GenerateRequest -> the server's own
+sampling conversion and request checks (cit_server.validation.RequestLimits, with the LM's real tokenizer) -> the
+real sampler on random logits with the accepted sampling parameters.
 
     python scripts/fuzz_requests.py --examples 100000 [--seed 0]
 
 Every input must either be refused with a clear error (protobuf DecodeError, or ValueError: the server's
-INVALID_ARGUMENT) or decode into valid parameters and an RGB image within the limits. Any other exception, or an
-image over the limits, is a failure (exit status 1, with the input). Inputs: random bytes, and well-formed
-requests whose fields are drawn at random (unicode instructions, any floats and integers) around images that are
-valid, truncated, bit-flipped, or whose headers claim huge dimensions.
+INVALID_ARGUMENT) or decode into valid parameters and an RGB image within the limits, whose sampling parameters
+then sample a token from random logits without error. Any other exception, or an image over the limits, is a
+failure (exit status 1, with the input). Inputs: random bytes, and well-formed requests whose fields are drawn at
+random (unicode instructions, any floats and integers, temperatures near zero) around images that are valid,
+truncated, bit-flipped, or whose headers claim huge dimensions.
 """
 from __future__ import annotations
 
@@ -22,12 +25,20 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cit_backbone.images import decode_image
+import torch
+from transformers import AutoTokenizer
+
+from cit_backbone.language_model import _sample, converted_lm_dir, prompt_length
 from cit_proto import cit_pb2
 from cit_server.config import ServerConfig
 from cit_server.service import to_sampling
+from cit_server.validation import RequestLimits
 
-LIMITS = ServerConfig(registry=".", max_image_bytes=256 * 1024, max_image_pixels=1024 * 1024)
+CONFIG = ServerConfig(registry=".", max_image_bytes=256 * 1024, max_image_pixels=1024 * 1024)
+_TOKENIZER = AutoTokenizer.from_pretrained(converted_lm_dir())
+LIMITS = RequestLimits(CONFIG, lambda text: prompt_length(
+    lambda t: _TOKENIZER(t, add_special_tokens=False)["input_ids"], text, visual_tokens=1))
+VOCAB = len(_TOKENIZER)
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -72,28 +83,43 @@ requests = st.builds(
         sampling=cit_pb2.SamplingParams(**{n: v for n, v in dict(max_new_tokens=m, temperature=t, top_p=p, top_k=k,
                                                                   seed=seed).items() if v is not None}, stop=stop),
     ).SerializeToString(),
-    images(), st.text(max_size=64) | st.text(min_size=2001, max_size=2100), optional(st.text(max_size=70)),
-    optional(st.integers(0, 2**32 - 1)), optional(st.floats(width=32)), optional(st.floats(width=32)),
-    optional(st.integers(0, 2**32 - 1)), optional(st.integers(0, 2**64 - 1)),  # the proto's uint32/uint64 ranges
+    images(), st.text(max_size=64) | st.text(min_size=2001, max_size=2100) | st.text(min_size=400, max_size=800),
+    optional(st.text(max_size=70)),
+    # each field across its proto type's range, and within the range the server accepts (so that the sampler runs)
+    optional(st.integers(0, 2**32 - 1) | st.integers(1, 512)),
+    optional(st.floats(width=32) | st.floats(0, 5, width=32) | st.floats(0, 2.0 ** -14, width=32)),
+    optional(st.floats(width=32) | st.floats(0, 1, width=32)),
+    optional(st.integers(0, 2**32 - 1) | st.integers(0, 64)), optional(st.integers(0, 2**64 - 1)),  # uint32/64
     st.lists(st.text(max_size=80), max_size=10),
 )
 
 
 def check(raw: bytes) -> str:
-    """Decode one request as the server does; returns how it ended. Raises on anything the server must not do."""
+    """Take one request along the server's path; returns how it ended. Raises on anything the server must not do."""
     try:
         request = cit_pb2.GenerateRequest.FromString(raw)
     except DecodeError:
         return "undecodable"
     try:
-        to_sampling(request.sampling, LIMITS.default_max_new_tokens)
-        instruction = request.instruction
-        if not instruction.strip() or len(instruction) > LIMITS.max_instruction_chars:
-            return "bad instruction"
-        image = decode_image(request.image, LIMITS.max_image_bytes, LIMITS.max_image_pixels)
+        sampling = to_sampling(request.sampling, CONFIG.default_max_new_tokens)
     except ValueError:
-        return "refused"
-    if image.mode != "RGB" or image.width * image.height > LIMITS.max_image_pixels:
+        return "refused sampling"
+    # Sampling parameters the server accepts must sample, whatever the request's image: a good image with them
+    # reaches the sampler.
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(len(raw))) * 20
+    token = _sample(logits, sampling, generator)
+    if not 0 <= token < VOCAB:
+        raise AssertionError(f"sampled token {token} with {sampling}")
+    try:
+        LIMITS.instruction(request.instruction)
+    except ValueError:
+        return "bad instruction"
+    try:
+        image = LIMITS.image(request.image)
+    except ValueError:
+        return "refused image"
+    if image.mode != "RGB" or image.width * image.height > CONFIG.max_image_pixels:
         raise AssertionError(f"decoded an image outside the limits: {image.mode} {image.size}")
     return "accepted"
 

@@ -32,8 +32,16 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_eproj_leaves_every_other_task_adapter_bit_identical(add, tmp_path):
-    first = add("fashion-mnist", "eproj").task
+def test_eproj_leaves_every_other_task_adapter_bit_identical(add, tmp_path, task_dirs, backbone, embedder):
+    # the first task's files are gone after it is added (another machine, a cleaned disk): later tasks still
+    # re-measure it, from the evaluation snapshot its version keeps, never from the paths in its card
+    import shutil
+
+    copy = shutil.copytree(task_dirs["fashion-mnist"], tmp_path / "elsewhere" / "fashion-mnist")
+    first = add_task(tmp_path / "reg", copy, "fashion-mnist", AddTaskOptions(method="eproj", **TINY), backbone,
+                     embedder, log=lambda *_: None).task
+    shutil.rmtree(copy)
+    assert (first.eval_dir / "fashion-mnist" / "samples.jsonl").is_file()
     before = {p.name: digest(p) for p in first.adapter_dir.iterdir()}
     second = add("digits", "eproj").task
     assert {p.name: digest(p) for p in first.adapter_dir.iterdir()} == before

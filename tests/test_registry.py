@@ -11,6 +11,7 @@ import pytest
 
 from cit_registry.router import Candidate, Router, select, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id
+from safetensors.numpy import save_file
 
 rng = np.random.default_rng(0)
 
@@ -23,10 +24,24 @@ def make_key(image=None, instruction=None, n=20):
     )
 
 
-def write_adapter(path):
+def write_adapter(path, feature_dim=64, hidden_size=16):
+    """A small projection in the connector's format (feature_dim -> hidden_size): the registry reads its widths."""
     path.mkdir()
-    (path / "adapter_config.json").write_text("{}")
-    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    (path / "adapter_config.json").write_text(json.dumps({"adapter_type": "eproj", "feature_dim": feature_dim,
+                                                          "hidden_size": hidden_size, "num_tokens": 1,
+                                                          "projector": "linear"}))
+    save_file({"proj.weight": np.zeros((hidden_size, feature_dim), np.float32)}, str(path / "adapter_model.safetensors"))
+
+
+def write_lora(path, hidden_size=16, rank=2):
+    """A small LoRA in PEFT's format on q_proj of an LM of width hidden_size."""
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "target_modules": ["q_proj"],
+                                                          "base_model_name_or_path": "tiny-lm"}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": np.zeros((rank, hidden_size), np.float32),
+               f"{prefix}.lora_B.weight": np.zeros((hidden_size, rank), np.float32)},
+              str(path / "adapter_model.safetensors"))
 
 
 def add(reg, task_id, key, version=1):
@@ -66,8 +81,8 @@ def test_a_lora_task_is_written_with_its_lora_and_verify_notices_a_missing_one(t
     with pytest.raises(ValueError, match="written as parts adapter, lora, not adapter"):
         reg.commit(card, make_key(), {"adapter": write_adapter})
     with pytest.raises(ValueError, match="written as parts adapter, not adapter, lora"):
-        reg.commit(TaskCard("delta", 1, "eproj", {}), make_key(), {"adapter": write_adapter, "lora": write_adapter})
-    t = reg.commit(card, make_key(), {"adapter": write_adapter, "lora": write_adapter})
+        reg.commit(TaskCard("delta", 1, "eproj", {}), make_key(), {"adapter": write_adapter, "lora": write_lora})
+    t = reg.commit(card, make_key(), {"adapter": write_adapter, "lora": write_lora})
     assert t.lora_dir == t.path / "lora" and (t.lora_dir / "adapter_model.safetensors").is_file()
     assert add(reg, "eps", make_key()).lora_dir is None
     assert list(reg.verify()) == []
@@ -182,7 +197,9 @@ def test_verify_proves_versions_unchanged_with_their_manifest(tmp_path):
     weights.write_bytes(b"weightz")  # one byte changed
     (t.path / "adapter" / "extra.bin").write_bytes(b"?")
     assert list(reg.verify()) == ["alpha v1: adapter/adapter_model.safetensors changed since it was written (sha256 differs)",
-                                  "alpha v1: unlisted file adapter/extra.bin"]
+                                  "alpha v1: unlisted file adapter/extra.bin",
+                                  "alpha v1: adapter/extra.bin is not one of the part's files (adapter_config.json, "
+                                  "adapter_model.safetensors)"]
 
 
 def test_one_writer_at_a_time_and_a_dead_writers_leftovers_are_removed(tmp_path):
@@ -289,6 +306,16 @@ def test_kill_9_during_commits_leaves_whole_versions_and_earlier_ones_byte_ident
     out = subprocess.run([sys.executable, str(script), "--kills", "20"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "20 kills" in out.stdout and "verify clean after every kill" in out.stdout
+
+
+def test_every_crash_state_of_a_commit_is_the_registry_before_or_after_it():
+    """Power loss, not process death: scripts/crash_states.py enumerates the crash states POSIX allows during a
+    commit, and shows that each of the commit's fsyncs is needed (skipping any one breaks some state)."""
+    script = Path(__file__).parents[1] / "scripts" / "crash_states.py"
+    out = subprocess.run([sys.executable, str(script), "--drop-each-fsync"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("every one breaks some crash state") == 3, out.stdout
 
 
 def test_a_reader_never_sees_a_torn_version_while_a_writer_commits(tmp_path):

@@ -47,3 +47,33 @@ def test_a_pickled_vision_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError):
         vision.VisionTower()
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_pickled_peft_lora_is_refused_before_peft_can_fall_back_to_it(tmp_path, backbone):
+    """PEFT reads adapter_model.bin (torch.load) when a LoRA directory has no adapter_model.safetensors."""
+    import torch
+
+    lm = backbone.lm
+    lm.add_lora("safe")
+    lm.save_lora("safe", tmp_path / "lora")
+    lm.unload_lora("safe")
+    (tmp_path / "lora" / "adapter_model.safetensors").unlink()
+    torch.save({"weight": Payload(tmp_path / "ran")}, tmp_path / "lora" / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.safetensors only"):
+        lm.load_lora("evil", tmp_path / "lora", trainable=True)  # trainable: PEFT's own loader, not the slots
+    assert not (tmp_path / "ran").exists() and "evil" not in lm.loras()
+
+
+def test_the_registry_refuses_pickled_files_in_a_version(tmp_path):
+    from cit_registry.store import Registry, TaskCard
+
+    from .test_registry import make_key, write_adapter, write_lora
+
+    reg = Registry.open(tmp_path / "reg", create=True)
+
+    def lora_with_a_pickle(path):
+        write_lora(path)
+        plant(path / "adapter_model.bin", tmp_path / "ran")
+    with pytest.raises(ValueError, match="lora/adapter_model.bin is not one of the part's files"):
+        reg.commit(TaskCard("evil", 1, "lora", {}), make_key(), {"adapter": write_adapter, "lora": lora_with_a_pickle})
+    assert reg.task_ids() == [] and not (tmp_path / "ran").exists()

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 from .adapters import AdapterFiles, Connector, ConnectorConfig, TaskAdapter
-from .hf import HfVision, load_checkpoint
+from .hf import HfVision, checkpoint_identity, load_checkpoint
 from .language_model import DecodeBatch, LanguageModel, RowState, Sampling
 from .paths import STARTING_CONNECTORS
 from .vision import FEATURE_DIM, VisionTower
+
+DEFAULT_IDENTITY = "cit:efficientnet-lite0+smollm2-135m-instruct"
 
 
 class Backbone:
@@ -21,10 +23,11 @@ class Backbone:
     builds one from a LLaVA or BLIP-2 checkpoint directory instead (hf.py), whose projection is the base connector."""
 
     def __init__(self, vision: VisionTower | HfVision | None = None, lm: LanguageModel | None = None,
-                 base: Connector | None = None) -> None:
+                 base: Connector | None = None, identity: str = DEFAULT_IDENTITY) -> None:
         self.vision = vision or VisionTower()
         self.lm = lm or LanguageModel()
         self._base = base  # a checkpoint's own projection; None: the shipped starting connectors
+        self.identity = identity  # recorded by a registry at its first commit; a server checks it
 
     @classmethod
     def load(cls, checkpoint: Path | None = None) -> "Backbone":
@@ -32,7 +35,12 @@ class Backbone:
         if checkpoint is None:
             return cls()
         kind, model, base, lm_dir = load_checkpoint(Path(checkpoint))
-        return cls(HfVision(model, kind), LanguageModel(lm_dir), base)
+        return cls(HfVision(model, kind), LanguageModel(lm_dir), base, checkpoint_identity(Path(checkpoint), kind))
+
+    @property
+    def routing_dim(self) -> int:
+        """Width of the image part of task keys and routing queries."""
+        return self.vision.dim if isinstance(self.vision, HfVision) else FEATURE_DIM
 
     def connector_config(self, num_tokens: int = 1) -> ConnectorConfig:
         if self._base is not None:

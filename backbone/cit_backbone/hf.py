@@ -108,6 +108,14 @@ def load_checkpoint(directory: Path):
     return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer)
 
 
+def checkpoint_identity(directory: Path, kind: str) -> str:
+    """A checkpoint's identity for registries: its family and a digest of its config and weights' names/sizes."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"hf:{kind}:{digest.hexdigest()[:16]}"
+
+
 def vision_tokens(config, kind: str) -> tuple[int, int]:
     """(tokens, width) of the vision features a checkpoint's projection reads."""
     if kind == "blip2":

@@ -33,6 +33,18 @@ USER_PREFIX = "<|im_start|>user\n"
 ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
 
+def prompt_texts(instruction: str) -> tuple[str, str]:
+    """The chat-formatted text before and after a request's visual tokens."""
+    return USER_PREFIX + instruction + "\n", ASSISTANT_PREFIX
+
+
+def prompt_length(encode, instruction: str, visual_tokens: int) -> int:
+    """Length of a request's whole prompt in tokens (`encode`: the LM tokenizer's): what its prefill and its keys
+    and values cost. The tokenizer alone suffices, so request checks can run without the model."""
+    before, after = prompt_texts(instruction)
+    return len(encode(before)) + visual_tokens + len(encode(after))
+
+
 def converted_lm_dir(progress: bool = True) -> Path:
     """The LM as safetensors in the local cache, converted from the packaged GGUF on first use (~30 s)."""
     target = cache_dir() / LM_CACHE_NAME
@@ -234,6 +246,7 @@ class LanguageModel:
 
         if name in self._names:
             raise ValueError(f"a LoRA named {name!r} is loaded already")
+        _only_safetensors(Path(directory))
         fits = weights is not None or self._fits_slot(directory)  # weights read ahead fit (read_lora checked)
         if not trainable and fits and self._load_into_slot(name, directory, weights):
             return
@@ -338,12 +351,11 @@ class LanguageModel:
 
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the visual tokens."""
-        return self.encode(USER_PREFIX + instruction + "\n"), self.encode(ASSISTANT_PREFIX)
+        before, after = prompt_texts(instruction)
+        return self.encode(before), self.encode(after)
 
     def prompt_tokens(self, instruction: str, visual_tokens: int) -> int:
-        """Length of a request's whole prompt in tokens: what its prefill and keys/values cost."""
-        pre, post = self.prompt_ids(instruction)
-        return len(pre) + visual_tokens + len(post)
+        return prompt_length(self.encode, instruction, visual_tokens)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
@@ -601,6 +613,15 @@ class DecodeBatch:
         self._kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self._kv]
         self._positions = self._positions[index]
         self._rows = [self._rows[i] for i in keep]
+
+
+def _only_safetensors(directory: Path) -> None:
+    """PEFT's loader falls back to a pickled adapter_model.bin when there is no adapter_model.safetensors:
+    unpickling runs code, so such a directory is refused before PEFT sees it."""
+    pickled = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle"))
+    if pickled or not (directory / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{directory}: a LoRA is read from adapter_model.safetensors only"
+                         + (f"; refusing pickled files {', '.join(pickled)}" if pickled else ""))
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .router import ROUTING_THRESHOLD, Router, select, task_similarity
-from .store import BundleError, Registry, RegistryLocked, TaskNotFound
+from .router import ROUTING_THRESHOLD, Router, select, task_similarity, verify_index
+from .store import BundleError, Registry, RegistryLocked, TaskNotFound, migrate as migrate_registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
@@ -101,26 +101,34 @@ def route(
 
 @app.command()
 def verify(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
-    """Check that every task version is whole and that the routing index agrees with the store."""
+    """Check that every task version is whole (its manifest's hashes, its card, its fit to the registry's backbone)
+    and that the routing index agrees with the store."""
     reg = _open(registry)
-    problems = list(reg.verify())
-    meta_file = reg.root / "index" / "index.json"
-    fingerprint = reg.fingerprint()
-    if not meta_file.exists():
-        problems.append("routing index is missing (it is rebuilt on the next server start or add-task)")
-    else:
-        meta = json.loads(meta_file.read_text())
-        if meta.get("fingerprint") != fingerprint:
-            problems.append("routing index is stale (it is rebuilt on the next server start or add-task)")
-        else:
-            built = Router.build(reg)
-            if [list(r) for r in built.rows] != [list(r) for r in meta["rows"]]:
-                problems.append("routing index rows disagree with the task keys")
+    problems = list(reg.verify()) + verify_index(reg)
     for p in problems:
         console.print(f"[red]problem:[/red] {p}")
     if problems:
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green]: {len(fingerprint)} tasks, store and index agree")
+    console.print(f"[green]ok[/green]: {len(reg.task_ids())} tasks, store and index agree")
+
+
+@app.command()
+def migrate(
+    registry: REGISTRY = DEFAULT_REGISTRY,
+    backbone_identity: Annotated[str | None, typer.Option(help="the backbone the tasks were trained on, recorded "
+                                                           "(default: none; widths are recorded and checked anyway)")] = None,
+) -> None:
+    """Upgrade a registry written by an older cit to this cit's format, in place (see the format notes in
+    docs/USAGE.md). Safe to run twice."""
+    try:
+        changed = migrate_registry(registry, backbone_identity, log=console.print)
+    except (FileNotFoundError, ValueError, RegistryLocked) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    reg = Registry.open(registry)
+    with reg.writing():
+        Router.build(reg).save(reg)
+    console.print("migrated; routing index rebuilt" if changed else f"{registry} is at the current format already")
 
 
 @app.command("export")
@@ -152,7 +160,8 @@ def import_task(
     except (BundleError, RegistryLocked, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    Router.build(reg).save(reg)
+    with reg.writing():
+        Router.build(reg).save(reg)
     console.print(f"imported {t.task_id} v{t.version} ({t.card.adapter_kind}) into {reg.root}")
 
 

@@ -6,6 +6,7 @@ keys whenever it is missing or its fingerprint no longer matches the store.
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -86,11 +87,15 @@ def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
     return candidates[0] if candidates and candidates[0].score >= threshold else None
 
 
+INDEX_FORMAT = 2  # index.json names its keys file; generation and ntotal are recorded
+
+
 class Router:
     def __init__(self, vectors: np.ndarray, rows: list[tuple[str, int]], fingerprint: list,
-                 exact_limit: int = EXACT_SEARCH_LIMIT) -> None:
+                 exact_limit: int = EXACT_SEARCH_LIMIT, generation: int = 0) -> None:
         self.rows = rows  # index row -> (task id, version)
         self.fingerprint = fingerprint
+        self.generation = generation  # the registry's generation when its keys were read
         self.index = make_index(vectors, exact_limit) if len(vectors) else None
         # every key's squared norm (make_index checks they are one), to turn L2 distances into inner products
         self._key_norm2 = float(np.dot(vectors[0], vectors[0])) if len(vectors) else 0.0
@@ -98,49 +103,62 @@ class Router:
 
     @classmethod
     def build(cls, registry: Registry) -> "Router":
+        # What the keys are read against comes first: a commit landing meanwhile can make this index look stale
+        # (rebuilt at the next check), never fresh.
+        fingerprint, generation = registry.fingerprint(), registry.generation()
         vectors, rows = [], []
         for task in registry.latest():
             v = task.key().routing_vectors
             vectors.append(v)
             rows += [(task.task_id, task.version)] * len(v)
         stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
-        return cls(stacked, rows, registry.fingerprint())
+        return cls(stacked, rows, fingerprint, generation=generation)
 
     @classmethod
-    def load(cls, registry: Registry) -> "Router":
-        """The persisted index when it matches the store, else a rebuilt one (persisted when writable)."""
-        index_dir = registry.root / "index"
-        meta_file, index_file = index_dir / "index.json", index_dir / "keys.faiss"
-        fingerprint = registry.fingerprint()
+    def load(cls, registry: Registry, persist: bool = True) -> "Router":
+        """The persisted index when it matches the store, else a rebuilt one, persisted when `persist` and the
+        registry's write lock is free (the index is derived state: a reader never races a writer for it)."""
+        fingerprint, generation = registry.fingerprint(), registry.generation()
         try:
-            meta = json.loads(meta_file.read_text())
+            meta, index = read_index(registry)
             if meta["fingerprint"] == fingerprint:
-                index = faiss.read_index(str(index_file))
-                _tune(index)
-                router = cls(np.zeros((0, 0), np.float32), [tuple(r) for r in meta["rows"]], fingerprint)
+                router = cls(np.zeros((0, 0), np.float32), [tuple(r) for r in meta["rows"]], fingerprint,
+                             generation=generation)
                 router.index = index
                 router._max_centroids = meta["max_centroids"]
-                router._key_norm2 = meta.get("key_norm2", 0.0)
+                router._key_norm2 = meta["key_norm2"]
                 return router
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass  # missing, stale or unreadable: derived state, so rebuild it
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            pass  # missing, stale, torn or unreadable: derived state, so rebuild it
         router = cls.build(registry)
-        try:
-            router.save(registry)
-        except OSError:
-            pass  # a read-only registry still routes, it just rebuilds on every start
+        if persist:
+            try:
+                with registry.writing_if_free() as writable:
+                    if writable:
+                        router.save(registry)
+            except OSError:
+                pass  # a read-only registry still routes, it just rebuilds on every start
         return router
 
     def save(self, registry: Registry) -> None:
+        """Under the registry's write lock: the keys go to a file of their own name, then index.json, which names
+        it, replaces the old one atomically, so a reader sees the old pair or the new one, never a mix."""
         index_dir = registry.root / "index"
         index_dir.mkdir(exist_ok=True)
+        name = None
         if self.index is not None:
-            with atomic_path(index_dir / "keys.faiss") as tmp:
+            name = f"keys-{uuid.uuid4().hex[:12]}.faiss"
+            with atomic_path(index_dir / name) as tmp:
                 faiss.write_index(self.index, str(tmp))
-        meta = {"fingerprint": self.fingerprint, "rows": self.rows, "max_centroids": self._max_centroids,
-                "key_norm2": self._key_norm2}
+        meta = {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "generation": self.generation,
+                "rows": self.rows, "max_centroids": self._max_centroids, "key_norm2": self._key_norm2,
+                "keys": name, "ntotal": self.index.ntotal if self.index is not None else 0,
+                "dim": self.index.d if self.index is not None else 0}
         with atomic_path(index_dir / "index.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        for old in index_dir.glob("keys*.faiss"):  # readers that still open the old file have it open already
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len({r[0] for r in self.rows})
@@ -162,6 +180,51 @@ class Router:
                     seen[self.rows[i][0]] = Candidate(self.rows[i][0], self.rows[i][1], float(s))
             out.append(list(seen.values())[:k])
         return out
+
+
+def read_index(registry: Registry) -> tuple[dict, faiss.Index | None]:
+    """The persisted index and its description; ValueError when they disagree with each other (a torn or
+    tampered pair), OSError/KeyError when missing."""
+    index_dir = registry.root / "index"
+    meta = json.loads((index_dir / "index.json").read_text())
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"index format {meta.get('format')!r} (this cit writes {INDEX_FORMAT})")
+    index = None
+    if meta["keys"] is not None:
+        if "/" in meta["keys"] or not meta["keys"].endswith(".faiss"):
+            raise ValueError(f"index.json names {meta['keys']!r}, not a keys file of its own")
+        index = faiss.read_index(str(index_dir / meta["keys"]))
+        _tune(index)
+    ntotal, dim = (index.ntotal, index.d) if index is not None else (0, 0)
+    if (ntotal, dim) != (meta["ntotal"], meta["dim"]) or ntotal != len(meta["rows"]):
+        raise ValueError(f"the keys file holds {ntotal} keys of {dim} dimensions; index.json says "
+                         f"{meta['ntotal']} of {meta['dim']} for {len(meta['rows'])} rows")
+    return meta, index
+
+
+def verify_index(registry: Registry) -> list[str]:
+    """Problems of the persisted routing index, one line each: missing, stale, torn, or keys that are not the
+    tasks' keys."""
+    try:
+        meta, index = read_index(registry)
+    except FileNotFoundError:
+        return ["routing index is missing (it is rebuilt on the next server start or add-task)"]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        return [f"routing index is unreadable or torn: {exc}"]
+    if meta["fingerprint"] != registry.fingerprint():
+        return ["routing index is stale (it is rebuilt on the next server start or add-task)"]
+    built = Router.build(registry)
+    if [list(r) for r in built.rows] != [list(r) for r in meta["rows"]]:
+        return ["routing index rows disagree with the task keys"]
+    if index is not None and not np.allclose(_keys_of(index), _keys_of(built.index), atol=1e-5):
+        return ["routing index keys differ from the task keys"]
+    return []
+
+
+def _keys_of(index: faiss.Index) -> np.ndarray:
+    """The full keys an index holds (an approximate index keeps them for exact re-ranking)."""
+    flat = faiss.downcast_index(index.refine_index) if isinstance(index, faiss.IndexRefine) else index
+    return flat.reconstruct_n(0, flat.ntotal)
 
 
 # Reuse a task's adapter at this similarity or above. Measured on the shipped tasks: the same data set redrawn

@@ -1,20 +1,25 @@
 """The registry on disk.
 
-    <root>/registry.json                         marks the directory as a registry
+    <root>/registry.json                         format, and the backbone its tasks fit (recorded at the first
+                                                 commit: identity, widths of keys, projections and LoRAs)
+    <root>/generation                            a counter bumped by every commit: change detection is one read
     <root>/tasks/<task_id>/v0001/task.json       the task card of version 1
                                /key.safetensors  the task key (centroids)
                                /adapter/         the projection: adapter_config.json + adapter_model.safetensors
                                /lora/            LoRA tasks only: a LoRA on the LM in PEFT's own format
                                /method/          shared-connector tasks only: the method's memory
+                               /eval/            optional: held-out evaluation snapshots, one folder a data set
                                /manifest.json    sha256 of every other file of the version
     <root>/index/                                derived routing index (see router.py)
     <root>/.staging/                             versions being written
     <root>/.lock                                 held (flock) by the one process writing
 
-A version is written whole into .staging, fsynced, then renamed into place: rename is atomic, so a reader sees
-a complete version or none. Versions are never modified afterwards; the manifest lets `verify` prove it. One
-writer at a time: a second gets RegistryLocked at once, with the holder's pid. A writer that was killed leaves at
-most a directory in .staging, which the next writer removes.
+A version is written whole into .staging, fsynced, then renamed into place and the directories that gained an
+entry are fsynced: rename is atomic, so a reader sees a complete version or none, and a version is durable once
+commit returns (power loss included: scripts/crash_states.py checks every crash state). Versions are never
+modified afterwards; the manifest lets `verify` prove it. One writer at a time: a second gets RegistryLocked at
+once, with the holder's pid. A writer that was killed leaves at most a directory in .staging, which the next
+writer removes. Nothing read from a card or a bundle is ever used as a path.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,21 +40,30 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import jsonschema
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-FORMAT_VERSION = 1
+log = logging.getLogger("cit.registry")
+FORMAT_VERSION = 2  # 2: registry.json records the backbone; the generation counter (migrate: cit-registry migrate)
 MANIFEST = "manifest.json"
-BUNDLE_FORMAT = 1
+GENERATION = "generation"
+BUNDLE_FORMAT = 2   # 2: bundle.json carries its registry's backbone record; format 1 bundles still import
+# A bundle is refused beyond these (a tar can claim any size; sparse members claim it for free).
+MAX_BUNDLE_MEMBERS = 20_000
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_BUNDLE_BYTES = 1024 * 1024 * 1024
 # What each adapter kind's version holds besides task.json and key.safetensors, and each part's files.
 # "shared": a task trained with a shared-connector method (seqft, ewc, ...): adapter/ is the one connector all
 # tasks of that method share, as it stood after this task; the newest such version serves them all.
 PARTS = {"eproj": ("adapter",), "lora": ("adapter", "lora"), "shared": ("adapter", "method")}
+OPTIONAL_PARTS = ("eval",)  # held-out evaluation snapshots (cit_registry.snapshots), any adapter kind
 PART_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
               "lora": ("adapter_config.json", "adapter_model.safetensors"),
               "method": ("state.json", "state.safetensors")}
-TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-VERSION_DIR = re.compile(r"^v(\d{4,})$")
+TASK_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # used with fullmatch: "$" would let a trailing newline in
+VERSION_DIR = re.compile(r"v(\d{4,})")
 
 
 class TaskNotFound(KeyError):
@@ -62,6 +77,14 @@ class RegistryLocked(RuntimeError):
 
 class BundleError(ValueError):
     """A task bundle is malformed, tampered with, or does not fit the registry."""
+
+
+class InvalidCard(ValueError):
+    """A task card does not match the card schema."""
+
+
+class BackboneMismatch(ValueError):
+    """A task's key or adapter does not fit the backbone this registry's tasks were trained on."""
 
 
 def sha256_file(path: Path) -> str:
@@ -78,7 +101,7 @@ def _file_hashes(directory: Path) -> dict[str, str]:
 
 
 def validate_task_id(task_id: str) -> str:
-    if not TASK_ID.match(task_id) or ".." in task_id:
+    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id) or ".." in task_id:
         raise ValueError(
             f"invalid task id {task_id!r}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit"
         )
@@ -136,6 +159,35 @@ def routing_query(image: np.ndarray, instruction: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([_unit(image), _unit(instruction)], axis=1), dtype=np.float32)
 
 
+NUMBER = {"type": ["number", "null"]}
+# What every reader of a card relies on (the server's ListTasks and GetTask, `cit-registry list`, add-task's
+# re-measurement): checked when a card is written, imported and read. Other fields may be added freely.
+CARD_SCHEMA = {
+    "type": "object",
+    "required": ["task_id", "version", "adapter_kind", "decision"],
+    "properties": {
+        "task_id": {"type": "string", "minLength": 1, "maxLength": 64},
+        "version": {"type": "integer", "minimum": 1},
+        "adapter_kind": {"enum": sorted(PARTS)},
+        "decision": {"type": "object", "properties": {
+            "action": {"type": "string"}, "similarity": NUMBER, "threshold": NUMBER,
+            "most_similar": {"type": ["string", "null"]}, "dataset": {"type": ["string", "null"]}}},
+        "similarities": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": NUMBER}},
+        "metrics": {"type": "object", "properties": {
+            "accuracy_before": NUMBER, "accuracy_after": NUMBER, "forgetting": {"type": "object"}}},
+        "training": {"type": "object", "properties": {"method": {"type": "string"}, "sequence": {"type": "integer"}}},
+        "datasets": {"type": "array", "items": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string", "minLength": 1}, "samples": {"type": "integer"},
+                           "accuracy_after": NUMBER, "eval_correct": {"type": "string", "pattern": "^[01]*$"},
+                           "train": {"type": ["string", "null"]}, "test": {"type": ["string", "null"]}}}},
+        "created_at": {"type": "string"},
+    },
+}
+_CARD_VALIDATOR = jsonschema.Draft202012Validator(CARD_SCHEMA)
+
+
 @dataclass
 class TaskCard:
     """task.json: everything an operator needs to know about one task version."""
@@ -152,7 +204,20 @@ class TaskCard:
 
     @staticmethod
     def from_json(text: str) -> "TaskCard":
-        raw = json.loads(text)
+        """A card read from text, checked against CARD_SCHEMA (InvalidCard when it does not match)."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidCard(f"the task card is not JSON: {exc}") from None
+        return TaskCard.from_dict(raw)
+
+    @staticmethod
+    def from_dict(raw) -> "TaskCard":
+        error = next(iter(sorted(_CARD_VALIDATOR.iter_errors(raw), key=lambda e: list(e.path))), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "the card"
+            raise InvalidCard(f"the task card does not match its schema at {where}: {error.message}")
+        validate_task_id(raw["task_id"])
         return TaskCard(**{k: v for k, v in raw.items() if k in TaskCard.__dataclass_fields__})
 
     def to_json(self) -> str:
@@ -184,6 +249,11 @@ class TaskVersion:
         return self.path / "lora" if self.card.adapter_kind == "lora" else None
 
     @property
+    def eval_dir(self) -> Path:
+        """Held-out evaluation snapshots of the data sets this version serves (may be absent)."""
+        return self.path / "eval"
+
+    @property
     def shared_method(self) -> str | None:
         """The shared-connector method whose lineage this version belongs to (None: the task owns its adapter)."""
         return self.card.training.get("method") if self.card.adapter_kind == "shared" else None
@@ -193,10 +263,52 @@ class TaskVersion:
 
     def centroids(self) -> int:
         """Routing centroids in the task key, read from the file's header (no tensor is loaded)."""
-        from safetensors import safe_open
-
         with safe_open(str(self.path / "key.safetensors"), "np") as f:
             return f.get_slice("counts").get_shape()[0]
+
+
+def version_shapes(path: Path) -> dict:
+    """The widths a version's files commit it to: its key's parts, its projection and, for a LoRA, the LM sizes
+    its matrices act on. Read from JSON and safetensors headers only."""
+    shapes: dict = {}
+    with safe_open(str(path / "key.safetensors"), "np") as f:
+        shapes["key"] = {part: f.get_slice(part).get_shape()[1] for part in ("image", "instruction", "output")}
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+    shapes["adapter"] = {k: config.get(k) for k in ("feature_dim", "hidden_size", "num_tokens", "projector")}
+    if (path / "lora").is_dir():
+        lora = json.loads((path / "lora" / "adapter_config.json").read_text())
+        modules: dict[str, list[int]] = {}
+        with safe_open(str(path / "lora" / "adapter_model.safetensors"), "np") as f:
+            for name in f.keys():
+                module = next((p for p in name.split(".") if p.endswith("_proj")), name)
+                in_out, shape = modules.setdefault(module, [0, 0]), f.get_slice(name).get_shape()
+                if ".lora_A." in name:  # [rank, in]
+                    in_out[0] = shape[1]
+                elif ".lora_B." in name:  # [out, rank]
+                    in_out[1] = shape[0]
+        shapes["lora"] = {"base_model": lora.get("base_model_name_or_path"), "modules": modules}
+    return shapes
+
+
+def _fit_problems(record: dict, shapes: dict) -> list[str]:
+    """How a version's shapes differ from a registry's backbone record (none: it fits)."""
+    problems = []
+    for section in ("key", "adapter"):
+        for name, want in record.get(section, {}).items():
+            if shapes[section].get(name) != want:
+                problems.append(f"{section} {name} is {shapes[section].get(name)!r}, the registry's is {want!r}")
+    if "lora" in shapes and "lora" in record:
+        want, have = record["lora"], shapes["lora"]
+        if have["base_model"] != want["base_model"]:
+            problems.append(f"the LoRA is for {have['base_model']!r}, the registry's LM is {want['base_model']!r}")
+        for module, sizes in have["modules"].items():
+            if module in want["modules"] and sizes != want["modules"][module]:
+                problems.append(f"LoRA on {module} acts on {sizes}, the registry's LM has {want['modules'][module]}")
+    return problems
+
+
+def _record_of(shapes: dict, identity: str | None) -> dict:
+    return {"identity": identity, **shapes}
 
 
 class Registry:
@@ -212,10 +324,13 @@ class Registry:
         if not marker.exists():
             if not create:
                 raise FileNotFoundError(f"no registry at {root} (create one with `cit-trainer add-task`)")
-            root.mkdir(parents=True, exist_ok=True)
+            _make_dirs(root / "tasks")  # the layout exists before any commit: a commit makes no directory but its task's
             with atomic_path(marker) as tmp:
-                tmp.write_text(json.dumps({"format": FORMAT_VERSION}, indent=2) + "\n")
+                tmp.write_text(json.dumps({"format": FORMAT_VERSION, "backbone": None}, indent=2) + "\n")
         fmt = json.loads(marker.read_text()).get("format")
+        if fmt == 1:
+            raise ValueError(f"registry {root} has format 1 (written by an older cit); this cit reads format "
+                             f"{FORMAT_VERSION}: upgrade it with `cit-registry migrate --registry {root}`")
         if fmt != FORMAT_VERSION:
             raise ValueError(f"registry {root} has format {fmt}; this cit reads format {FORMAT_VERSION}")
         return cls(root)
@@ -223,6 +338,22 @@ class Registry:
     @property
     def tasks_dir(self) -> Path:
         return self.root / "tasks"
+
+    # -- what the registry says about itself
+    def meta(self) -> dict:
+        return json.loads((self.root / "registry.json").read_text())
+
+    def backbone(self) -> dict | None:
+        """The backbone record: identity and the widths every task's key, projection and LoRA must have (None
+        until the first commit)."""
+        return self.meta().get("backbone")
+
+    def generation(self) -> int:
+        """Bumped by every commit: a reader that saw the same generation has seen every commit (one small read)."""
+        try:
+            return int((self.root / GENERATION).read_text())
+        except FileNotFoundError:
+            return 0
 
     def task_ids(self) -> list[str]:
         if not self.tasks_dir.exists():
@@ -233,10 +364,10 @@ class Registry:
         d = self.tasks_dir / task_id
         if not d.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_DIR.match(p.name)))
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_DIR.fullmatch(p.name)))
 
     def get(self, task_id: str, version: int | None = None) -> TaskVersion:
-        versions = self._versions(task_id) if TASK_ID.match(task_id) else []
+        versions = self._versions(task_id) if TASK_ID.fullmatch(task_id) else []
         if not versions or (version is not None and version not in versions):
             raise TaskNotFound(f"no task {task_id!r}" + (f" version {version}" if version else "") + " in the registry")
         version = version or versions[-1]
@@ -244,8 +375,15 @@ class Registry:
         return TaskVersion(TaskCard.from_json((path / "task.json").read_text()), path)
 
     def latest(self) -> list[TaskVersion]:
-        """The newest version of every task: what the router serves."""
-        return [self.get(t) for t in self.task_ids()]
+        """The newest version of every task: what the router serves. A version whose card cannot be read is left
+        out (and logged; `verify` reports it): one damaged task never breaks the others."""
+        out = []
+        for task_id in self.task_ids():
+            try:
+                out.append(self.get(task_id))
+            except (OSError, InvalidCard) as exc:
+                log.warning("task %s is left out: its newest version cannot be read (%s)", task_id, exc)
+        return out
 
     def fingerprint(self) -> list[list]:
         """(task id, version) of every served task: the routing index is stale when this changes."""
@@ -276,96 +414,145 @@ class Registry:
                 os.close(self._lock_fd)  # closing releases the flock
                 self._lock_fd = None
 
+    @contextmanager
+    def writing_if_free(self) -> Iterator[bool]:
+        """The write lock if nobody holds it (True), else nothing (False): for derived state a reader may write."""
+        try:
+            with self.writing():
+                yield True
+        except RegistryLocked:
+            yield False
+
     def shared_head(self, method: str) -> TaskVersion | None:
         """The newest version trained with a shared-connector method: its connector serves every task of it."""
         lineage = [t for t in self.latest() if t.shared_method == method]
         return max(lineage, key=lambda t: t.card.training.get("sequence", 0), default=None)
 
-    def commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]]) -> TaskVersion:
+    def commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]],
+               backbone: str | None = None) -> TaskVersion:
         """Write a new task version atomically. card.version must be the next version of card.task_id; parts maps
-        each directory of the card's adapter kind (PARTS) to a function that writes it."""
-        if card.adapter_kind not in PARTS or set(parts) != set(PARTS[card.adapter_kind]):
+        each directory of the card's adapter kind (PARTS, plus any OPTIONAL_PARTS) to a function that writes it.
+        `backbone`: the identity of the backbone it was trained on, recorded by the registry's first commit and
+        checked by every later one, as are the widths of keys, projections and LoRAs (BackboneMismatch)."""
+        required = set(PARTS.get(card.adapter_kind, ()))
+        if card.adapter_kind not in PARTS or not required <= set(parts) <= required | set(OPTIONAL_PARTS):
             raise ValueError(f"a {card.adapter_kind!r} task is written as parts "
                              f"{', '.join(PARTS.get(card.adapter_kind, ()))}, not {', '.join(parts)}")
-        validate_task_id(card.task_id)
+        TaskCard.from_dict(asdict(card))  # a card nobody could read back is refused before anything is written
         expected = (self._versions(card.task_id) or [0])[-1] + 1
         if card.version != expected:
             raise ValueError(f"task {card.task_id!r}: next version is {expected}, not {card.version}")
         with self.writing():
-            return self._commit(card, key, parts)
+            return self._commit(card, key, parts, backbone)
 
-    def _commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]]) -> TaskVersion:
+    def _commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]],
+                identity: str | None, record: dict | None = None) -> TaskVersion:
+        # .staging is scratch space: its own entry needs no fsync (a version in it is renamed out, then durable)
+        (self.root / ".staging").mkdir(exist_ok=True)
         staging = self.root / ".staging" / f"{card.task_id}-v{card.version:04d}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
+        staging.mkdir()
         try:
             for name, write in parts.items():
                 write(staging / name)
             key.save(staging / "key.safetensors")
             (staging / "task.json").write_text(card.to_json())
             (staging / MANIFEST).write_text(json.dumps({"files": _file_hashes(staging)}, indent=2) + "\n")
+            _check_part_files(staging)
+            self._check_backbone(staging, identity, record)
             for f in staging.rglob("*"):
                 if f.is_file():
                     _fsync(f)
             for d in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
                 _fsync(d)
             final = self.tasks_dir / card.task_id / f"v{card.version:04d}"
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(final.parent)
             os.rename(staging, final)  # fails if another writer took this version first: nothing is overwritten
             _fsync(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self._bump_generation()
         return self.get(card.task_id, card.version)
+
+    def _check_backbone(self, staging: Path, identity: str | None, record: dict | None) -> None:
+        """The version must fit the registry's backbone record; the registry's first commit (and its first LoRA,
+        and the first commit that names the backbone) completes the record, written before the version lands."""
+        shapes = version_shapes(staging)
+        meta = self.meta()
+        current = meta.get("backbone")
+        if record is not None:  # an imported bundle's own record: its identity must agree too
+            identity = identity or record.get("identity")
+        if current is None:
+            updated = _record_of(shapes, identity)
+        else:
+            problems = _fit_problems(current, shapes)
+            if identity and current.get("identity") and identity != current["identity"]:
+                problems.insert(0, f"it was trained on {identity!r}, this registry's tasks on {current['identity']!r}")
+            if problems:
+                raise BackboneMismatch("the task does not fit this registry's backbone: " + "; ".join(problems))
+            updated = {**current, "identity": current.get("identity") or identity}
+            if "lora" in shapes and "lora" not in current:
+                updated["lora"] = shapes["lora"]
+            elif "lora" in shapes:  # modules a later LoRA adapts for the first time
+                updated["lora"] = {**current["lora"], "modules": {**shapes["lora"]["modules"],
+                                                                  **current["lora"]["modules"]}}
+        if updated != current:
+            self._write_meta({**meta, "backbone": updated})
+
+    def _write_meta(self, meta: dict) -> None:
+        with atomic_path(self.root / "registry.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def _bump_generation(self) -> None:
+        with atomic_path(self.root / GENERATION) as tmp:
+            tmp.write_text(f"{self.generation() + 1}\n")
 
     def verify(self) -> Iterator[str]:
         """Problems found in the store, one line each (none: the store is sound)."""
+        record = self.backbone()
         for task_id in self.task_ids():
             for v in self._versions(task_id):
                 seen: set[str] = set()
-                for problem in self._verify_version(task_id, v):
+                for problem in self._verify_version(task_id, v, record):
                     if problem not in seen:  # a missing file is found by the part check and the manifest alike
                         seen.add(problem)
                         yield f"{task_id} v{v}: {problem}"
 
-    def _verify_version(self, task_id: str, v: int) -> Iterator[str]:
+    def _verify_version(self, task_id: str, v: int, record: dict | None) -> Iterator[str]:
         path = self.tasks_dir / task_id / f"v{v:04d}"
-        for rel in ("task.json", "key.safetensors"):
-            if not (path / rel).is_file():
-                yield f"missing {rel}"
+        problems = [f"missing {rel}" for rel in ("task.json", "key.safetensors") if not (path / rel).is_file()]
         try:
+            if not (path / MANIFEST).is_file():
+                problems.append(f"missing {MANIFEST}: its files cannot be checked")
+            else:
+                problems += _manifest_problems(path)
             card = TaskCard.from_json((path / "task.json").read_text())
-            if card.adapter_kind not in PARTS:
-                yield f"unknown adapter kind {card.adapter_kind!r}"
-            for part in PARTS.get(card.adapter_kind, ()):
-                for name in PART_FILES[part]:
-                    if not (path / part / name).is_file():
-                        yield f"missing {part}/{name}"
-            if (path / MANIFEST).is_file():  # versions written before manifests existed have none
-                listed = json.loads((path / MANIFEST).read_text())["files"]
-                found = _file_hashes(path)
-                for rel in sorted(set(listed) | set(found)):
-                    if rel not in found:
-                        yield f"missing {rel}"
-                    elif rel not in listed:
-                        yield f"unlisted file {rel}"
-                    elif listed[rel] != found[rel]:
-                        yield f"{rel} changed since it was written (sha256 differs)"
+            problems += [f"missing {part}/{name}" for part in PARTS[card.adapter_kind] for name in PART_FILES[part]
+                         if not (path / part / name).is_file()]
+            problems += _part_file_problems(path)
             if (card.task_id, card.version) != (task_id, v):
-                yield f"card says {card.task_id} v{card.version}"
+                problems.append(f"card says {card.task_id} v{card.version}")
             key = TaskKey.load(path / "key.safetensors")
             if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0):
-                yield "key parts disagree in centroid count"
+                problems.append("key parts disagree in centroid count")
+            if record is not None and not problems:  # widths are read from the files: only when they are whole
+                problems += [f"does not fit the registry's backbone: {p}" for p in _fit_problems(record, version_shapes(path))]
         except Exception as exc:  # any unreadable file is a finding, not a crash
-            yield f"unreadable: {exc}"
+            problems.append(f"unreadable: {exc}")
+        yield from problems
 
     # -- moving one task between registries
     def export_bundle(self, task_id: str, out: Path, version: int | None = None) -> Path:
-        """One task version as a single tar file: bundle.json (sha256 of every file) and the version's files."""
+        """One task version as a single tar file: bundle.json (sha256 of every file, the registry's backbone
+        record) and the version's files. A version that fails its checks is not exported (BundleError)."""
         t = self.get(task_id, version)
-        files = _file_hashes(t.path)
-        if (t.path / MANIFEST).is_file():
-            files[MANIFEST] = sha256_file(t.path / MANIFEST)
-        meta = {"format": BUNDLE_FORMAT, "task_id": t.task_id, "version": t.version, "files": files}
+        problems = list(self._verify_version(t.task_id, t.version, self.backbone()))
+        if problems:
+            raise BundleError(f"{t.task_id} v{t.version} is damaged, not exported: {'; '.join(problems)}")
+        files = json.loads((t.path / MANIFEST).read_text())["files"]  # checked against the files just now
+        files[MANIFEST] = sha256_file(t.path / MANIFEST)
+        meta = {"format": BUNDLE_FORMAT, "task_id": t.task_id, "version": t.version, "files": files,
+                "backbone": self.backbone()}
         out = Path(out)
         with atomic_path(out) as tmp, tarfile.open(tmp, "w") as tar:
             data = (json.dumps(meta, indent=2) + "\n").encode()
@@ -377,54 +564,178 @@ class Registry:
         return out
 
     def import_bundle(self, bundle: Path, task_id: str | None = None) -> TaskVersion:
-        """Add a bundle's task as the next version of `task_id` (default: its own id), after checking every hash.
+        """Add a bundle's task as the next version of `task_id` (default: its own id), after checking every hash,
+        the bundle's own manifest, the card's schema and that its key and adapter fit this registry's backbone.
         The card keeps its lineage: where it came from is added to its decision."""
         with self.writing():  # extracted under .staging: a killed import leaves nothing the next writer keeps
             (self.root / ".staging").mkdir(exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="import-", dir=self.root / ".staging") as tmp:
                 meta = _extract_bundle(Path(bundle), Path(tmp))
                 src = Path(tmp) / "task"
-                card = TaskCard.from_json((src / "task.json").read_text())
-                if card.adapter_kind not in PARTS:
-                    raise BundleError(f"bundle holds an unknown adapter kind {card.adapter_kind!r}")
-                target = validate_task_id(task_id or meta["task_id"])
-                card.decision = {**card.decision, "imported_from": {"task_id": meta["task_id"],
-                                 "version": meta["version"], "bundle_sha256": sha256_file(Path(bundle))}}
+                if (src / MANIFEST).is_file():  # the exporter's manifest must agree with what arrived
+                    problems = list(_manifest_problems(src))
+                    if problems:
+                        raise BundleError(f"{bundle}: the files disagree with the version's manifest: "
+                                          + "; ".join(problems))
+                try:
+                    card = TaskCard.from_json((src / "task.json").read_text())
+                except InvalidCard as exc:
+                    raise BundleError(f"{bundle}: {exc}") from None
+                target = validate_task_id(task_id or card.task_id)
+                card.decision = {**card.decision, "imported_from": {"task_id": card.task_id,
+                                 "version": card.version, "bundle_sha256": sha256_file(Path(bundle))}}
                 card.task_id, card.version = target, (self._versions(target) or [0])[-1] + 1
-                parts = {p: (lambda d, p=p: shutil.copytree(src / p, d)) for p in PARTS[card.adapter_kind]}
-                return self._commit(card, TaskKey.load(src / "key.safetensors"), parts)
+                parts = {p: (lambda d, p=p: shutil.copytree(src / p, d))
+                         for p in (*PARTS[card.adapter_kind], *OPTIONAL_PARTS) if (src / p).is_dir()}
+                try:
+                    key = TaskKey.load(src / "key.safetensors")
+                except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a bad header
+                    raise BundleError(f"{bundle}: the task key cannot be read: {exc}") from None
+                if set(PARTS[card.adapter_kind]) - set(parts):
+                    raise BundleError(f"{bundle}: a {card.adapter_kind} task needs parts "
+                                      f"{', '.join(PARTS[card.adapter_kind])}")
+                return self._commit(card, key, parts, None, record=meta.get("backbone"))
+
+
+def _part_file_problems(path: Path) -> list[str]:
+    """Files a version's parts may not hold: anything but their own (a pickled adapter_model.bin beside or instead
+    of the safetensors, which PEFT's loader would read)."""
+    problems = []
+    for part, names in PART_FILES.items():
+        if (path / part).is_dir():
+            problems += [f"{part}/{p.name} is not one of the part's files ({', '.join(names)})"
+                         for p in sorted((path / part).iterdir()) if p.name not in names]
+    for p in sorted((path / "eval").rglob("*")) if (path / "eval").is_dir() else []:
+        image = p.parent.name == "images" and p.suffix.lower() in (".png", ".jpg", ".jpeg")
+        if p.is_file() and not (p.name == "samples.jsonl" or image):
+            problems.append(f"{p.relative_to(path)} is not a snapshot's file")
+    return problems
+
+
+def _check_part_files(path: Path) -> None:
+    problems = _part_file_problems(path)
+    if problems:
+        raise ValueError("refused: " + "; ".join(problems))
+
+
+def _manifest_problems(path: Path) -> Iterator[str]:
+    listed = json.loads((path / MANIFEST).read_text())["files"]
+    found = _file_hashes(path)
+    for rel in sorted(set(listed) | set(found)):
+        if rel not in found:
+            yield f"missing {rel}"
+        elif rel not in listed:
+            yield f"unlisted file {rel}"
+        elif listed[rel] != found[rel]:
+            yield f"{rel} changed since it was written (sha256 differs)"
 
 
 def _extract_bundle(bundle: Path, into: Path) -> dict:
-    """Extract only regular files named in bundle.json, each checked against its sha256. Nothing else is read."""
+    """Extract only regular files named in bundle.json, each streamed to disk while its sha256 is computed and
+    checked. Refused before anything is written: more members or bytes than the limits allow, sparse members."""
     try:
         with tarfile.open(bundle, "r:") as tar:
-            members = {m.name: m for m in tar.getmembers()}
+            members = {}
+            for member in tar:  # headers only: a member's data is not read here
+                if len(members) >= MAX_BUNDLE_MEMBERS:
+                    _refuse_oversized(bundle, [*members.values(), member])
+                members[member.name] = member
             if "bundle.json" not in members or not members["bundle.json"].isfile():
                 raise BundleError(f"{bundle} is not a task bundle (no bundle.json)")
+            _refuse_oversized(bundle, list(members.values()))
+            if members["bundle.json"].size > 16 * 1024 * 1024:  # read whole: a small file
+                raise BundleError(f"{bundle}: bundle.json is too large")
             meta = json.loads(tar.extractfile(members["bundle.json"]).read())
-            if meta.get("format") != BUNDLE_FORMAT or not isinstance(meta.get("files"), dict):
-                raise BundleError(f"{bundle}: unsupported bundle format {meta.get('format')!r}")
+            if not isinstance(meta, dict) or meta.get("format") not in (1, BUNDLE_FORMAT) \
+                    or not isinstance(meta.get("files"), dict):
+                raise BundleError(f"{bundle}: unsupported bundle format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+            if meta.get("backbone") is not None and not isinstance(meta["backbone"], dict):
+                raise BundleError(f"{bundle}: its backbone record is not an object")
             extra = set(members) - {"bundle.json"} - {f"task/{rel}" for rel in meta["files"]}
             if extra:
                 raise BundleError(f"{bundle}: files not listed in bundle.json: {', '.join(sorted(extra))}")
             for rel, digest in meta["files"].items():
                 member = members.get(f"task/{rel}")
-                parts = Path(rel).parts
-                if member is None or not member.isfile() or Path(rel).is_absolute() or ".." in parts:
+                if member is None or not member.isfile() or not _stays_inside(rel):
                     raise BundleError(f"{bundle}: {rel!r} is missing or not a plain file inside the bundle")
-                data = tar.extractfile(member).read()
-                if hashlib.sha256(data).hexdigest() != digest:
-                    raise BundleError(f"{bundle}: {rel} does not match its sha256 (damaged or tampered with)")
                 target = into / "task" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-    except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                sha = hashlib.sha256()
+                with tar.extractfile(member) as src, open(target, "wb") as dst:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        sha.update(block)
+                        dst.write(block)
+                if sha.hexdigest() != digest:
+                    raise BundleError(f"{bundle}: {rel} does not match its sha256 (damaged or tampered with)")
+    except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as exc:
         raise BundleError(f"{bundle} is not a readable task bundle: {exc}") from None
     for required in ("task.json", "key.safetensors"):
         if not (into / "task" / required).is_file():
             raise BundleError(f"{bundle}: the bundle has no {required}")
     return meta
+
+
+def _refuse_oversized(bundle: Path, members: list[tarfile.TarInfo]) -> None:
+    """From the headers alone: too many members, a member or a whole too large, a sparse member (one that claims
+    bytes it does not hold: 10 KiB on disk can claim 2 GiB)."""
+    if len(members) > MAX_BUNDLE_MEMBERS:
+        raise BundleError(f"{bundle}: more than {MAX_BUNDLE_MEMBERS} members")
+    for member in members:
+        if member.issparse():
+            raise BundleError(f"{bundle}: {member.name!r} is a sparse file (refused: it claims {member.size} bytes "
+                              "it does not hold)")
+        if member.size > MAX_MEMBER_BYTES:
+            raise BundleError(f"{bundle}: {member.name!r} has {member.size} bytes; the limit is {MAX_MEMBER_BYTES}")
+    total = sum(m.size for m in members)
+    if total > MAX_BUNDLE_BYTES:
+        raise BundleError(f"{bundle}: its files hold {total} bytes; the limit is {MAX_BUNDLE_BYTES}")
+
+
+def _stays_inside(rel: str) -> bool:
+    """A bundle's file name that cannot leave the directory it is extracted into."""
+    return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+
+
+# -- format 1 -> 2
+def migrate(root: Path, identity: str | None = None, log=print) -> bool:
+    """Upgrade a registry written by an older cit to FORMAT_VERSION in place; False when it already is. Format 1
+    -> 2: registry.json gains the backbone record (the widths every version has; they must agree) and the
+    generation counter starts; versions written before manifests existed get one, of their files as they are now
+    (said per version: run `verify` before migrating if in doubt). Versions themselves are not changed."""
+    root = Path(root)
+    marker = root / "registry.json"
+    if not marker.exists():
+        raise FileNotFoundError(f"no registry at {root}")
+    meta = json.loads(marker.read_text())
+    if meta.get("format") == FORMAT_VERSION:
+        return False
+    if meta.get("format") != 1:
+        raise ValueError(f"registry {root} has format {meta.get('format')}; migrate upgrades format 1")
+    registry = Registry(root)
+    with registry.writing():
+        record: dict | None = None
+        for task_id in registry.task_ids():
+            for v in registry._versions(task_id):
+                path = registry.tasks_dir / task_id / f"v{v:04d}"
+                if not (path / MANIFEST).is_file():
+                    with atomic_path(path / MANIFEST) as tmp:
+                        tmp.write_text(json.dumps({"files": _file_hashes(path)}, indent=2) + "\n")
+                    log(f"{task_id} v{v}: had no manifest; one is written of its files as they are now")
+                shapes = version_shapes(path)
+                if record is None:
+                    record = _record_of(shapes, identity)
+                problems = _fit_problems(record, shapes)
+                if problems:
+                    raise BackboneMismatch(f"{task_id} v{v} does not fit the other tasks' backbone: "
+                                           + "; ".join(problems))
+                if "lora" in shapes:
+                    record["lora"] = {"base_model": shapes["lora"]["base_model"],
+                                      "modules": {**shapes["lora"]["modules"], **record.get("lora", {}).get("modules", {})}}
+        _make_dirs(registry.tasks_dir)
+        registry._bump_generation()
+        registry._write_meta({**meta, "format": FORMAT_VERSION, "backbone": record})
+    log(f"registry {root}: format 1 -> {FORMAT_VERSION}")
+    return True
 
 
 def _fsync(path: Path) -> None:
@@ -435,13 +746,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: Path) -> None:
+    """mkdir -p, and fsync the parent of every directory made: its entry survives a power loss."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    _fsync(path.parent)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` atomically."""
+    """Yield a temp path beside `path`; on success it replaces `path` atomically and durably (the file, then the
+    directory entry, fsynced)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)

@@ -41,7 +41,8 @@ def _replace(owner, attribute: str, value) -> None:
 ISOLATION = "tests/test_isolation.py"
 
 
-@mutant("greedy-below-1e-5", f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody")
+@mutant("greedy-below-1e-5", "tests/test_fuzz.py",
+        f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody")
 def _greedy():
     """A temperature below 1e-5 is sampled (logits / temperature overflows) instead of decoded greedily."""
     from cit_backbone.language_model import Sampling
@@ -89,13 +90,13 @@ def _vllm_row_error():
 @mutant("prompt-limit-in-tokens", f"{ISOLATION}::test_prompt_limits_are_counted_in_tokens")
 def _prompt_tokens():
     """Only the instruction's characters are limited, not the prompt's tokens."""
-    from cit_server.engine import Engine
+    from cit_server.validation import RequestLimits
 
     def characters_only(self, instruction):
         if not instruction.strip() or len(instruction) > self.config.max_instruction_chars:
             raise ValueError("instruction is empty or too long")
         return instruction
-    _replace(Engine, "validate_instruction", characters_only)
+    _replace(RequestLimits, "instruction", characters_only)
 
 
 @mutant("prefix-cache-bytes", f"{ISOLATION}::test_the_prefix_cache_stays_inside_its_byte_bound")
@@ -280,3 +281,218 @@ def _restart_blocks():
             time.sleep(0.1)
         follow(self)
     _replace(Engine, "_follow_worker", wait_for_the_worker)
+
+
+# -- 4. the registry cannot be poisoned, and what it says is true
+HARD = "tests/test_registry_hardening.py"
+
+
+@mutant("bundle-limits", f"{HARD}::test_a_sparse_member_is_refused_before_anything_is_allocated",
+        f"{HARD}::test_bundles_beyond_the_size_and_count_limits_are_refused")
+def _bundle_limits():
+    """Bundle members are extracted whatever their count, size or sparseness."""
+    from cit_registry import store
+
+    _replace(store, "_refuse_oversized", lambda bundle, members: None)
+
+
+@mutant("bundle-names-stay-inside", f"{HARD}::test_a_listed_file_whose_name_leaves_the_bundle_is_refused")
+def _escape():
+    """A file name listed in bundle.json may leave the directory it is extracted into."""
+    from cit_registry import store
+
+    _replace(store, "_stays_inside", lambda rel: True)
+
+
+@mutant("card-schema", f"{HARD}::test_an_imported_card_must_match_the_card_schema",
+        f"{HARD}::test_a_damaged_card_on_disk_leaves_its_task_out_and_verify_says_so")
+def _schema():
+    """Cards are trusted as they are read: no schema check on import or read."""
+    from types import SimpleNamespace
+
+    from cit_registry import store
+
+    _replace(store, "_CARD_VALIDATOR", SimpleNamespace(iter_errors=lambda raw: iter(())))
+
+
+@mutant("bundle-manifest-agrees", f"{HARD}::test_a_bundle_resigned_after_tampering_disagrees_with_its_manifest")
+def _bundle_manifest():
+    """An imported bundle's files are not checked against the version's own manifest."""
+    from cit_registry import store
+
+    original = store.Registry.import_bundle
+
+    def without_manifest(self, bundle, task_id=None):
+        problems = store._manifest_problems
+        store._manifest_problems = lambda path: iter(())
+        try:
+            return original(self, bundle, task_id)
+        finally:
+            store._manifest_problems = problems
+    _replace(store.Registry, "import_bundle", without_manifest)
+
+
+@mutant("backbone-fit", f"{HARD}::test_a_bundle_from_another_backbone_is_refused_before_it_commits")
+def _fit():
+    """Keys and adapters of any width commit (and stop a server from starting later)."""
+    from cit_registry import store
+
+    _replace(store, "_fit_problems", lambda record, shapes: [])
+
+
+@mutant("index-labelled-before-keys", f"{HARD}::test_the_index_is_labelled_with_what_was_read_before_its_keys")
+def _fingerprint_after():
+    """The index's fingerprint is read after its keys: a commit in between leaves an index that looks fresh."""
+    import numpy as np
+
+    from cit_registry.router import Router
+
+    def build(cls, registry):
+        vectors, rows = [], []
+        for task in registry.latest():
+            v = task.key().routing_vectors
+            vectors.append(v)
+            rows += [(task.task_id, task.version)] * len(v)
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+        return cls(stacked, rows, registry.fingerprint(), generation=registry.generation())
+    _replace(Router, "build", classmethod(build))
+
+
+@mutant("index-pair-checked", f"{HARD}::test_a_torn_index_is_rebuilt_and_verify_reports_it")
+def _torn():
+    """A keys file that does not belong to index.json is read without a check of its count and width."""
+    import json
+
+    import faiss
+
+    from cit_registry import router
+
+    def read_unchecked(registry):
+        meta = json.loads((registry.root / "index" / "index.json").read_text())
+        index = faiss.read_index(str(registry.root / "index" / meta["keys"])) if meta["keys"] else None
+        return meta, index
+    _replace(router, "read_index", read_unchecked)
+
+
+@mutant("verify-compares-index-keys", f"{HARD}::test_a_torn_index_is_rebuilt_and_verify_reports_it")
+def _keys_unchecked():
+    """verify never reads the keys in the index file."""
+    import numpy as np
+
+    from cit_registry import router
+
+    _replace(router, "_keys_of", lambda index: np.zeros(1))
+
+
+@mutant("index-written-under-the-lock", f"{HARD}::test_a_reader_never_writes_the_index_while_a_writer_holds_the_lock")
+def _lockless_index():
+    """A reader (the server) writes the routing index without the registry's write lock."""
+    from contextlib import contextmanager
+
+    from cit_registry.store import Registry
+
+    @contextmanager
+    def always(self):
+        yield True
+    _replace(Registry, "writing_if_free", always)
+
+
+@mutant("verify-missing-manifest",
+        f"{HARD}::test_verify_reports_a_missing_manifest_and_export_refuses_a_damaged_version")
+def _no_manifest():
+    """A version without a manifest passes verify unchecked."""
+    from cit_registry.store import MANIFEST, Registry
+
+    check = Registry._verify_version
+
+    def skip_unlisted(self, task_id, v, record):
+        problems = list(check(self, task_id, v, record))
+        return iter([p for p in problems if MANIFEST not in p])
+    _replace(Registry, "_verify_version", skip_unlisted)
+
+
+@mutant("export-refuses-damaged",
+        f"{HARD}::test_verify_reports_a_missing_manifest_and_export_refuses_a_damaged_version")
+def _export_damaged():
+    """export re-hashes whatever is on disk, damaged files included."""
+    from cit_registry.store import Registry
+
+    check = Registry._verify_version
+    export = Registry.export_bundle
+
+    def export_anything(self, task_id, out, version=None):
+        Registry._verify_version = lambda *args: iter(())
+        try:
+            return export(self, task_id, out, version)
+        finally:
+            Registry._verify_version = check
+    _replace(Registry, "export_bundle", export_anything)
+
+
+@mutant("generation-counter", f"{HARD}::test_every_commit_bumps_the_generation")
+def _generation():
+    """Commits leave the generation counter alone: change detection must walk every task directory."""
+    from cit_registry.store import Registry
+
+    _replace(Registry, "_bump_generation", lambda self: None)
+
+
+@mutant("task-id-fullmatch", f"{HARD}::test_task_ids_with_a_trailing_newline_are_refused")
+def _task_id_dollar():
+    """Task ids are matched with ^...$, which lets a trailing newline in."""
+    import re
+
+    from cit_registry import store
+
+    def old_rule(task_id):
+        if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,63}$", task_id) or ".." in task_id:
+            raise ValueError(f"invalid task id {task_id!r}")
+        return task_id
+    _replace(store, "validate_task_id", old_rule)
+
+
+@mutant("remeasured-from-the-registry",
+        "tests/test_add_task.py::test_eproj_leaves_every_other_task_adapter_bit_identical")
+def _snapshots():
+    """add-task re-measures earlier data sets from files named in their cards, not from the snapshots the registry
+    keeps: once those files are gone, forgetting goes unmeasured."""
+    from cit_trainer import add_task
+
+    _replace(add_task, "snapshot_dir", lambda eval_dir, name: eval_dir / "__no_such_snapshot__")
+
+
+@mutant("registry-refuses-an-unmigrated-format",
+        "tests/test_registry_format.py::test_an_unmigrated_registry_is_refused_with_the_command_that_upgrades_it")
+def _format():
+    """A registry of an older format is opened as if it were current."""
+    import json
+
+    from cit_registry.store import FORMAT_VERSION, Registry
+
+    def open_anything(cls, root, create=False):
+        meta = json.loads((root / "registry.json").read_text())
+        meta["format"] = FORMAT_VERSION
+        return cls(root)
+    _replace(Registry, "open", classmethod(open_anything))
+
+
+# -- 5. durability that survives power loss
+@mutant("directory-entries-fsynced", "tests/test_registry.py::test_every_crash_state_of_a_commit_is_the_registry_before_or_after_it")
+def _dir_fsync():
+    """A file replaced atomically is fsynced, but not the directory that holds its new entry."""
+    import os
+    import uuid
+    from contextlib import contextmanager
+
+    from cit_registry import store
+
+    @contextmanager
+    def atomic_path(path):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            yield tmp
+            store._fsync(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _replace(store, "atomic_path", atomic_path)

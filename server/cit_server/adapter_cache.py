@@ -58,7 +58,7 @@ class AdapterStore:
         self.hits = self.misses = self.evictions = 0
         self._methods: dict[AdapterId, str | None] = {}  # shared-connector method of a version, None if its own
         self._heads: dict[str, AdapterId] = {}             # newest version of each shared method ...
-        self._heads_of: list | None = None                  # ... for this registry fingerprint
+        self._heads_of: int | None = None                   # ... at this registry generation
         for task_id in sorted(self.pinned):  # pinned tasks are loaded up front
             self.get(AdapterId(task_id, registry.get(task_id).version))
 
@@ -149,15 +149,15 @@ class AdapterStore:
 
     def serving(self, adapter: AdapterId) -> AdapterId:
         """The adapter that serves a task version: itself, or for a shared-connector task its method's newest.
-        Cached: a committed version never changes, and the heads are re-read when the registry's tasks change."""
+        Cached: a committed version never changes, and the heads are re-read when the registry's generation moves."""
         if adapter not in self._methods:
             self._methods[adapter] = self.registry.get(adapter.task_id, adapter.version).shared_method
         method = self._methods[adapter]
         if method is None:
             return adapter
-        fingerprint = self.registry.fingerprint()
-        if fingerprint != self._heads_of:
-            self._heads, self._heads_of = {}, fingerprint
+        generation = self.registry.generation()  # one small read, not a walk of the task directories
+        if generation != self._heads_of:
+            self._heads, self._heads_of = {}, generation
         if method not in self._heads:
             head = self.registry.shared_head(method)
             self._heads[method] = AdapterId(head.task_id, head.version)

@@ -13,17 +13,16 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import AdapterFiles, ConnectorConfig, TaskAdapter
+from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_backbone.images import decode_image
 from cit_backbone.language_model import RowState, Sampling
 from cit_registry.router import Candidate, Router, select
 from cit_registry.store import Registry, TaskVersion, routing_query
@@ -32,11 +31,13 @@ from .adapter_cache import BASE, AdapterId, AdapterStore
 from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import Admission, Event, EventSink, Failed, Job, Routed, Scheduler, Step, Stopped
+from .validation import RequestLimits
 
 
 log = logging.getLogger("cit.server")
 INSTRUCTION_CACHE_SIZE = 4096  # instruction embeddings kept for routing
 WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
+FULL_CHECK_S = 60.0   # the registry's task directories are walked this often (its generation: every refresh)
 T = TypeVar("T")
 
 
@@ -159,14 +160,14 @@ class Engine:
         self.embedder = embedder or TextEmbedder()
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
-        self._check_tasks_fit()
+        self._check_backbone()
         self.metrics = Metrics(self.adapters)
         self.admission = Admission(config.max_requests)
+        visual = self.adapters.base.connector.config.num_tokens
+        self.limits = RequestLimits(config, lambda instruction: self.backbone.lm.prompt_tokens(instruction, visual))
         self._front = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, registry reads
         self._router = Router.load(self.registry)
-        self._router_checked = time.monotonic()
         self._router_lock = threading.Lock()
-        self._building: threading.Thread | None = None  # a new routing index being built
         self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
         self._closing = threading.Event()
@@ -177,21 +178,28 @@ class Engine:
         self._batch_worker = self._worker  # the worker process self._batch talks to
         if self._worker is not None:
             threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True).start()
+        threading.Thread(target=self._watch_registry, name="cit-registry-watch", daemon=True).start()
         self._running: list[_Running] = []
         self._loading: list[_Loading] = []  # only the scheduler thread touches these two
         self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000)
 
-    def _check_tasks_fit(self) -> None:
-        """Every task's projection must read this backbone's vision features and write its LM's width: a registry
-        trained on another backbone fails here, clearly, not at its first request."""
-        base = self.adapters.base.connector.config
-        shape = lambda c: (c.feature_dim, c.hidden_size, c.num_tokens, c.projector)  # noqa: E731
-        for task in self.registry.latest():
-            config = ConnectorConfig.read(task.adapter_dir)
-            if shape(config) != shape(base):
-                raise ValueError(f"task {task.task_id!r} was trained on another backbone: its projection "
-                                 f"{shape(config)} does not fit this one's {shape(base)} (feature width, LM width, "
-                                 "visual tokens, projector); start the server with that backbone (--backbone)")
+    def _check_backbone(self) -> None:
+        """The registry records the backbone its tasks were trained on (identity, widths): a registry of another
+        backbone fails here, clearly, not at its first request. One read, whatever the number of tasks."""
+        record = self.registry.backbone()
+        if record is None:
+            return
+        base = asdict(self.adapters.base.connector.config)
+        problems = [f"projection {k} {record['adapter'][k]!r} (this backbone's: {base[k]!r})"
+                    for k in record["adapter"] if record["adapter"][k] != base.get(k)]
+        if record["key"]["image"] != self.backbone.routing_dim:
+            problems.append(f"image keys of {record['key']['image']} dimensions (this backbone's: "
+                            f"{self.backbone.routing_dim})")
+        if record.get("identity") and record["identity"] != self.backbone.identity:
+            problems.insert(0, f"backbone {record['identity']!r} (this one is {self.backbone.identity!r})")
+        if problems:
+            raise ValueError(f"registry {self.registry.root}: its tasks were trained on another backbone: "
+                             + "; ".join(problems) + "; start the server with that backbone (--backbone)")
 
     # -- the vLLM worker: started with the engine, restarted by a supervisor thread when it dies
     def _start_worker(self):
@@ -273,24 +281,10 @@ class Engine:
             self._worker.stop()
 
     # -- request -> embed
-    def validate_instruction(self, instruction: str) -> str:
-        """Limits in the units that cost: characters first (cheap), then the prompt's tokens (its keys and values
-        are what memory and prefill time grow with; rare scripts and emoji take several tokens a character)."""
-        if not instruction.strip():
-            raise ValueError("instruction is empty")
-        if len(instruction) > self.config.max_instruction_chars:
-            raise ValueError(f"instruction has {len(instruction)} characters; the limit is "
-                             f"{self.config.max_instruction_chars}")
-        tokens = self.backbone.lm.prompt_tokens(instruction, self.adapters.base.connector.config.num_tokens)
-        if tokens > self.config.max_prompt_tokens:
-            raise ValueError(f"the prompt has {tokens} tokens; the limit is {self.config.max_prompt_tokens} "
-                             "(--max-prompt-tokens): shorten the instruction")
-        return instruction
-
     def decode(self, image: bytes, instruction: str) -> Image.Image:
         """Check a request's input in the caller's thread: bad input never reaches the model."""
-        self.validate_instruction(instruction)
-        return decode_image(image, self.config.max_image_bytes, self.config.max_image_pixels)
+        self.limits.instruction(instruction)
+        return self.limits.image(image)
 
     def embed(self, image: bytes, instruction: str) -> Embedded:
         img = self.decode(image, instruction)
@@ -319,38 +313,38 @@ class Engine:
 
     # -- embed -> route
     def router(self) -> Router:
-        """The routing index. When the registry gained or changed a task (checked at most once a second) the new
-        index is built on a thread of its own while requests go on routing with this one (training a large index
-        takes a minute), and replaces it when ready."""
+        """The routing index: no I/O on the request path (the registry watcher replaces it)."""
         with self._router_lock:
-            now = time.monotonic()
-            if self._building is None and now - self._router_checked >= self.config.refresh_seconds:
-                self._router_checked = now
-                if self.registry.fingerprint() != self._router.fingerprint:
-                    self._building = threading.Thread(target=self._rebuild, name="cit-router", daemon=True)
-                    self._building.start()
             return self._router
 
-    def _rebuild(self) -> None:
-        try:
-            router = Router.load(self.registry)
-        except Exception:  # noqa: BLE001 - keep routing with the old index; the next check tries again
-            log.exception("rebuilding the routing index failed")
-            router = None
-        with self._router_lock:
-            self._router = router or self._router
-            self._building = None
+    def _watch_registry(self) -> None:
+        """Every refresh_seconds: one read of the registry's generation counter; every FULL_CHECK_S, a walk of its
+        task directories too (it catches a commit whose counter bump a crash lost). On a change the new index is
+        built here, off the scheduler thread, while requests route with the old one (a large index takes a
+        minute to train)."""
+        last_walk = time.monotonic()
+        while not self._closing.wait(max(self.config.refresh_seconds, 0.05)):
+            try:
+                changed = self.registry.generation() != self._router.generation
+                if not changed and time.monotonic() - last_walk >= FULL_CHECK_S:
+                    last_walk = time.monotonic()
+                    changed = self.registry.fingerprint() != self._router.fingerprint
+                if changed:
+                    router = Router.load(self.registry)
+                    with self._router_lock:
+                        self._router = router
+            except Exception:  # noqa: BLE001 - keep routing with the old index; the next check tries again
+                log.exception("rebuilding the routing index failed")
 
     def reload(self) -> tuple[int, bool]:
         """Read the registry now and wait for its index (the admin RPC): the routable tasks, and whether anything
         changed. Requests go on routing with the old index meanwhile."""
-        with self._router_lock:  # not router(): it could start a background build of the same index
-            router = self._router
+        router = self.router()
         if self.registry.fingerprint() == router.fingerprint:
             return len(router), False
         router = Router.load(self.registry)
         with self._router_lock:
-            self._router, self._router_checked = router, time.monotonic()
+            self._router = router
         return len(router), True
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:

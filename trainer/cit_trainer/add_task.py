@@ -13,6 +13,7 @@ from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
+from cit_registry.snapshots import copy_snapshot, read_snapshot, snapshot_dir, write_snapshot
 from cit_registry.taskdata import read_jsonl, resolve_task_files
 from .methods import SHARED_METHODS, make_method
 from .training import embed_task, evaluate, train_connector
@@ -152,7 +153,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
             # which test samples were right, in file order: later re-measurements compare on the very same samples
             "eval_correct": "".join("1" if c else "0" for c in correct),
         })
-        forgetting = _remeasure(backbone, embedder, registry, target_id, adapter, datasets[:-1], opts, log)
+        forgetting = _remeasure(backbone, embedder, registry, target_id, adapter, datasets[:-1], opts, log,
+                                previous)
         card = TaskCard(
             task_id=target_id,
             version=version,
@@ -169,29 +171,49 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                          if method else {})},
             datasets=datasets,
         )
-        parts = {"adapter": adapter.connector.save}
+        parts = {"adapter": adapter.connector.save,
+                 "eval": lambda d: _write_snapshots(d, name, test_samples, previous)}
         if adapter.lora:
             parts["lora"] = lambda d: backbone.lm.save_lora(adapter.lora, d)
         if method is not None:
             parts["method"] = method.save
-        written = registry.commit(card, key, parts)
+        written = registry.commit(card, key, parts, backbone=backbone.identity)
     finally:
         backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
     return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting)
 
 
-def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_datasets, opts, log) -> dict:
-    """Accuracy of every earlier data set now, against what it reached when trained: forgetting, measured."""
-    jobs = [(t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
-    jobs += [(None, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
+def _write_snapshots(directory: Path, name: str, test_samples: list, previous: TaskVersion | None) -> None:
+    """eval/ of the new version: this data set's held-out samples, and those of the data sets a reused adapter
+    served before (carried from the previous version), so that every later re-measurement reads the registry."""
+    directory.mkdir()
+    if test_samples:
+        write_snapshot(snapshot_dir(directory, name), test_samples)
+    if previous is not None:
+        for dataset in previous.card.datasets:
+            source = snapshot_dir(previous.eval_dir, dataset["name"])
+            if source.is_dir() and dataset["name"] != name:
+                copy_snapshot(source, snapshot_dir(directory, dataset["name"]))
+
+
+def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_datasets, opts, log, previous=None) -> dict:
+    """Accuracy of every earlier data set now, against what it reached when trained: forgetting, measured on the
+    held-out snapshot the registry keeps in each version (never on files a card points to)."""
+    jobs = [(t, t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
+    jobs += [(None, previous, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
     lineage = opts.method if opts.method in SHARED_METHODS else None
     out = {}
-    for version, dataset in jobs:
+    for version, holder, dataset in jobs:
         flags = dataset.get("eval_correct", "")
-        if not flags or not dataset.get("test") or not Path(dataset["test"]).exists():
+        try:
+            snapshot = snapshot_dir(holder.eval_dir, dataset["name"]) if holder is not None else None
+        except ValueError:
+            snapshot = None
+        if not flags or snapshot is None or not snapshot.is_dir():
+            log(f"  {dataset['name']:<24} not re-measured: its version holds no evaluation snapshot")
             continue
-        samples = read_jsonl(Path(dataset["test"]))[: min(opts.forgetting_samples, len(flags))]
+        samples = read_snapshot(snapshot)[: min(opts.forgetting_samples, len(flags))]
         then = flags[: len(samples)].count("1") / len(samples)
         task = embed_task(backbone, embedder, samples, dataset["name"])
         task_id = version.task_id if version else target_id
