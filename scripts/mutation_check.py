@@ -1,7 +1,7 @@
 """Mutation check: every named mutant (scripts/mutants/cit_mutants.py) removes one guard, and the tests that
 protect it must then fail.
 
-    python scripts/mutation_check.py [--only NAME ...] [--list]
+    python scripts/mutation_check.py [--only NAME ...] [--quick] [--list]
 
 Each mutant's tests run with the mutant applied in every process (pytest and the servers it starts); a mutant that
 did not apply in every one of them (its target is gone) is BROKEN, never killed. Prints one line per mutant --
@@ -38,11 +38,13 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="mutant names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and what each removes")
     parser.add_argument("--baseline", action="store_true", help="first run every mutant's tests unmutated")
+    parser.add_argument("--quick", action="store_true", help="leave out mutants whose tests take minutes")
     args = parser.parse_args()
     chosen = [MUTANTS[n] for n in args.only] if args.only else list(MUTANTS.values())
+    chosen = [m for m in chosen if not (args.quick and m.slow)]
     if args.list:
         for m in chosen:
-            print(f"{m.name:<40} {m.removes}\n{'':<40} tests: {' '.join(m.tests)}")
+            print(f"{m.name:<40} {m.removes}{' (slow)' if m.slow else ''}\n{'':<40} tests: {' '.join(m.tests)}")
         return 0
     if args.baseline:
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))

@@ -80,3 +80,33 @@ def test_a_worker_outlives_no_killed_server(tmp_path, fake_worker):
     srv.proc.send_signal(signal.SIGKILL)
     srv.proc.wait()
     assert gone(pid, within=10), "the worker kept running after its server was killed"
+
+
+def test_a_dead_worker_is_restarted_off_the_scheduler_while_health_says_not_serving(tmp_path, fake_worker, backbone,
+                                                                                    monkeypatch):
+    from cit_backbone.language_model import Sampling
+    from cit_server.config import ServerConfig
+    from cit_server.engine import Engine, Request
+
+    from .test_isolation import png
+
+    python, pidfile = fake_worker
+    monkeypatch.setenv("FAKE_START_S", "4")  # a start as slow as a small vLLM's: the restart takes a while
+    engine = Engine(ServerConfig(registry=Registry.open(tmp_path / "reg", create=True).root, engine="vllm",
+                                 vllm_python=str(python)), backbone=backbone)
+    try:
+        first = engine._worker.proc
+        assert engine.ready()
+        first.kill()
+        first.wait()
+        assert not engine.ready()  # health follows: NOT_SERVING
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="restarting|exited"):  # told to retry at once, not kept waiting
+            engine.generate(Request(png((1, 2, 3)), "Describe the image.", Sampling(max_new_tokens=2)))
+        assert time.monotonic() - t0 < 2, "the scheduler waited for the restart"
+        deadline = time.monotonic() + 60
+        while not engine.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.ready() and engine._worker.proc is not first
+    finally:
+        engine.close()

@@ -246,10 +246,10 @@ class LanguageModel:
 
         if name in self._names:
             raise ValueError(f"a LoRA named {name!r} is loaded already")
-        _only_safetensors(Path(directory))
         fits = weights is not None or self._fits_slot(directory)  # weights read ahead fit (read_lora checked)
         if not trainable and fits and self._load_into_slot(name, directory, weights):
             return
+        _only_safetensors(Path(directory))  # PEFT's own loader reads the directory from here on
         internal = self._new_name(name)
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, str(directory), adapter_name=internal)

@@ -15,14 +15,15 @@ class Mutant:
     removes: str               # the guarantee it takes away
     tests: tuple[str, ...]     # pytest node ids (or files) that must fail with it applied
     patch: Callable[[], None]
+    slow: bool = False         # its tests take minutes (a real vLLM worker, add-task runs): not in CI's quick run
 
 
 MUTANTS: dict[str, Mutant] = {}
 
 
-def mutant(name: str, *tests: str):
+def mutant(name: str, *tests: str, slow: bool = False):
     def register(patch: Callable[[], None]) -> Callable[[], None]:
-        MUTANTS[name] = Mutant(name, (patch.__doc__ or "").strip(), tests, patch)
+        MUTANTS[name] = Mutant(name, " ".join((patch.__doc__ or "").split()), tests, patch, slow)
         return patch
     return register
 
@@ -70,7 +71,7 @@ def _failed_row_stays():
     _replace(RowState, "fail", lambda self, error: setattr(self, "error", error))
 
 
-@mutant("vllm-row-error-stays-with-its-row", "tests/test_vllm.py")
+@mutant("vllm-row-error-stays-with-its-row", "tests/test_vllm.py", slow=True)
 def _vllm_row_error():
     """One vLLM row's worker error is raised out of the batch's step, failing every running row."""
     from cit_server.vllm_engine import VllmBatch
@@ -256,9 +257,10 @@ def _no_parent_watch():
 
 
 VLLM = "tests/test_vllm.py"
+RESTART = f"{LIFECYCLE}::test_a_dead_worker_is_restarted_off_the_scheduler_while_health_says_not_serving"
 
 
-@mutant("health-follows-the-worker", VLLM)
+@mutant("health-follows-the-worker", RESTART)
 def _ready():
     """Health says SERVING while the vLLM worker is down and being restarted."""
     from cit_server.engine import Engine
@@ -266,7 +268,7 @@ def _ready():
     _replace(Engine, "ready", lambda self: self.scheduler.alive())
 
 
-@mutant("worker-restart-off-the-scheduler", VLLM)
+@mutant("worker-restart-off-the-scheduler", RESTART)
 def _restart_blocks():
     """The scheduler thread waits for a restarting vLLM worker, so requests meanwhile wait instead of being told
     to retry."""
@@ -452,7 +454,7 @@ def _task_id_dollar():
 
 
 @mutant("remeasured-from-the-registry",
-        "tests/test_add_task.py::test_eproj_leaves_every_other_task_adapter_bit_identical")
+        "tests/test_add_task.py::test_eproj_leaves_every_other_task_adapter_bit_identical", slow=True)
 def _snapshots():
     """add-task re-measures earlier data sets from files named in their cards, not from the snapshots the registry
     keeps: once those files are gone, forgetting goes unmeasured."""
