@@ -454,7 +454,7 @@ def _task_id_dollar():
 
 
 @mutant("remeasured-from-the-registry",
-        "tests/test_add_task.py::test_eproj_leaves_every_other_task_adapter_bit_identical", slow=True)
+        "tests/test_add_task.py::test_eproj_leaves_every_other_task_adapter_bit_identical")
 def _snapshots():
     """add-task re-measures earlier data sets from files named in their cards, not from the snapshots the registry
     keeps: once those files are gone, forgetting goes unmeasured."""
