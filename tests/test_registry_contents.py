@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from cit_registry.store import (BackboneMismatch, Registry, TaskCard, TaskKey, version_shapes)
 
-from .test_registry import make_key, write_adapter, write_lora
+from .test_registry import make_key, write_adapter
 
 
 def write_lora_on(path, modules, hidden=16, rank=2, kv=8):

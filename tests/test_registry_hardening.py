@@ -261,3 +261,39 @@ def test_concurrent_readers_see_generation_and_versions_move_together(tmp_path):
     done.set()
     thread.join()
     assert all(versions >= g for g, versions in seen)
+
+
+def test_a_card_or_key_damaged_on_disk_in_any_way_leaves_only_its_own_task_out(tmp_path):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    for task in ("alpha", "beta", "gamma", "delta"):
+        add(reg, task)
+    beta, gamma, delta = (reg.get(t) for t in ("beta", "gamma", "delta"))
+    (beta.path / "task.json").write_bytes(b"\xff\xfe not UTF-8")
+    card = json.loads((gamma.path / "task.json").read_text())
+    (gamma.path / "task.json").write_text(json.dumps({**card, "task_id": "Not A Task Id"}))
+    (delta.path / "key.safetensors").write_bytes(b"garbage")
+    assert [t.task_id for t in reg.latest()] == ["alpha", "delta"]
+    assert [r[0] for r in Router.build(reg).rows] == ["alpha"]  # delta's key cannot be read: not routed
+    assert {p.split(":")[0] for p in reg.verify()} == {"beta v1", "gamma v1", "delta v1"}
+
+
+def test_threads_of_one_process_take_turns_at_the_write_lock(tmp_path):
+    """The server's registry watcher and an admin reload share one Registry: only one writes the index."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    add(reg, "alpha")
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def hold():
+        with reg.writing():
+            inside.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(10)
+    with reg.writing_if_free() as free:
+        seen.append(free)
+    release.set()
+    holder.join()
+    with reg.writing_if_free() as free:
+        seen.append(free)
+    assert seen == [False, True]

@@ -31,6 +31,14 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+def _rebuild_index(reg: Registry) -> None:
+    """The routing index after a change, when nobody else is writing (else the next reader rebuilds it)."""
+    with reg.writing_if_free() as free:
+        if free:
+            Router.build(reg).save(reg)
+            console.print("routing index rebuilt")
+
+
 @app.command("list")
 def list_tasks(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
     """One line per task: version, adapter kind, decision, accuracy, creation time."""
@@ -126,9 +134,8 @@ def migrate(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     reg = Registry.open(registry)
-    with reg.writing():
-        Router.build(reg).save(reg)
-    console.print("migrated; routing index rebuilt" if changed else f"{registry} is at the current format already")
+    _rebuild_index(reg)
+    console.print("migrated" if changed else f"{registry} is at the current format already")
 
 
 @app.command("export")
@@ -160,8 +167,7 @@ def import_task(
     except (BundleError, RegistryLocked, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    with reg.writing():
-        Router.build(reg).save(reg)
+    _rebuild_index(reg)
     console.print(f"imported {t.task_id} v{t.version} ({t.card.adapter_kind}) into {reg.root}")
 
 

@@ -6,6 +6,7 @@ keys whenever it is missing or its fingerprint no longer matches the store.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import faiss
 import numpy as np
 
 from .store import Registry, TaskKey, atomic_path
+
+log = logging.getLogger("cit.registry")
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,11 @@ class Router:
         fingerprint, generation = registry.fingerprint(), registry.generation()
         vectors, rows = [], []
         for task in registry.latest():
-            v = task.key().routing_vectors
+            try:
+                v = task.key().routing_vectors
+            except Exception as exc:  # noqa: BLE001 - one damaged key leaves its task out, not every task
+                log.warning("task %s v%d is not routed: its key cannot be read (%s)", task.task_id, task.version, exc)
+                continue
             vectors.append(v)
             rows += [(task.task_id, task.version)] * len(v)
         stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
@@ -156,8 +163,8 @@ class Router:
                 "dim": self.index.d if self.index is not None else 0}
         with atomic_path(index_dir / "index.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        for old in index_dir.glob("keys*.faiss"):  # readers that still open the old file have it open already
-            if old.name != name:
+        for old in index_dir.glob("keys*.faiss"):  # a reader between the old index.json and its keys file fails to
+            if old.name != name:                   # open them, and rebuilds (or reads the new pair)
                 old.unlink(missing_ok=True)
 
     def __len__(self) -> int:

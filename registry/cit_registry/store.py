@@ -16,10 +16,12 @@
 
 A version is written whole into .staging, fsynced, then renamed into place and the directories that gained an
 entry are fsynced: rename is atomic, so a reader sees a complete version or none, and a version is durable once
-commit returns (power loss included: scripts/crash_states.py checks every crash state). Versions are never
-modified afterwards; the manifest lets `verify` prove it. One writer at a time: a second gets RegistryLocked at
+commit returns (power loss included: scripts/crash_states.py checks the crash states POSIX allows that differ
+from "everything kept" or "only what was fsynced kept" in one file or directory). Versions are never modified
+afterwards (migrate only adds a manifest to a version that has none); the manifest lets `verify` prove it. One writer at a time: a second gets RegistryLocked at
 once, with the holder's pid. A writer that was killed leaves at most a directory in .staging, which the next
-writer removes. Nothing read from a card or a bundle is ever used as a path.
+writer removes. Names read from a card or a bundle become paths only after a check that they stay inside
+(`_stays_inside`, `snapshots.snapshot_dir`); no path written in a card is ever opened.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -207,7 +210,7 @@ class TaskCard:
         """A card read from text, checked against CARD_SCHEMA (InvalidCard when it does not match)."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except json.JSONDecodeError as exc:
             raise InvalidCard(f"the task card is not JSON: {exc}") from None
         return TaskCard.from_dict(raw)
 
@@ -217,7 +220,10 @@ class TaskCard:
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "the card"
             raise InvalidCard(f"the task card does not match its schema at {where}: {error.message}")
-        validate_task_id(raw["task_id"])
+        try:
+            validate_task_id(raw["task_id"])
+        except ValueError as exc:
+            raise InvalidCard(f"the task card's {exc}") from None
         return TaskCard(**{k: v for k, v in raw.items() if k in TaskCard.__dataclass_fields__})
 
     def to_json(self) -> str:
@@ -316,6 +322,7 @@ class Registry:
         self.root = Path(root)
         self._lock_fd: int | None = None
         self._lock_depth = 0
+        self._threads = threading.RLock()  # the flock is per process: threads of one process take turns here
 
     @classmethod
     def open(cls, root: Path, create: bool = False) -> "Registry":
@@ -381,7 +388,7 @@ class Registry:
         for task_id in self.task_ids():
             try:
                 out.append(self.get(task_id))
-            except (OSError, InvalidCard) as exc:
+            except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not the schema
                 log.warning("task %s is left out: its newest version cannot be read (%s)", task_id, exc)
         return out
 
@@ -390,35 +397,43 @@ class Registry:
         return [[t, self._versions(t)[-1]] for t in self.task_ids()]
 
     @contextmanager
-    def writing(self) -> Iterator["Registry"]:
-        """Hold the registry's write lock (re-entrant within this object). Orphans of killed writers are removed."""
-        if self._lock_depth == 0:
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise RegistryLocked(f"registry {self.root} is being written by another process (pid {holder}); "
-                                     "run again when it has finished") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._lock_fd = fd
-            shutil.rmtree(self.root / ".staging", ignore_errors=True)  # only a dead writer can have left these
-        self._lock_depth += 1
+    def writing(self, wait_for_threads: bool = True) -> Iterator["Registry"]:
+        """Hold the registry's write lock (re-entrant within a thread). Another process holding it: RegistryLocked
+        at once; another thread of this process: wait for it (or RegistryLocked when not `wait_for_threads`).
+        Orphans of killed writers are removed."""
+        if not self._threads.acquire(blocking=wait_for_threads):
+            raise RegistryLocked(f"registry {self.root} is being written by another thread of this process")
         try:
-            yield self
-        finally:
-            self._lock_depth -= 1
             if self._lock_depth == 0:
-                os.close(self._lock_fd)  # closing releases the flock
-                self._lock_fd = None
+                fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise RegistryLocked(f"registry {self.root} is being written by another process (pid {holder}); "
+                                         "run again when it has finished") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._lock_fd = fd
+                shutil.rmtree(self.root / ".staging", ignore_errors=True)  # only a dead writer can have left these
+            self._lock_depth += 1
+            try:
+                yield self
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    os.close(self._lock_fd)  # closing releases the flock
+                    self._lock_fd = None
+        finally:
+            self._threads.release()
 
     @contextmanager
     def writing_if_free(self) -> Iterator[bool]:
-        """The write lock if nobody holds it (True), else nothing (False): for derived state a reader may write."""
+        """The write lock if nobody else holds it (True), else nothing (False): for derived state a reader may
+        write, never waiting."""
         try:
-            with self.writing():
+            with self.writing(wait_for_threads=False):
                 yield True
         except RegistryLocked:
             yield False
@@ -639,6 +654,8 @@ def _extract_bundle(bundle: Path, into: Path) -> dict:
             for member in tar:  # headers only: a member's data is not read here
                 if len(members) >= MAX_BUNDLE_MEMBERS:
                     _refuse_oversized(bundle, [*members.values(), member])
+                if member.name in members:
+                    raise BundleError(f"{bundle}: {member.name!r} is in it twice")
                 members[member.name] = member
             if "bundle.json" not in members or not members["bundle.json"].isfile():
                 raise BundleError(f"{bundle} is not a task bundle (no bundle.json)")
@@ -669,6 +686,8 @@ def _extract_bundle(bundle: Path, into: Path) -> dict:
                     raise BundleError(f"{bundle}: {rel} does not match its sha256 (damaged or tampered with)")
     except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as exc:
         raise BundleError(f"{bundle} is not a readable task bundle: {exc}") from None
+    except OSError as exc:  # e.g. a file listed under a name that another listed file is a directory of
+        raise BundleError(f"{bundle}: its files cannot be laid out: {exc}") from None
     for required in ("task.json", "key.safetensors"):
         if not (into / "task" / required).is_file():
             raise BundleError(f"{bundle}: the bundle has no {required}")
@@ -701,7 +720,7 @@ def migrate(root: Path, identity: str | None = None, log=print) -> bool:
     """Upgrade a registry written by an older cit to FORMAT_VERSION in place; False when it already is. Format 1
     -> 2: registry.json gains the backbone record (the widths every version has; they must agree) and the
     generation counter starts; versions written before manifests existed get one, of their files as they are now
-    (said per version: run `verify` before migrating if in doubt). Versions themselves are not changed."""
+    (said per version: run `verify` before migrating if in doubt). Nothing else in a version is changed."""
     root = Path(root)
     marker = root / "registry.json"
     if not marker.exists():

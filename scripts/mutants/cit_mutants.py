@@ -239,7 +239,7 @@ def _worker_left():
     close = Engine.close
 
     def close_but_the_worker(self):
-        self._worker, worker = None, self._worker
+        self._worker = None  # forget the worker instead of stopping it
         close(self)
     _replace(Engine, "close", close_but_the_worker)
 
@@ -498,3 +498,28 @@ def _dir_fsync():
         finally:
             tmp.unlink(missing_ok=True)
     _replace(store, "atomic_path", atomic_path)
+
+
+@mutant("damaged-task-left-out",
+        f"{HARD}::test_a_card_or_key_damaged_on_disk_in_any_way_leaves_only_its_own_task_out")
+def _damaged_breaks_all():
+    """One task whose card cannot be read (not UTF-8, a bad task id) breaks the listing for every task."""
+    from cit_registry.store import Registry
+
+    _replace(Registry, "latest", lambda self: [self.get(t) for t in self.task_ids()])
+
+
+@mutant("write-lock-across-threads", f"{HARD}::test_threads_of_one_process_take_turns_at_the_write_lock")
+def _threads_share_the_flock():
+    """Threads of one process share the registry's flock: the watcher and a reload write the index at once."""
+    import contextlib
+
+    from cit_registry import store
+
+    class Shared(contextlib.nullcontext):
+        def acquire(self, blocking=True):
+            return True
+
+        def release(self):
+            pass
+    _replace(store, "threading", type("threading", (), {"RLock": Shared}))

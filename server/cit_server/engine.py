@@ -32,11 +32,13 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import Admission, Event, EventSink, Failed, Job, Routed, Scheduler, Step, Stopped
 from .validation import RequestLimits
+from .vllm_engine import WORKER_START_TIMEOUT_S
 
 
 log = logging.getLogger("cit.server")
 INSTRUCTION_CACHE_SIZE = 4096  # instruction embeddings kept for routing
 WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
+EXTERNAL_WORKER_RETRY_S = 2.0  # how long the scheduler waits for a --vllm-worker it reconnects to
 FULL_CHECK_S = 60.0   # the registry's task directories are walked this often (its generation: every refresh)
 T = TypeVar("T")
 
@@ -121,7 +123,10 @@ class _LoopSink:
         self.loop, self.queue = loop, asyncio.Queue()
 
     def put(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed (the server stopped): nobody is reading this job any more
+            pass
 
 
 class _Reader:
@@ -167,7 +172,8 @@ class Engine:
         self.limits = RequestLimits(config, lambda instruction: self.backbone.lm.prompt_tokens(instruction, visual))
         self._front = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, registry reads
         self._router = Router.load(self.registry)
-        self._router_lock = threading.Lock()
+        self._router_lock = threading.Lock()   # guards self._router
+        self._rebuilding = threading.Lock()    # one index build at a time (the watcher's or an admin reload's)
         self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
         self._closing = threading.Event()
@@ -177,7 +183,8 @@ class Engine:
         self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it (None: no worker)
         self._batch_worker = self._worker  # the worker process self._batch talks to
         if self._worker is not None:
-            threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True).start()
+            self._supervisor = threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True)
+            self._supervisor.start()
         threading.Thread(target=self._watch_registry, name="cit-registry-watch", daemon=True).start()
         self._running: list[_Running] = []
         self._loading: list[_Loading] = []  # only the scheduler thread touches these two
@@ -227,8 +234,14 @@ class Engine:
 
     def _follow_worker(self) -> None:
         """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end
-        with UNAVAILABLE (retryable) and a batch on the new worker replaces theirs once it is up."""
+        with UNAVAILABLE (retryable) and a batch on the new worker replaces theirs once it is up. A worker this
+        server did not start (--vllm-worker) is reconnected to when its batch was lost, with a short deadline."""
         if self._worker is None:
+            if self._batch is None:
+                try:
+                    self._batch = self._new_batch(timeout=EXTERNAL_WORKER_RETRY_S)
+                except Exception:  # noqa: BLE001 - requests meanwhile: UNAVAILABLE
+                    log.exception("reconnecting to the vLLM worker at %s failed", self.config.vllm_worker)
             return
         from .vllm_engine import WorkerError
 
@@ -255,15 +268,20 @@ class Engine:
         if self._batch is not None:
             self._batch.close()
 
-    def _new_batch(self):
-        """An empty running batch on the configured engine: the embedded LM, or a vLLM worker."""
+    def _new_batch(self, timeout: float | None = None):
+        """An empty running batch on the configured engine: the embedded LM, or a vLLM worker (which answers
+        within `timeout`, by default its start deadline)."""
         if self.config.engine == "embedded":
             return self.backbone.decode_batch()
-        from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch
+        from .vllm_engine import VllmBatch
 
         batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
                           self.adapters.lora_dir)
-        info = batch.info(timeout=WORKER_START_TIMEOUT_S)
+        try:
+            info = batch.info(timeout=timeout or WORKER_START_TIMEOUT_S)
+        except Exception:
+            batch.close()
+            raise
         if info.hidden_size != self.backbone.lm.hidden_size:
             batch.close()
             raise ValueError(f"the vLLM worker serves {info.model} (hidden size {info.hidden_size}); this "
@@ -278,6 +296,7 @@ class Engine:
         self.adapters.close()
         self._front.shutdown(wait=False, cancel_futures=True)
         if self._worker is not None:
+            self._supervisor.join(timeout=WORKER_START_TIMEOUT_S)  # it may be starting a worker: that one too
             self._worker.stop()
 
     # -- request -> embed
@@ -325,27 +344,31 @@ class Engine:
         last_walk = time.monotonic()
         while not self._closing.wait(max(self.config.refresh_seconds, 0.05)):
             try:
-                changed = self.registry.generation() != self._router.generation
-                if not changed and time.monotonic() - last_walk >= FULL_CHECK_S:
+                walk = time.monotonic() - last_walk >= FULL_CHECK_S
+                if walk:
                     last_walk = time.monotonic()
-                    changed = self.registry.fingerprint() != self._router.fingerprint
-                if changed:
-                    router = Router.load(self.registry)
-                    with self._router_lock:
-                        self._router = router
+                self._refresh(walk)
             except Exception:  # noqa: BLE001 - keep routing with the old index; the next check tries again
                 log.exception("rebuilding the routing index failed")
 
+    def _refresh(self, walk: bool) -> bool:
+        """Rebuild the index when the registry changed (generation, or with `walk` the task directories too);
+        whether it did. One build at a time, whoever asks."""
+        with self._rebuilding:
+            router = self.router()
+            changed = self.registry.generation() != router.generation or (
+                walk and self.registry.fingerprint() != router.fingerprint)
+            if changed:
+                router = Router.load(self.registry)
+                with self._router_lock:
+                    self._router = router
+            return changed
+
     def reload(self) -> tuple[int, bool]:
-        """Read the registry now and wait for its index (the admin RPC): the routable tasks, and whether anything
-        changed. Requests go on routing with the old index meanwhile."""
-        router = self.router()
-        if self.registry.fingerprint() == router.fingerprint:
-            return len(router), False
-        router = Router.load(self.registry)
-        with self._router_lock:
-            self._router = router
-        return len(router), True
+        """Read the registry now, walking its task directories, and wait for its index (the admin RPC): the
+        routable tasks, and whether anything changed. Requests go on routing with the old index meanwhile."""
+        changed = self._refresh(walk=True)
+        return len(self.router()), changed
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
         candidates = self.router().search(embedded.query, k)[0]
@@ -453,7 +476,7 @@ class Engine:
         ready = []
         for waiting in done:
             if waiting.job.cancelled():
-                waiting.job.out.put(Stopped(0))
+                waiting.job.out.put(Stopped())
             elif waiting.files.exception() is not None:
                 waiting.job.out.put(Failed(waiting.files.exception()))
             else:
@@ -479,6 +502,13 @@ class Engine:
         batch as it was; a row whose first token fails to sample fails alone (DecodeBatch.join)."""
         if not joining:
             return
+        if self._batch is None:  # the vLLM worker went away while these adapters were read
+            from .vllm_engine import WorkerError
+
+            for job, served, _, _ in joining:
+                self.adapters.release(served)
+                job.out.put(Failed(WorkerError("the vLLM worker is restarting; retry shortly")))
+            return
         try:
             states = self.backbone.join(self._batch, torch.cat([j[3] for j in joining]), [j[2] for j in joining],
                                         [j[0].instruction for j in joining], [j[0].sampling for j in joining])
@@ -501,7 +531,7 @@ class Engine:
             log.info("generation stopped after %d of at most %d tokens: the client went away",
                      len(row.state.token_ids), row.job.sampling.max_new_tokens)
             self._batch.remove(row.state)
-            self._finish(row, Stopped(len(row.state.token_ids)))
+            self._finish(row, Stopped())
         if self._running:
             self.metrics.batch_size.observe(len(self._running))
             try:
@@ -510,7 +540,8 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - the whole step failed: every running request gets the error
                 log.exception("decode step of %d rows failed", len(self._running))
                 self._reset_batch(exc)
-                self._batch = self._new_batch() if self._worker is None else None  # vLLM: see _follow_worker
+                # embedded: a fresh batch at once; vLLM: _follow_worker connects a new one before the next rows
+                self._batch = self._new_batch() if self.config.engine == "embedded" else None
             self._emit()
         self.metrics.running.set(len(self._running))
         return len(self._running) + len(self._loading)

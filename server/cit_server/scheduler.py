@@ -78,9 +78,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Stopped:
-    """The job's client went away; generation stopped after `tokens` tokens."""
-
-    tokens: int
+    """The job's client went away; its generation stopped."""
 
 
 Event = Union[Routed, Step, Failed, Stopped]
@@ -157,7 +155,7 @@ class Scheduler:
             live = []
             for job in jobs:
                 if job.cancelled():
-                    job.out.put(Stopped(0))
+                    job.out.put(Stopped())
                 else:
                     live.append(job)
             if live:

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cit_proto import cit_pb2, cit_pb2_grpc
 from cit_backbone.language_model import Sampling
-from cit_registry.store import TaskNotFound, TaskVersion
+from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
 
 from .adapter_cache import CacheFull
 from .config import ServerConfig
@@ -45,6 +45,8 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, WorkerError):  # the vLLM worker went away: a retry reaches the new one
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, InvalidCard):  # the registry's fault (a damaged card), not the caller's
+        return grpc.StatusCode.INTERNAL
     if isinstance(exc, ValueError):  # InvalidImage and every validation error are ValueErrors
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
@@ -144,9 +146,15 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
 
 
 def to_summary_pb(t: TaskVersion) -> cit_pb2.TaskSummary:
+    """A task's summary (reads its key file's header: call it off the event loop)."""
+    try:
+        centroids = t.centroids()
+    except Exception:  # noqa: BLE001 - a damaged key is verify's finding; the listing goes on
+        log.warning("task %s v%d: its key cannot be read", t.task_id, t.version)
+        centroids = 0
     return cit_pb2.TaskSummary(
         task_id=t.task_id, version=t.version, adapter_kind=t.card.adapter_kind,
-        decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=t.centroids(),
+        decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=centroids,
     )
 
 
@@ -190,16 +198,17 @@ class CitServicer(cit_pb2_grpc.CitServicer):
     @_abort_on_error
     async def ListTasks(self, request, context):
         with self.engine.admission.slot():
-            tasks = await self.engine.call(self.engine.tasks)
-            return cit_pb2.ListTasksResponse(tasks=[to_summary_pb(t) for t in tasks])
+            summaries = await self.engine.call(lambda: [to_summary_pb(t) for t in self.engine.tasks()])
+            return cit_pb2.ListTasksResponse(tasks=summaries)
 
     @_abort_on_error
     async def GetTask(self, request, context):
         with self.engine.admission.slot():
             task = await self.engine.call(self.engine.task, request.task_id)
+            summary = await self.engine.call(to_summary_pb, task)
         # What the trainer read its data from (paths on its machine) is for operators: the admin token only.
         card = task.card if self.auth.is_admin(context.invocation_metadata()) else public_card(task.card)
-        return cit_pb2.GetTaskResponse(task=to_summary_pb(task), card_json=card.to_json())
+        return cit_pb2.GetTaskResponse(task=summary, card_json=card.to_json())
 
     @_abort_on_error
     async def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
