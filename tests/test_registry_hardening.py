@@ -297,3 +297,65 @@ def test_threads_of_one_process_take_turns_at_the_write_lock(tmp_path):
     with reg.writing_if_free() as free:
         seen.append(free)
     assert seen == [False, True]
+
+
+def _drop(name):
+    return lambda member, data: None if member == name else data
+
+
+def _meta(edit):
+    def change(member, data):
+        if member != "bundle.json":
+            return data
+        meta = json.loads(data)
+        return json.dumps(edit(meta)).encode()
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m, d: d if m != "bundle.json" else b"[1, 2]", "unsupported bundle format"),
+    (_meta(lambda meta: {**meta, "format": 3}), "unsupported bundle format 3"),
+    (_meta(lambda meta: {**meta, "files": list(meta["files"])}), "unsupported bundle format"),
+    (_meta(lambda meta: {**meta, "backbone": "bb-1"}), "backbone record is not an object"),
+    (_drop("task/task.json"), "'task.json' is missing or not a plain file"),
+    (_drop("bundle.json"), "is not a task bundle"),
+], ids=["not-an-object", "format-3", "files-not-an-object", "backbone-not-an-object", "listed-file-absent",
+        "no-bundle-json"])
+def test_a_bundle_json_that_does_not_describe_the_bundle_is_refused(tmp_path, exported, change, message):
+    def rewrite_or_drop(bundle, out):
+        with tarfile.open(bundle) as tar, tarfile.open(out, "w") as dst:
+            for m in tar.getmembers():
+                data = change(m.name, tar.extractfile(m).read())
+                if data is not None:
+                    m.size = len(data)
+                    dst.addfile(m, io.BytesIO(data))
+        return out
+    dst = Registry.open(tmp_path / "dst", create=True)
+    with pytest.raises(BundleError, match=message):
+        dst.import_bundle(rewrite_or_drop(exported[1], tmp_path / "bad.tar"))
+    assert dst.task_ids() == []
+
+
+def test_a_bundle_exactly_at_the_limits_is_accepted(tmp_path, exported, monkeypatch):
+    with tarfile.open(exported[1]) as tar:
+        members = tar.getmembers()
+    monkeypatch.setattr(store, "MAX_BUNDLE_MEMBERS", len(members))
+    monkeypatch.setattr(store, "MAX_MEMBER_BYTES", max(m.size for m in members))
+    monkeypatch.setattr(store, "MAX_BUNDLE_BYTES", sum(m.size for m in members))
+    dst = Registry.open(tmp_path / "dst", create=True)
+    assert dst.import_bundle(exported[1]).task_id == "alpha"
+
+
+def test_verify_and_export_report_a_version_that_no_longer_fits_the_recorded_backbone(tmp_path):
+    """The record says what every version must fit; a registry.json edited (or a version copied in) by hand
+    is caught by verify, and export refuses to carry the misfit elsewhere."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    add(reg, "alpha")
+    meta = json.loads((reg.root / "registry.json").read_text())
+    meta["backbone"]["adapter"]["hidden_size"] += 1
+    (reg.root / "registry.json").write_text(json.dumps(meta))
+    assert [p for p in reg.verify() if "does not fit" in p] == [
+        f"alpha v1: does not fit the registry's backbone: adapter hidden_size is "
+        f"{meta['backbone']['adapter']['hidden_size'] - 1}, the registry's is {meta['backbone']['adapter']['hidden_size']}"]
+    with pytest.raises(BundleError, match="does not fit the registry's backbone"):
+        reg.export_bundle("alpha", tmp_path / "alpha.tar")
