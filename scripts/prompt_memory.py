@@ -3,12 +3,12 @@
 
     python scripts/prompt_memory.py [--variants 64] [--unbounded]
 
-Prints the server's resident memory after a warm-up request, after the 64 requests and its peak, and checks the
-growth against the bound the limits imply: the prefix cache's bytes (--prefix-cache-bytes) plus a full running
-batch's keys and values (--max-batch-size rows of --max-prompt-tokens + max_new_tokens tokens, 45 KiB a token)
-plus 128 MiB of allocator slack. --unbounded runs the same requests with the prefix cache bound lifted, to show
-what the byte bound prevents (the cache used to be bounded by entry count only). Exit status 1 when the bound is
-exceeded.
+Prints the server's resident memory after a warm-up request, after the 64 requests and its peak, for three
+servers: the defaults; the prefix cache off (--prefix-cache-bytes 0), which leaves what full batches of the
+longest prompts cost by themselves (their keys and values, prefill activations, allocator pools); and, with
+--unbounded, the cache bound lifted (what the byte bound prevents: the cache used to be bounded by entry count
+only). The check: the defaults grow by at most the cache-off growth plus the prefix cache's bytes
+(--prefix-cache-bytes) plus 64 MiB of slack. Exit status 1 when the bound is exceeded.
 """
 from __future__ import annotations
 
@@ -93,19 +93,26 @@ def main() -> int:
     print(f"{len(instructions)} distinct instructions of {min(map(len, instructions))}-{max(map(len, instructions))} "
           f"characters, each a prompt of {limit} tokens (--max-prompt-tokens)")
     batch = ServerConfig.max_batch_size * (limit + 1) * KV_BYTES_PER_TOKEN
-    bound = (PREFIX_CACHE_BYTES + batch) / 2**20 + 128
+
+    def report(label, before, after, peak, answered):
+        grew = max(after, peak) - before
+        print(f"{label}: {answered} answered; resident {before:.0f} MiB after warm-up, {after:.0f} MiB after, "
+              f"peak {peak:.0f} MiB: grew {grew:.0f} MiB")
+        return grew, answered
+
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry.open(Path(tmp) / "reg", create=True).root
-        before, after, peak, answered = run(registry, instructions, [])
-        grew = max(after, peak) - before
-        print(f"defaults (prefix cache {PREFIX_CACHE_BYTES / 2**20:.0f} MiB): {answered} answered; resident "
-              f"{before:.0f} MiB after warm-up, {after:.0f} MiB after, peak {peak:.0f} MiB: grew {grew:.0f} MiB "
-              f"(bound {bound:.0f} MiB = prefix cache + a full batch's keys/values {batch / 2**20:.0f} MiB + 128 MiB)")
+        off, _ = report("prefix cache off", *run(registry, instructions, ["--prefix-cache-bytes", "0"]))
+        print(f"  (a full batch's keys and values alone: {batch / 2**20:.0f} MiB; the rest is prefill activations "
+              "and allocator pools)")
+        grew, answered = report(f"defaults (prefix cache {PREFIX_CACHE_BYTES / 2**20:.0f} MiB)",
+                                *run(registry, instructions, []))
+        bound = off + PREFIX_CACHE_BYTES / 2**20 + 64
+        print(f"  bound {bound:.0f} MiB = cache-off growth {off:.0f} + prefix cache "
+              f"{PREFIX_CACHE_BYTES / 2**20:.0f} + 64 MiB")
         if args.unbounded:
-            b2, a2, p2, n2 = run(registry, instructions, ["--prefix-cache-bytes", str(1 << 40)])
-            print(f"prefix cache unbounded: {n2} answered; resident {b2:.0f} MiB after warm-up, {a2:.0f} MiB after, "
-                  f"peak {p2:.0f} MiB: grew {max(a2, p2) - b2:.0f} MiB "
-                  f"(64 x {limit} tokens x {KV_BYTES_PER_TOKEN / 1024:.0f} KiB = "
+            report("prefix cache unbounded", *run(registry, instructions, ["--prefix-cache-bytes", str(1 << 40)]))
+            print(f"  ({args.variants} x {limit} tokens x {KV_BYTES_PER_TOKEN / 1024:.0f} KiB = "
                   f"{args.variants * limit * KV_BYTES_PER_TOKEN / 2**20:.0f} MiB of cached prefixes)")
     ok = grew <= bound and answered == len(instructions)
     print("within the bound" if ok else "OVER THE BOUND")
