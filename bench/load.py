@@ -10,7 +10,8 @@ health probe every 0.2 s (deadline 1 s) is answered SERVING throughout; resident
 
 Starts its own cit-server on the registry, warms it up at full concurrency (so caches, resident adapters and the
 allocator's pools for full batches exist before memory is first read), then sends the requests (test samples of
-the given tasks, round robin, plus one unroutable request in 16) from `concurrency` threads over one channel.
+the given tasks, round robin, plus one unroutable request in 16) as `concurrency` concurrent calls from one
+asyncio client (grpc.aio) over one channel.
 Prints errors by status (goal 0), latency percentiles, throughput, and the server's resident memory after warm-up,
 after every tenth of the run and at the end (goal: the end within 10 % of the start). Exit status 1 when a goal is
 missed.
@@ -18,6 +19,7 @@ missed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import re
 import subprocess
@@ -34,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from cit_client import CitClient
+from cit_proto import cit_pb2_grpc
 from cit_registry.taskdata import read_jsonl
 
 
@@ -114,26 +117,36 @@ def main() -> int:
             refused: list[float] = []
             errors: Counter = Counter()
 
-            def one(i: int) -> None:
-                image, instruction = requests[i % len(requests)]
-                t0 = time.perf_counter()
-                try:
-                    client.generate(image, instruction, max_new_tokens=args.max_new_tokens)
-                    latencies.append(time.perf_counter() - t0)
-                except grpc.RpcError as exc:
-                    if args.overload and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        refused.append(time.perf_counter() - t0)
-                    else:
-                        errors[exc.code().name] += 1
-                if (i + 1) % max(1, args.requests // 10) == 0:
-                    rss_series.append(rss_mib(proc.pid))
+            # The measured calls come from one asyncio loop (grpc.aio), `clients` of them in flight at once: 256
+            # blocking threads on 2 cores would time their own GIL convoy as much as the server's answer.
+            async def send_all() -> None:
+                sent = iter(range(args.requests))
+                async with grpc.aio.insecure_channel(target) as channel:
+                    stub = cit_pb2_grpc.CitStub(channel)
+
+                    async def one_client() -> None:
+                        for i in sent:
+                            image, instruction = requests[i % len(requests)]
+                            request = CitClient.request(image, instruction, max_new_tokens=args.max_new_tokens)
+                            t0 = time.perf_counter()
+                            try:
+                                await stub.Generate(request, timeout=3600)
+                                latencies.append(time.perf_counter() - t0)
+                            except grpc.aio.AioRpcError as exc:
+                                if args.overload and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                                    refused.append(time.perf_counter() - t0)
+                                else:
+                                    errors[exc.code().name] += 1
+                            if (i + 1) % max(1, args.requests // 10) == 0:
+                                rss_series.append(rss_mib(proc.pid))
+
+                    await asyncio.gather(*(one_client() for _ in range(clients)))
 
             probes = threading.Thread(target=health_probes, args=(target, stop_probes, health_seconds,
                                                                    health_failures))
             probes.start()
             start = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(one, range(args.requests)))
+            asyncio.run(send_all())
             wall = time.perf_counter() - start
             stop_probes.set()
             probes.join()
