@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default backbone: export three real-data tasks, add them with the default
-# `cit-trainer add-task` settings, start cit-server, and evaluate every held-out test request over gRPC.
-# About 30 minutes on 2 CPU cores. Outputs: ./tasks, ./cit-registry, and the report printed at the end.
+# `cit-trainer add-task` settings, start cit-server, and evaluate every held-out test request over gRPC: each test
+# image asked with a training wording and with a held-out one, reported side by side (predictions.jsonl keeps
+# every answer and its verdict).
+# About 30 minutes on 2 CPU cores. Outputs: ./tasks, ./cit-registry, ./predictions.jsonl, and the report printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASKS=${TASKS:-"fashion-mnist digits words"}
@@ -22,4 +24,4 @@ for _ in $(seq 120); do grep -q "listening on" server.log && break; sleep 1; don
 grep "listening on" server.log
 
 dirs=""; for task in $TASKS; do dirs="$dirs tasks/$task"; done
-cit evaluate $dirs --server "127.0.0.1:$PORT"
+cit evaluate $dirs --server "127.0.0.1:$PORT" --predictions predictions.jsonl

@@ -17,11 +17,14 @@ from cit_registry.taskdata import read_jsonl
 
 from .conftest import E2E_TASKS, run_cli
 
-# Chance is 10 % (clothing, digits) and 5 % (20 words). CI trains on 400 samples x 3 epochs only, where this
-# backbone measured 48 % / 81 % / 18 %. The clothing adapter is then reused (one epoch on 64 other clothing
-# images), which costs its first data set accuracy: measured 48 % -> 27 % over gRPC. The documented defaults
-# (3,000 samples) measure 86 % / 92 % / 96 %: see docs/USAGE.md.
-MIN_ANSWER_ACCURACY = {"fashion-mnist": 0.35, "digits": 0.6, "words": 0.12}
+# Chance is 10 % (clothing, digits) and 5 % (20 words). CI trains on 400 samples x 3 epochs only, spread over five
+# training wordings per task (test rows: half training, half held-out wordings), where this backbone measured
+# 52 / 69 / 8 % at add-task (100 test rows) and 48 / 69 / 12 % over gRPC (200 rows). The words LoRA task is barely
+# learnt at this budget (18 % with one wording): its floor only says "above chance and above zero-shot". The
+# clothing adapter is then reused (one epoch on 64 other clothing images), which costs its first data set
+# accuracy. The documented defaults (3,000 samples) measured 86 / 92 / 96 % with one wording: see docs/USAGE.md.
+MIN_ANSWER_ACCURACY = {"fashion-mnist": 0.35, "digits": 0.6, "words": 0.06}
+LEARNT_OVER_ZERO_SHOT = 0.05
 MIN_SERVED_ACCURACY = {**MIN_ANSWER_ACCURACY, "fashion-mnist": 0.2}  # served by the reused version 2
 
 
@@ -61,7 +64,8 @@ def test_tasks_learn_above_zero_shot(registry):
     reg = Registry.open(registry)
     for name in E2E_TASKS:
         metrics = reg.get(name, 1).card.metrics
-        assert metrics["accuracy_after"] >= max(MIN_ANSWER_ACCURACY[name], metrics["accuracy_before"] + 0.1), (name, metrics)
+        assert metrics["accuracy_after"] >= max(MIN_ANSWER_ACCURACY[name],
+                                                metrics["accuracy_before"] + LEARNT_OVER_ZERO_SHOT), (name, metrics)
 
 
 def test_held_out_requests_are_routed_and_answered_over_grpc(client, task_dirs, capsys):
@@ -70,11 +74,15 @@ def test_held_out_requests_are_routed_and_answered_over_grpc(client, task_dirs, 
     with capsys.disabled():
         for s in results.values():
             print(f"\n  over gRPC: {s.dataset:<14} {s.requests} requests, routing {s.routing_accuracy:.1%}, "
-                  f"answers {s.answer_accuracy:.1%}, served by {s.served_by}")
+                  f"answers {s.answer_accuracy:.1%}, served by {s.served_by}, misses {s.errors}")
+            for kind, t in s.by_template.items():
+                print(f"    {kind:<9} wordings: {t.requests} requests, routing {t.routing_accuracy:.1%}, "
+                      f"answers {t.answer_accuracy:.1%}")
     total_routed = sum(s.routed for s in results.values()) / sum(s.requests for s in results.values())
     assert total_routed >= 0.95
     for name, s in results.items():
-        assert s.routing_accuracy >= 0.95, (name, s.served_by)
+        assert set(s.by_template) == {"train", "held-out"}, name  # the exported test rows carry both wordings
+        assert s.routing_accuracy >= 0.95 and s.by_template["held-out"].routing_accuracy >= 0.95, (name, s.served_by)
         assert s.answer_accuracy >= MIN_SERVED_ACCURACY[name], (name, s.answer_accuracy)
 
 
@@ -312,3 +320,15 @@ def test_registry_cli_lists_verifies_and_compares(registry, task_dirs):
     sample = first_test_sample(task_dirs, "words")
     routed = run_cli("cit-registry", "route", str(sample.image), sample.instruction, "--registry", str(registry))
     assert "-> words v1" in routed.stdout
+
+
+def test_registry_cli_routes_with_the_servers_own_query(registry, client, task_dirs):
+    """`cit-registry route` shows what the server would do: the same candidates with the same scores."""
+    for name in E2E_TASKS:
+        for sample in read_jsonl(task_dirs[name] / "test.jsonl")[1:2]:  # a held-out wording
+            served = client.route(sample.image, sample.instruction, top_k=3).route
+            shown = run_cli("cit-registry", "route", str(sample.image), sample.instruction, "--top-k", "3",
+                            "--registry", str(registry)).stdout.splitlines()[1:]
+            rows = [line.split() for line in shown]
+            assert [(r[0], int(r[1][1:])) for r in rows] == [(c.task_id, c.version) for c in served.candidates]
+            assert [float(r[2]) for r in rows] == pytest.approx([c.score for c in served.candidates], abs=2e-3)

@@ -15,6 +15,8 @@ from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 
+from .conftest import run_cli
+
 IMAGE_TOKEN = 49151  # an id of SmolLM2's vocabulary, standing for image positions in transformers' prompts
 
 
@@ -133,6 +135,13 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         alone = backbone.generate(features[:1], [TaskAdapter(task.eval())], ["Name the picture."],
                                   [Sampling(max_new_tokens=4)])[0]
         assert done.text == alone.text
+        # `cit-registry route` builds the server's query for this backbone too (it once took the unpooled
+        # feature width of cit's own tower): the same task, the same score
+        served = engine.route(engine.embed(buf.getvalue(), "Name the picture.")).candidates[0]
+        (tmp_path / "picture.png").write_bytes(buf.getvalue())
+        shown = run_cli("cit-registry", "route", str(tmp_path / "picture.png"), "Name the picture.",
+                        "--registry", str(reg.root), "--backbone", str(llava_dir)).stdout.splitlines()[1].split()
+        assert shown[0] == served.task_id and float(shown[2]) == pytest.approx(served.score, abs=2e-3)
     finally:
         engine.close()
     with pytest.raises(ValueError, match="trained on another backbone"):

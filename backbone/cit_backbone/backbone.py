@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -50,6 +51,13 @@ class Backbone:
     def routing_features(self, features: torch.Tensor) -> torch.Tensor:
         """The image part of task keys and routing queries: one vector per image (vision tokens pooled)."""
         return self.vision.pooled(features)
+
+    def routing_query(self, features: torch.Tensor, instruction_embeddings: np.ndarray) -> np.ndarray:
+        """The FAISS query of requests from their vision features (encode_images) and instruction embeddings:
+        the one query the server routes with and `cit-registry route` shows."""
+        from cit_registry.store import routing_query
+
+        return routing_query(self.routing_features(features).numpy(), instruction_embeddings)
 
     def base_connector(self, start: str = "base") -> Connector:
         """A starting connector shipped with the package: "base" (captions only, what new tasks start from and

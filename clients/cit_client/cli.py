@@ -121,18 +121,28 @@ def reload_registry(server: SERVER = DEFAULT_SERVER) -> None:
 def evaluate(
     task_dirs: Annotated[list[Path], typer.Argument(help="task directories with a test.jsonl")],
     server: SERVER = DEFAULT_SERVER,
-    limit: Annotated[Optional[int], typer.Option(help="at most N test samples per task")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="at most N test rows per task")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="write every request, answer, verdict and route "
+                                                             "to this JSONL file")] = None,
 ) -> None:
-    """Send every held-out test sample over gRPC; report routing and answer accuracy per task."""
+    """Send every held-out test row over gRPC; report routing and answer accuracy per task, and per instruction
+    wording where the test file marks it (training wordings vs held-out ones)."""
+    from contextlib import nullcontext
+
     from .evaluate import dataset_owners, evaluate_dataset
 
-    with _client(server) as client:
+    with _client(server) as client, (open(predictions, "w") if predictions else nullcontext()) as out:
         try:
             owners = dataset_owners(client)
             for task_dir in task_dirs:
-                s = evaluate_dataset(client, task_dir, limit, owners)
+                s = evaluate_dataset(client, task_dir, limit, owners, out)
                 typer.echo(f"{s.dataset:<16} {s.requests:>4} requests  routed to {s.expected_task}: "
                            f"{s.routing_accuracy:6.1%}  answers correct: {s.answer_accuracy:6.1%}  served by {s.served_by}")
+                for kind, t in s.by_template.items():
+                    typer.echo(f"  {kind + ' wordings':<18} {t.requests:>4} requests  routed: {t.routing_accuracy:6.1%}  "
+                               f"answers correct: {t.answer_accuracy:6.1%}")
+                typer.echo(f"  misses: {s.errors['format']} format (the answer with more around it), "
+                           f"{s.errors['knowledge']} knowledge (another answer)")
         except grpc.RpcError as exc:
             _fail(exc)
 

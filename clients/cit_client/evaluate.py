@@ -5,19 +5,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cit_registry.taskdata import normalise_answer, read_jsonl, resolve_task_files
+from cit_registry.taskdata import TEMPLATE_KINDS, Verdict, judge, read_jsonl, resolve_task_files
 
 from .client import CitClient
 
 
 @dataclass
-class TaskScore:
-    dataset: str
-    expected_task: str | None
+class Tally:
     requests: int = 0
     routed: int = 0
     correct: int = 0
-    served_by: dict = field(default_factory=dict)
 
     @property
     def routing_accuracy(self) -> float:
@@ -26,6 +23,17 @@ class TaskScore:
     @property
     def answer_accuracy(self) -> float:
         return self.correct / self.requests if self.requests else 0.0
+
+
+@dataclass
+class TaskScore(Tally):
+    """A data set's test rows over gRPC: the totals, and the same per wording kind."""
+
+    dataset: str = ""
+    expected_task: str | None = None
+    served_by: dict = field(default_factory=dict)
+    by_template: dict[str, Tally] = field(default_factory=dict)  # "train" / "held-out" rows, where marked
+    errors: dict[str, int] = field(default_factory=lambda: {Verdict.FORMAT.value: 0, Verdict.KNOWLEDGE.value: 0})
 
 
 def dataset_owners(client: CitClient) -> dict[str, str]:
@@ -39,18 +47,33 @@ def dataset_owners(client: CitClient) -> dict[str, str]:
 
 
 def evaluate_dataset(client: CitClient, task_dir: Path, limit: int | None = None,
-                     owners: dict[str, str] | None = None) -> TaskScore:
+                     owners: dict[str, str] | None = None, predictions=None) -> TaskScore:
+    """Every test row over gRPC, routed by the server. `predictions`: a text file to write one JSON line per row
+    to (request, answer, verdict, route), so that format errors and knowledge errors can be read apart."""
     _, test_file = resolve_task_files(task_dir)
     if test_file is None:
         raise FileNotFoundError(f"{task_dir} has no test.jsonl")
     name = test_file.parent.name
     owners = dataset_owners(client) if owners is None else owners
-    score = TaskScore(name, owners.get(name))
+    score = TaskScore(dataset=name, expected_task=owners.get(name))
     for sample in read_jsonl(test_file)[:limit]:
         r = client.generate(sample.image, sample.instruction, max_new_tokens=16)
         served = r.route.task_id or "(base)"
-        score.requests += 1
-        score.routed += served == score.expected_task
-        score.correct += normalise_answer(r.text) == normalise_answer(sample.output)
+        verdict = judge(r.text, sample.output)
+        routed, correct = served == score.expected_task, verdict is Verdict.CORRECT
+        tallies = [score] + ([score.by_template.setdefault(sample.template, Tally())] if sample.template else [])
+        for t in tallies:
+            t.requests += 1
+            t.routed += routed
+            t.correct += correct
+        if not correct:
+            score.errors[verdict.value] += 1
         score.served_by[served] = score.served_by.get(served, 0) + 1
+        if predictions is not None:
+            predictions.write(json.dumps({
+                "dataset": name, "image": str(sample.image), "instruction": sample.instruction,
+                "template": sample.template, "expected": sample.output, "prediction": r.text,
+                "verdict": verdict.value, "task": r.route.task_id or None, "score": round(r.route.score, 4),
+                "fell_back": r.route.below_threshold}) + "\n")
+    score.by_template = {k: score.by_template[k] for k in TEMPLATE_KINDS if k in score.by_template}
     return score

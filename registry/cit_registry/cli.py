@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -87,18 +87,18 @@ def route(
     registry: REGISTRY = DEFAULT_REGISTRY,
     top_k: int = 5,
     routing_threshold: float = ROUTING_THRESHOLD,
+    backbone: Annotated[Optional[Path], typer.Option(
+        envvar="CIT_BACKBONE", help="the checkpoint directory the server runs with (default: cit's own)")] = None,
 ) -> None:
-    """Route one request offline (no server): embeds it with the backbone, then searches the index."""
+    """Route one request offline (no server): the server's own query (Backbone.routing_query), then the index."""
     from cit_backbone.backbone import Backbone
     from cit_backbone.embedder import TextEmbedder
     from cit_backbone.images import decode_image
 
-    from .store import routing_query
-
     reg = _open(registry)
     img = decode_image(image.read_bytes())
-    features = Backbone().vision.encode([img]).numpy()
-    query = routing_query(features, TextEmbedder().embed([instruction]))
+    model = Backbone.load(backbone)
+    query = model.routing_query(model.encode_images([img]), TextEmbedder().embed([instruction]))
     candidates = Router.load(reg).search(query, top_k)[0]
     chosen = select(candidates, routing_threshold)
     console.print(f"-> {chosen.task_id} v{chosen.version}" if chosen else

@@ -29,7 +29,8 @@ def write_snapshot(directory: Path, samples: list[Sample]) -> None:
     for i, sample in enumerate(samples):
         name = f"images/{i:05d}{Path(sample.image).suffix.lower() or '.png'}"
         shutil.copyfile(sample.image, directory / name)
-        rows.append({"image": name, "instruction": sample.instruction, "output": sample.output})
+        rows.append({"image": name, "instruction": sample.instruction, "output": sample.output,
+                     **({"template": sample.template} if sample.template else {})})
     (directory / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -25,7 +25,7 @@ from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.language_model import RowState, Sampling
 from cit_registry.router import Candidate, Router, select
-from cit_registry.store import Registry, TaskVersion, routing_query
+from cit_registry.store import Registry, TaskVersion
 
 from .adapter_cache import BASE, AdapterId, AdapterStore
 from .config import ServerConfig
@@ -312,8 +312,7 @@ class Engine:
 
     def _embed(self, images: list[Image.Image], instructions: list[str]) -> list[Embedded]:
         features = self.backbone.encode_images(images)
-        queries = routing_query(self.backbone.routing_features(features).numpy(),
-                                self._instruction_embeddings(instructions))
+        queries = self.backbone.routing_query(features, self._instruction_embeddings(instructions))
         return [Embedded(features[i : i + 1], queries[i : i + 1]) for i in range(len(images))]
 
     def _instruction_embeddings(self, instructions: list[str]) -> np.ndarray:

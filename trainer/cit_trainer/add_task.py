@@ -139,17 +139,19 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         adapter = TaskAdapter(adapter.connector, TRAINING)
 
     try:
-        accuracy_before = evaluate(backbone, adapter, test, desc="accuracy before")[0] if test else None
+        before = evaluate(backbone, adapter, test, desc="accuracy before") if test else None
         start = time.time()
         losses = train_connector(backbone, adapter.connector, train, opts.epochs, opts.batch_size, opts.lr, opts.seed,
                                  desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
         seconds = time.time() - start
         if adapter.lora:
             backbone.lm.set_lora_trainable(adapter.lora, False)
-        accuracy_after, correct = evaluate(backbone, adapter, test, desc="accuracy after") if test else (None, [])
+        after = evaluate(backbone, adapter, test, desc="accuracy after") if test else None
+        accuracy_before, accuracy_after = (before.accuracy, after.accuracy) if test else (None, None)
+        correct, measured = (after.correct, _by_wording(after, test_samples, log)) if test else ([], {})
         datasets.append({
             "name": name, "train": str(train_file.resolve()), "test": str(test_file.resolve()) if test_file else None,
-            "samples": len(train_samples), "accuracy_after": accuracy_after,
+            "samples": len(train_samples), "accuracy_after": accuracy_after, **measured,
             # which test samples were right, in file order: later re-measurements compare on the very same samples
             "eval_correct": "".join("1" if c else "0" for c in correct),
         })
@@ -182,6 +184,15 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
     return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting)
+
+
+def _by_wording(after, test_samples: list, log) -> dict:
+    """A data set's accuracy per wording kind (training / held-out) and its misses by kind, for its card."""
+    by_template, errors = after.by_template(test_samples), after.errors()
+    if by_template:
+        log("  accuracy after, by wording: " + ", ".join(f"{k} {a:.1%}" for k, a in by_template.items()))
+    log(f"  misses: {errors['format']} format (the answer with more around it), {errors['knowledge']} knowledge")
+    return {"accuracy_by_template": by_template, "errors": errors}
 
 
 def _write_snapshots(directory: Path, name: str, test_samples: list, previous: TaskVersion | None) -> None:
@@ -222,7 +233,7 @@ def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_data
         adapter = new_adapter if own else backbone.load_adapter(
             f"{task_id}@v{version.version}", version.adapter_dir, version.lora_dir)
         try:
-            now, _ = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}")
+            now = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}").accuracy
         finally:
             if not own:
                 backbone.unload_adapter(adapter)

@@ -42,7 +42,7 @@ def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 
     connector = Connector(backbone.connector_config())
     train_set, test_set = embedded(train), embedded(held_out)
     losses = train_connector(backbone, connector, train_set, epochs=epochs, lr=lr, seed=seed, desc="base connector")
-    accuracy, _ = evaluate(backbone, TaskAdapter(connector), test_set)
+    accuracy = evaluate(backbone, TaskAdapter(connector), test_set).accuracy
     card = {
         "command": f"cit-trainer train-base --mixture {mixture} --samples {samples} --epochs {epochs} --lr {lr} "
                    f"--seed {seed}",

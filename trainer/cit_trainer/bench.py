@@ -25,7 +25,7 @@ from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import ROUTING_THRESHOLD, Router, select, task_similarity
-from cit_registry.store import TaskKey, routing_query
+from cit_registry.store import TaskKey
 from cit_registry.taskdata import read_jsonl
 
 from .data import export_task
@@ -94,7 +94,7 @@ class Bench:
                         method=method, lora=adapter.lora)
 
     def score(self, adapter: TaskAdapter, j: int) -> float:
-        return evaluate(self.backbone, adapter, self.test[j], desc=f"evaluating {self.order[j]}")[0]
+        return evaluate(self.backbone, adapter, self.test[j], desc=f"evaluating {self.order[j]}").accuracy
 
     # ---------------------------------------------------------------------------------- one method
 
@@ -215,9 +215,10 @@ class Bench:
 
     def _routed_score(self, router: Router, adapters: list[TaskAdapter], j: int, own: int | None) -> tuple[float, float]:
         """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
-        requests routed to the task's own adapter."""
+        requests routed to the task's own adapter: over the rows asked with held-out wordings where the test file
+        marks them (a training wording's cosine to its own key is near 1 by construction)."""
         test = self.test[j]
-        query = routing_query(test.routing_image, test.instruction)
+        query = self.backbone.routing_query(test.features, test.instruction)
         chosen = [select(candidates, ROUTING_THRESHOLD) for candidates in router.search(query, k=1)]
         routed_to = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
         correct = np.zeros(len(routed_to), dtype=bool)
@@ -225,8 +226,9 @@ class Bench:
             rows = [i for i, x in enumerate(routed_to) if x == a]
             adapter = adapters[a] if a >= 0 else TaskAdapter(self.base)
             subset = EmbeddedTask([test.samples[i] for i in rows], test.features[rows], None, None)
-            correct[rows] = evaluate(self.backbone, adapter, subset, desc=f"evaluating {self.order[j]}")[1]
-        own_share = float(np.mean([a == own for a in routed_to])) if own is not None else 0.0
+            correct[rows] = evaluate(self.backbone, adapter, subset, desc=f"evaluating {self.order[j]}").correct
+        held_out = [i for i, s in enumerate(test.samples) if s.template == "held-out"] or range(len(routed_to))
+        own_share = float(np.mean([routed_to[i] == own for i in held_out])) if own is not None else 0.0
         return float(correct.mean()), own_share
 
     def threshold_sweep(self, thresholds: list[float]) -> list[dict]:

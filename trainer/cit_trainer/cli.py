@@ -34,10 +34,12 @@ def export(
     names: Annotated[list[str], typer.Argument(help="data sets: fashion-mnist digits easyvqa-shape easyvqa-color words")],
     out: Annotated[Path, typer.Option(help="directory to write <name>/{train,test}.jsonl into")] = Path("tasks"),
     train: Annotated[int, typer.Option(help="training samples per task (fewer where the source has fewer)")] = 3000,
-    test: Annotated[int, typer.Option(help="held-out test samples per task")] = 300,
+    test: Annotated[int, typer.Option(help="held-out test images per task, each written twice: with a training "
+                                           "wording and a held-out one")] = 300,
     seed: int = 0,
 ) -> None:
-    """Write real-data tasks in the uniform image-instruction-output JSONL format."""
+    """Write real-data tasks in the uniform image-instruction-output JSONL format, with several instruction
+    wordings per task: training rows use the training ones, test rows both (marked "template")."""
     from .data import export_task
 
     for name in names:
@@ -45,7 +47,7 @@ def export(
             path, written = export_task(name, out, train, test, seed)
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from None
-        console.print(f"wrote {path}/train.jsonl ({written['train']}) and test.jsonl ({written['test']})")
+        console.print(f"wrote {path}/train.jsonl ({written['train']} rows) and test.jsonl ({written['test']} rows)")
 
 
 @app.command("add-task")

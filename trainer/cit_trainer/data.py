@@ -5,6 +5,7 @@ import gzip
 import json
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,50 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "bread", "chair", "light",
          "ocean", "paper", "house", "plant", "smile", "train", "water", "zebra", "honey", "lemon"]
 
 Example = tuple[Image.Image, str, str]  # image, instruction, output
+Labelled = tuple[Image.Image, str]       # image, output: an exporter's rows before an instruction is chosen
 
 
-def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+@dataclass(frozen=True)
+class Templates:
+    """A task's instruction wordings: training rows use `train` only; test rows are written once with a training
+    wording and once with a held-out one, so answers under wording the adapter never saw are measured."""
+
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+# Eight or more wordings per task, five trained on, the rest held out. Held-out ones were chosen to differ from the
+# training ones in form (an order, a statement, other words for the thing asked), not only in a word or two.
+TEMPLATES = {
+    "fashion-mnist": Templates(
+        ("What item of clothing is shown in the image?", "Which garment is this?",
+         "Name the piece of clothing in this picture.", "What kind of clothing or footwear does the photo show?",
+         "Identify the fashion item in the image."),
+        ("Tell me what type of apparel appears here.", "Classify this clothing image.",
+         "What would you call the article of clothing pictured?")),
+    "digits": Templates(
+        ("Which digit is written in the image? Answer with a word.", "What number is shown here? Spell it out.",
+         "Read the handwritten digit and write it as a word.", "What digit do you see? Give it as a word.",
+         "Name the number in this picture, in words."),
+        ("Which numeral has been drawn? Reply in words.", "Tell me the digit in the image, spelled out.",
+         "What single number is handwritten here? Write the word for it.")),
+    "easyvqa-shape": Templates(
+        ("What shape is in the image?", "Which shape does the picture contain?", "Name the geometric figure shown.",
+         "What is the form of the object in the image?", "Is it a circle, a rectangle or a triangle?"),
+        ("Tell me which shape you see.", "Identify the figure drawn here.", "What shape is present?")),
+    "easyvqa-color": Templates(
+        ("What color is the shape?", "What is the color of the shape?", "Which colour is the object in the image?",
+         "Name the colour of the figure.", "What color has the shape been painted?"),
+        ("Tell me the shape's colour.", "Which color do you see on the shape?", "What hue is the object?")),
+    "words": Templates(
+        ("What word is written in the image?", "Read the text in this picture.", "What does the image say?",
+         "Transcribe the word shown.", "Which word appears in the image?"),
+        ("Tell me the word printed here.", "What text can you see in the picture?",
+         "Spell out the word in this image.")),
+}
+
+
+def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
     prefix = "train" if split == "train" else "t10k"
     img_file, lab_file = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
     if not img_file.exists():
@@ -40,10 +82,10 @@ def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Example]:
     images = np.frombuffer(gzip.open(img_file).read(), np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.frombuffer(gzip.open(lab_file).read(), np.uint8, offset=8)
     for i in rng.sample(range(len(labels)), n):
-        yield Image.fromarray(images[i]), "What item of clothing is shown in the image?", FASHION_CLASSES[labels[i]]
+        yield Image.fromarray(images[i]), FASHION_CLASSES[labels[i]]
 
 
-def _digits(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+def _digits(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -52,27 +94,27 @@ def _digits(split: str, n: int, rng: random.Random) -> Iterator[Example]:
     pool = order[:1297] if split == "train" else order[1297:]
     for i in rng.sample(pool, min(n, len(pool))):
         pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
-        yield Image.fromarray(pixels), "Which digit is written in the image? Answer with a word.", DIGIT_WORDS[digits.target[i]]
+        yield Image.fromarray(pixels), DIGIT_WORDS[digits.target[i]]
 
 
-def _easyvqa(kind: str) -> Callable[[str, int, random.Random], Iterator[Example]]:
+def _easyvqa(kind: str) -> Callable[[str, int, random.Random], Iterator[Labelled]]:
     answers = {"shape": {"circle", "rectangle", "triangle"},
                "color": {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}}[kind]
 
-    def export(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+    def export(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
         import easy_vqa
 
         questions, outs, ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
         paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
-        rows = [(q, a, i) for q, a, i in zip(questions, outs, ids) if a in answers]
-        for q, a, i in rng.sample(rows, min(n, len(rows))):
+        label = {i: a for a, i in zip(outs, ids) if a in answers}  # one shape, one colour per image
+        for i in rng.sample(sorted(label), min(n, len(label))):
             with Image.open(paths[i]) as img:
-                yield img.convert("RGB"), q[0].upper() + q[1:], a
+                yield img.convert("RGB"), label[i]
 
     return export
 
 
-def _words(split: str, n: int, rng: random.Random) -> Iterator[Example]:
+def _words(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
     # Train and test draw different fonts sizes, offsets and colours from disjoint seeds: reading, not recall.
     for _ in range(n):
         word = rng.choice(WORDS)
@@ -80,10 +122,10 @@ def _words(split: str, n: int, rng: random.Random) -> Iterator[Example]:
         font = ImageFont.load_default(size=rng.randint(16, 22))
         ink = tuple(rng.randint(0, 80) for _ in range(3))
         ImageDraw.Draw(img).text((rng.randint(2, 20), rng.randint(4, 18)), word, fill=ink, font=font)
-        yield img, "What word is written in the image?", word
+        yield img, word
 
 
-EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Example]]] = {
+EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Labelled]]] = {
     "fashion-mnist": _fashion,
     "digits": _digits,
     "easyvqa-shape": _easyvqa("shape"),
@@ -95,18 +137,26 @@ EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Example]]] = {
 def export_task(name: str, out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, dict[str, int]]:
     """Write <out_dir>/<name>/{train,test}.jsonl and images/; deterministic for a given seed.
 
-    Returns the task directory and the samples written per split (fewer than asked where the source has fewer)."""
+    Each training row asks with one of the task's training wordings; each test image is written twice, with a
+    training wording and with a held-out one (rows marked "template"), one after the other, so that any prefix
+    of the test file holds both kinds for the same images. Returns the rows written per split (fewer than asked
+    where the source has fewer images)."""
     if name not in EXPORTERS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(EXPORTERS)}")
+    templates = TEMPLATES[name]
     task_dir = Path(out_dir) / name
     (task_dir / "images").mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 10_000)):
+        rng, wording = random.Random(split_seed), random.Random(split_seed + 1)
         lines = []
-        for k, (img, instruction, output) in enumerate(EXPORTERS[name](split, n, random.Random(split_seed))):
+        for k, (img, output) in enumerate(EXPORTERS[name](split, n, rng)):
             rel = f"images/{split}-{k:05d}.png"
             img.save(task_dir / rel)
-            lines.append(json.dumps({"image": rel, "instruction": instruction, "output": output}))
+            kinds = [("train", templates.train)] + ([("held-out", templates.held_out)] if split == "test" else [])
+            for kind, choices in kinds:
+                lines.append(json.dumps({"image": rel, "instruction": wording.choice(choices), "output": output,
+                                         "template": kind}))
         (task_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
         written[split] = len(lines)
     return task_dir, written

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from cit_backbone.embedder import TextEmbedder
 from cit_backbone.language_model import Sampling
 from cit_registry.store import TaskKey
 
-from cit_registry.taskdata import Sample, normalise_answer
+from cit_registry.taskdata import Sample, Verdict, accuracy_by_template, judge
 
 from .data import load_images
 from .methods import Batch, Method
@@ -129,10 +130,24 @@ def train_connector(
     return losses
 
 
+class Evaluation(NamedTuple):
+    accuracy: float
+    correct: list[bool]          # per sample, in order
+    predictions: list[str]
+    verdicts: list[Verdict]      # correct, a format error (the answer with more around it) or a knowledge error
+
+    def by_template(self, samples: list[Sample]) -> dict[str, float]:
+        return accuracy_by_template(samples, self.correct)
+
+    def errors(self) -> dict[str, int]:
+        return {v.value: self.verdicts.count(v) for v in (Verdict.FORMAT, Verdict.KNOWLEDGE)}
+
+
 def evaluate(
     backbone: Backbone, adapter: TaskAdapter, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
-) -> tuple[float, list[bool]]:
-    """Greedy exact-match accuracy of `adapter` on the task, and which samples it got right."""
+) -> Evaluation:
+    """Greedy accuracy of `adapter` on the task (taskdata.judge: exact match after normalisation), with each
+    prediction and its verdict."""
     longest = max(len(backbone.lm.answer_ids(a)) for a in task.answers)
     sampling = Sampling(max_new_tokens=min(longest + 2, 64))
     predictions: list[str] = []
@@ -141,5 +156,6 @@ def evaluate(
         n = len(features)
         states = backbone.generate(features, [adapter] * n, task.instructions[i : i + n], [sampling] * n)
         predictions += [s.text for s in states]
-    correct = [normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, task.answers)]
-    return sum(correct) / len(correct), correct
+    verdicts = [judge(p, a) for p, a in zip(predictions, task.answers)]
+    correct = [v is Verdict.CORRECT for v in verdicts]
+    return Evaluation(sum(correct) / len(correct), correct, predictions, verdicts)
