@@ -36,6 +36,7 @@ from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import ROUTING_THRESHOLD
 from cit_registry.taskdata import read_jsonl
 from cit_trainer.data import TEMPLATES, export_task, load_images
+from cit_trainer.training import embed_task
 
 TASKS = ("fashion-mnist", "digits", "words", "easyvqa-shape", "easyvqa-color")
 NEW_QUESTIONS = {
@@ -88,10 +89,8 @@ def main() -> None:
         for name in TASKS:
             task_dir, _ = export_task(name, Path(tmp), args.train, args.images)
             train = read_jsonl(task_dir / "train.jsonl")
-            feats = unit(backbone.routing_features(backbone.encode_images(load_images(train))).numpy())
-            wordings = sorted({s.instruction for s in train})
-            keys[name] = (unit(feats.mean(0)), unit(unit(embedder.embed([s.instruction for s in train])).mean(0)),
-                          embedder.embed(wordings))
+            key = embed_task(backbone, embedder, train, f"{name} train").key()  # add-task's own key
+            keys[name] = (key.image[0], key.instruction[0], embedder.embed(sorted({s.instruction for s in train})))
             test = [s for s in read_jsonl(task_dir / "test.jsonl") if s.template == "held-out"]
             images[name] = (unit(backbone.routing_features(backbone.encode_images(load_images(test))).numpy()),
                             [s.instruction for s in test])

@@ -32,7 +32,7 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import Admission, Event, EventSink, Failed, Job, Routed, Scheduler, Step, Stopped
 from .validation import RequestLimits
-from .vllm_engine import WORKER_START_TIMEOUT_S
+from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch, WorkerError, WorkerProcess, default_worker_python
 
 
 log = logging.getLogger("cit.server")
@@ -210,8 +210,6 @@ class Engine:
 
     # -- the vLLM worker: started with the engine, restarted by a supervisor thread when it dies
     def _start_worker(self):
-        from .vllm_engine import WorkerProcess, default_worker_python
-
         return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
                              self.config.adapter_cache_size, self.config.vllm_max_model_len)
 
@@ -243,8 +241,6 @@ class Engine:
                 except Exception:  # noqa: BLE001 - requests meanwhile: UNAVAILABLE
                     log.exception("reconnecting to the vLLM worker at %s failed", self.config.vllm_worker)
             return
-        from .vllm_engine import WorkerError
-
         current = self._worker if self._worker_ready.is_set() else None
         if self._batch is not None and (current is not self._batch_worker or current.proc.poll() is not None):
             self._reset_batch(WorkerError("the vLLM worker exited; a new one is starting, retry shortly"))
@@ -273,8 +269,6 @@ class Engine:
         within `timeout`, by default its start deadline)."""
         if self.config.engine == "embedded":
             return self.backbone.decode_batch()
-        from .vllm_engine import VllmBatch
-
         batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
                           self.adapters.lora_dir)
         try:
@@ -440,8 +434,6 @@ class Engine:
             self.metrics.latency.labels("queue").observe(start - job.submitted)
         self._follow_worker()
         if self._batch is None:
-            from .vllm_engine import WorkerError
-
             for job in jobs:
                 job.out.put(Failed(WorkerError("the vLLM worker is restarting; retry shortly")))
             return
@@ -502,8 +494,6 @@ class Engine:
         if not joining:
             return
         if self._batch is None:  # the vLLM worker went away while these adapters were read
-            from .vllm_engine import WorkerError
-
             for job, served, _, _ in joining:
                 self.adapters.release(served)
                 job.out.put(Failed(WorkerError("the vLLM worker is restarting; retry shortly")))

@@ -204,8 +204,7 @@ class CitServicer(cit_pb2_grpc.CitServicer):
     @_abort_on_error
     async def GetTask(self, request, context):
         with self.engine.admission.slot():
-            task = await self.engine.call(self.engine.task, request.task_id)
-            summary = await self.engine.call(to_summary_pb, task)
+            task, summary = await self.engine.call(lambda: (t := self.engine.task(request.task_id), to_summary_pb(t)))
         # What the trainer read its data from (paths on its machine) is for operators: the admin token only.
         card = task.card if self.auth.is_admin(context.invocation_metadata()) else public_card(task.card)
         return cit_pb2.GetTaskResponse(task=summary, card_json=card.to_json())

@@ -133,7 +133,6 @@ def train_connector(
 class Evaluation(NamedTuple):
     accuracy: float
     correct: list[bool]          # per sample, in order
-    predictions: list[str]
     verdicts: list[Verdict]      # correct, a format error (the answer with more around it) or a knowledge error
 
     def by_template(self, samples: list[Sample]) -> dict[str, float]:
@@ -147,7 +146,7 @@ def evaluate(
     backbone: Backbone, adapter: TaskAdapter, task: EmbeddedTask, batch_size: int = 32, desc: str = "evaluating"
 ) -> Evaluation:
     """Greedy accuracy of `adapter` on the task (taskdata.judge: exact match after normalisation), with each
-    prediction and its verdict."""
+    sample's verdict."""
     longest = max(len(backbone.lm.answer_ids(a)) for a in task.answers)
     sampling = Sampling(max_new_tokens=min(longest + 2, 64))
     predictions: list[str] = []
@@ -158,4 +157,4 @@ def evaluate(
         predictions += [s.text for s in states]
     verdicts = [judge(p, a) for p, a in zip(predictions, task.answers)]
     correct = [v is Verdict.CORRECT for v in verdicts]
-    return Evaluation(sum(correct) / len(correct), correct, predictions, verdicts)
+    return Evaluation(sum(correct) / len(correct), correct, verdicts)
