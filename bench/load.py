@@ -5,7 +5,8 @@
     python bench/load.py --registry cit-registry --tasks ... --overload 4 --max-requests 64 --requests 4000
 
 Overload mode (--overload F): the server admits --max-requests requests, and F times as many clients send requests
-without pause. Goals: every call succeeds or is refused with RESOURCE_EXHAUSTED, each refusal within 100 ms; a
+without pause; a refused client backs off as gRPC's retry policy does (--retry-backoff; 0 makes a retry storm), and
+the clients' first requests go out at once or spread over --ramp seconds. Goals: every call succeeds or is refused with RESOURCE_EXHAUSTED, each refusal within 100 ms; a
 health probe every 0.2 s (deadline 1 s) is answered SERVING throughout; resident memory within 10 %.
 
 Starts its own cit-server on the registry, warms it up at full concurrency (so caches, resident adapters and the
@@ -96,6 +97,11 @@ def main() -> int:
                         help="the server's admission bound (default: --concurrency)")
     parser.add_argument("--overload", type=float, default=None,
                         help="overload mode: this many clients per admitted request")
+    parser.add_argument("--retry-backoff", type=float, default=0.1, metavar="S",
+                        help="overload mode: a refused client waits random(0, S) before its next request, S growing "
+                             "x1.6 per refusal up to 2 s (gRPC's retry policy); 0: retry at once (a retry storm)")
+    parser.add_argument("--ramp", type=float, default=0.0, metavar="S",
+                        help="clients send their first request spread evenly over S seconds (0: all at once)")
     args = parser.parse_args()
     bound = args.max_requests or args.concurrency
     clients = round(args.overload * bound) if args.overload else args.concurrency
@@ -121,10 +127,13 @@ def main() -> int:
             # blocking threads on 2 cores would time their own GIL convoy as much as the server's answer.
             async def send_all() -> None:
                 sent = iter(range(args.requests))
+                rng = np.random.default_rng(0)
                 async with grpc.aio.insecure_channel(target) as channel:
                     stub = cit_pb2_grpc.CitStub(channel)
 
-                    async def one_client() -> None:
+                    async def one_client(k: int) -> None:
+                        await asyncio.sleep(k * args.ramp / clients)
+                        backoff = args.retry_backoff
                         for i in sent:
                             image, instruction = requests[i % len(requests)]
                             request = CitClient.request(image, instruction, max_new_tokens=args.max_new_tokens)
@@ -132,15 +141,19 @@ def main() -> int:
                             try:
                                 await stub.Generate(request, timeout=3600)
                                 latencies.append(time.perf_counter() - t0)
+                                backoff = args.retry_backoff
                             except grpc.aio.AioRpcError as exc:
                                 if args.overload and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                                     refused.append(time.perf_counter() - t0)
+                                    # gRPC's retry policy (A6): wait random(0, backoff), backoff grows x1.6 to 2 s
+                                    await asyncio.sleep(rng.uniform(0, backoff))
+                                    backoff = min(backoff * 1.6, 2.0)
                                 else:
                                     errors[exc.code().name] += 1
                             if (i + 1) % max(1, args.requests // 10) == 0:
                                 rss_series.append(rss_mib(proc.pid))
 
-                    await asyncio.gather(*(one_client() for _ in range(clients)))
+                    await asyncio.gather(*(one_client(k) for k in range(clients)))
 
             probes = threading.Thread(target=health_probes, args=(target, stop_probes, health_seconds,
                                                                    health_failures))
@@ -161,6 +174,7 @@ def main() -> int:
     growth = rss_end / rss_start - 1
     mode = f"overload x{args.overload:g}: {clients} clients, admission bound {bound}" if args.overload else \
         f"concurrency {clients}"
+    mode += f", first requests over {args.ramp:g} s" if args.ramp else ", first requests at once"
     print(f"{args.requests} requests, {mode}, max_new_tokens {args.max_new_tokens}, "
           f"{len(args.tasks)} task(s) + unroutable: {wall:.0f} s, {len(latencies) / wall:.1f} answered/s")
     print(f"errors: {sum(errors.values())} {dict(errors) if errors else ''}")
@@ -170,8 +184,9 @@ def main() -> int:
     if args.overload:
         r = np.percentile(refused, [50, 99]) * 1000 if refused else [float("nan")] * 2
         slowest = max(refused, default=0.0)
-        print(f"refused {len(refused)} (RESOURCE_EXHAUSTED): p50 {r[0]:.1f} ms, p99 {r[1]:.1f} ms, "
-              f"max {slowest * 1000:.1f} ms (goal: every refusal <= 100 ms)")
+        print(f"refused {len(refused)} (RESOURCE_EXHAUSTED, {len(refused) / wall:.0f}/s, retry backoff "
+              f"{args.retry_backoff:g} s): p50 {r[0]:.1f} ms, p99 {r[1]:.1f} ms, max {slowest * 1000:.1f} ms "
+              f"(goal: every refusal <= 100 ms)")
         ok = ok and bool(refused) and slowest <= 0.100
     h = max(health_seconds, default=float("nan"))
     print(f"health: {len(health_seconds)} probes, {sum(health_failures.values())} not SERVING in 1 s "
