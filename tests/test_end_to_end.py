@@ -89,7 +89,7 @@ def test_held_out_requests_are_routed_and_answered_over_grpc(client, task_dirs, 
 def test_response_names_the_task_version_and_counts(client, task_dirs):
     sample = first_test_sample(task_dirs, "digits")
     r = client.generate(sample.image, sample.instruction)
-    assert r.route.task_id == "digits" and r.route.version == 1 and not r.route.below_threshold
+    assert r.route.task_id == "digits" and r.route.version == 1 and not r.route.fell_back
     assert r.route.candidates[0].task_id == "digits" and len(r.route.candidates) == 3
     assert r.finish_reason == "stop" and r.completion_tokens >= 1 and r.prompt_tokens > 10
 
@@ -114,7 +114,15 @@ def test_unrelated_request_falls_back_to_the_base_connector(client):
     buf = io.BytesIO()
     Image.new("RGB", (200, 120), (250, 120, 30)).save(buf, format="PNG")
     r = client.generate(buf.getvalue(), "Compose a limerick about tax law in medieval Venice.")
-    assert r.route.below_threshold and r.route.task_id == "" and r.route.score < r.route.threshold
+    assert r.route.fell_back and r.route.task_id == ""
+    # the reason agrees with the candidates: no image clears its floor, or the instruction is below the floor of
+    # the best candidate whose image does (an orange rectangle may pass for a rendered word's background)
+    passing = [c for c in r.route.candidates if c.image_similarity >= c.image_floor]
+    if r.route.fell_back_because == cit_pb2.FALL_BACK_IMAGE_UNLIKE:
+        assert not passing
+    else:
+        assert r.route.fell_back_because == cit_pb2.FALL_BACK_INSTRUCTION_UNLIKE
+        assert passing[0].instruction_similarity < passing[0].instruction_floor
 
 
 def test_route_is_a_dry_run_with_top_k(client, task_dirs):
@@ -138,7 +146,7 @@ def test_a_lora_task_is_in_peft_format_and_served_like_an_eproj_task(registry, c
     assert [t.adapter_kind for t in client.list_tasks() if t.task_id == "words"] == ["lora"]
     sample = first_test_sample(task_dirs, "words")
     r = client.generate(sample.image, sample.instruction)
-    assert (r.route.task_id, r.route.version, r.route.below_threshold) == ("words", 1, False)
+    assert (r.route.task_id, r.route.version, r.route.fell_back) == ("words", 1, False)
 
 
 def metric(server, name: str, absent: float | None = None, **labels) -> float:
@@ -196,12 +204,13 @@ def test_metrics_count_requests_errors_latency_tokens_and_routes(client, server,
         client.generate(b"", sample.instruction)
     buf = io.BytesIO()
     Image.new("RGB", (50, 50), (0, 0, 250)).save(buf, format="PNG")
-    client.generate(buf.getvalue(), "Compose a limerick about tax law in medieval Venice.", max_new_tokens=2)
+    fell = client.generate(buf.getvalue(), "Compose a limerick about tax law in medieval Venice.", max_new_tokens=2)
     assert metric(server, "cit_requests_total", method="Generate", status="OK") == ok + 2
     assert metric(server, "cit_requests_total", method="Generate", status="INVALID_ARGUMENT") == bad + 1
     assert metric(server, "cit_generated_tokens_total") >= tokens + r.completion_tokens + 1
     assert metric(server, "cit_routed_total", task="digits") >= 1
-    assert metric(server, "cit_below_threshold_total") >= 1
+    reason = cit_pb2.FallBack.Name(fell.route.fell_back_because).removeprefix("FALL_BACK_").lower()
+    assert fell.route.fell_back and metric(server, "cit_fell_back_total", reason=reason) >= 1
     for phase in ("queue", "route", "first_token", "total"):
         assert metric(server, "cit_latency_seconds_count", phase=phase) >= 2, phase
     assert 1 <= metric(server, "cit_adapter_cache_resident") <= 2
@@ -323,12 +332,17 @@ def test_registry_cli_lists_verifies_and_compares(registry, task_dirs):
 
 
 def test_registry_cli_routes_with_the_servers_own_query(registry, client, task_dirs):
-    """`cit-registry route` shows what the server would do: the same candidates with the same scores."""
+    """`cit-registry route` shows what the server would do: the same decision, the same candidates with the same
+    cosines and floors."""
     for name in E2E_TASKS:
         for sample in read_jsonl(task_dirs[name] / "test.jsonl")[1:2]:  # a held-out wording
             served = client.route(sample.image, sample.instruction, top_k=3).route
-            shown = run_cli("cit-registry", "route", str(sample.image), sample.instruction, "--top-k", "3",
-                            "--registry", str(registry)).stdout.splitlines()[1:]
-            rows = [line.split() for line in shown]
+            decision, _, *shown = run_cli("cit-registry", "route", str(sample.image), sample.instruction, "--top-k",
+                                          "3", "--registry", str(registry)).stdout.splitlines()
+            assert decision == (f"-> {served.task_id} v{served.version}" if served.task_id else
+                                "-> base connector: " + decision.split(": ", 1)[1])
+            rows = [line.replace("(", " ").replace(")", " ").split() for line in shown]
             assert [(r[0], int(r[1][1:])) for r in rows] == [(c.task_id, c.version) for c in served.candidates]
-            assert [float(r[2]) for r in rows] == pytest.approx([c.score for c in served.candidates], abs=2e-3)
+            assert [[float(x) for x in r[2:7]] for r in rows] == [pytest.approx(
+                [c.score, c.image_similarity, c.image_floor, c.instruction_similarity, c.instruction_floor], abs=6e-3)
+                for c in served.candidates]

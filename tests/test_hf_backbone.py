@@ -140,7 +140,7 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         served = engine.route(engine.embed(buf.getvalue(), "Name the picture.")).candidates[0]
         (tmp_path / "picture.png").write_bytes(buf.getvalue())
         shown = run_cli("cit-registry", "route", str(tmp_path / "picture.png"), "Name the picture.",
-                        "--registry", str(reg.root), "--backbone", str(llava_dir)).stdout.splitlines()[1].split()
+                        "--registry", str(reg.root), "--backbone", str(llava_dir)).stdout.splitlines()[2].split()
         assert shown[0] == served.task_id and float(shown[2]) == pytest.approx(served.score, abs=2e-3)
     finally:
         engine.close()

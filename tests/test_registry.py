@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cit_registry.router import Candidate, Router, select, task_similarity
-from cit_registry.store import Registry, TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id
+from cit_registry.router import BACKGROUND, FallBack, Router, task_similarity, verify_index
+from cit_registry.store import (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, INSTRUCTION_SLACK, Registry,
+                                TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id)
 from safetensors.numpy import save_file
 
 rng = np.random.default_rng(0)
@@ -162,11 +163,125 @@ def test_index_is_persisted_and_rebuilt_when_stale(tmp_path):
     assert len(Router.load(reg)) == 2  # unreadable index is derived state: rebuilt
 
 
-def test_select_serves_the_best_task_only_at_or_above_the_threshold():
-    ranked = [Candidate("a", 2, 1.4), Candidate("b", 1, 0.9)]
-    assert select(ranked, 1.4) == ranked[0]
-    assert select(ranked, 1.41) is None  # the base connector answers
-    assert select([], -2.0) is None
+def axis(i, dim):
+    v = np.zeros((1, dim), np.float32)
+    v[0, i] = 1
+    return v
+
+
+def floored(image, instruction, image_floor=0.5, instruction_floor=0.5):
+    """A one-centroid key with the floors given (from_embeddings would measure them)."""
+    key = TaskKey.from_embeddings(image, instruction, instruction)
+    return TaskKey(key.image, key.instruction, key.output, key.counts,
+                   np.array([[image_floor, instruction_floor]], np.float32))
+
+
+def mix(*weighted):
+    v = sum(w * x for w, x in weighted)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def two_questions_one_image(tmp_path):
+    """Tasks "what" and "colour" ask different questions of the same images (axis 0); "other" asks about other
+    images (axis 1). Instructions live on axes 0-3 of an 8-d text space; axis 7 is a background question."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    add(reg, "what", floored(axis(0, 64), axis(0, 8)))
+    add(reg, "colour", floored(axis(0, 64), axis(1, 8)))
+    add(reg, "other", floored(axis(1, 64), axis(2, 8)))
+    return Router.build(reg)
+
+
+def route(router, image, instruction, background=None, margin=0.0):
+    background = np.zeros((0, 8), np.float32) if background is None else background
+    return router.route(routing_query(image, instruction), background, margin)[0]
+
+
+def test_a_request_like_a_tasks_images_and_wordings_routes_to_it(two_questions_one_image):
+    r = route(two_questions_one_image, axis(0, 64), mix((0.8, axis(0, 8)), (0.6, axis(3, 8))))  # cos 0.8 > floor
+    assert r.chosen.task_id == "what" and r.fell_back is None
+    assert r.chosen.image == pytest.approx(1) and r.chosen.instruction == pytest.approx(0.8)
+    assert route(two_questions_one_image, axis(0, 64), axis(1, 8)).chosen.task_id == "colour"
+
+
+def test_an_image_below_every_floor_falls_back_even_with_a_tasks_own_wording(two_questions_one_image):
+    r = route(two_questions_one_image, mix((0.4, axis(0, 64)), (0.9165, axis(5, 64))), axis(0, 8))  # image cos 0.4
+    assert r.chosen is None and r.fell_back is FallBack.IMAGE_UNLIKE
+    assert r.candidates[0].task_id == "what" and r.candidates[0].score == pytest.approx(1.4, abs=1e-4)
+    near = mix((0.55, axis(0, 64)), (0.835, axis(5, 64)))  # image cos 0.55: above the floor, not by 0.1
+    assert route(two_questions_one_image, near, axis(0, 8)).chosen.task_id == "what"
+    assert route(two_questions_one_image, near, axis(0, 8), margin=0.1).fell_back is FallBack.IMAGE_UNLIKE
+
+
+def test_a_new_question_over_familiar_images_falls_back(two_questions_one_image):
+    r = route(two_questions_one_image, axis(0, 64), mix((0.45, axis(0, 8)), (0.893, axis(3, 8))))  # cos 0.45
+    assert r.chosen is None and r.fell_back is FallBack.INSTRUCTION_UNLIKE
+    # the margin moves every task's floors alike: at -0.1 the same request clears 0.5 - 0.1
+    assert route(two_questions_one_image, axis(0, 64), mix((0.45, axis(0, 8)), (0.893, axis(3, 8))),
+                 margin=-0.1).chosen.task_id == "what"
+
+
+def test_an_instruction_nearer_another_tasks_question_is_not_this_tasks(two_questions_one_image):
+    # "what"'s images, asked halfway between "what" (0.6) and "other" (0.8): it clears "what"'s floors, but it asks
+    # what "other" asks, of images "other" does not take
+    r = route(two_questions_one_image, axis(0, 64), mix((0.6, axis(0, 8)), (0.8, axis(2, 8))))
+    assert r.chosen is None and r.fell_back is FallBack.NEARER_OTHER_QUESTION and r.nearer == "other"
+
+
+def test_background_questions_count_against_a_task_only_outside_its_own_floor(two_questions_one_image):
+    instruction = mix((0.6, axis(0, 8)), (0.8, axis(7, 8)))
+    assert route(two_questions_one_image, axis(0, 64), instruction).chosen.task_id == "what"
+    r = route(two_questions_one_image, axis(0, 64), instruction, background=axis(7, 8))
+    assert r.chosen is None and r.fell_back is FallBack.NEARER_OTHER_QUESTION and r.nearer == BACKGROUND
+    # a background question the task itself asks (within its instruction floor) is the task's own
+    own = mix((0.9, axis(0, 8)), (0.436, axis(7, 8)))
+    assert route(two_questions_one_image, axis(0, 64), own, background=own).chosen.task_id == "what"
+
+
+def test_no_tasks_falls_back_with_its_own_reason(tmp_path):
+    router = Router.build(Registry.open(tmp_path / "reg", create=True))
+    r = router.route(routing_query(axis(0, 64), axis(0, 8)), np.ones((3, 8)))[0]  # an empty index knows no dims
+    assert r.chosen is None and r.fell_back is FallBack.NO_TASKS and r.candidates == []
+
+
+def test_floors_are_measured_on_the_tasks_own_data():
+    words = np.concatenate([axis(0, 8), axis(1, 8), mix((1, axis(0, 8)), (1, axis(1, 8)))])
+    key = TaskKey.from_embeddings(np.ones((3, 4)), np.repeat(words, 4, axis=0), np.ones((12, 8)))
+    # leave one wording out: each wording against the mean of the other two; the lowest counts
+    expected = min(float(w @ (t := (words.sum(0) - w)) / np.linalg.norm(t)) for w in words) - INSTRUCTION_SLACK
+    assert key.routing_floors[0, 1] == pytest.approx(expected)
+    assert key.routing_floors[0, 0] == pytest.approx(DEFAULT_IMAGE_FLOOR)  # identical images: capped, not 0.9
+    spread = rng.normal(size=(200, 16))
+    unit = spread / np.linalg.norm(spread, axis=1, keepdims=True)
+    cos = unit @ (unit.mean(0) / np.linalg.norm(unit.mean(0)))
+    assert TaskKey.from_embeddings(spread, words[:1].repeat(200, 0), spread).routing_floors[0, 0] == \
+        pytest.approx(np.percentile(cos, 1) - 0.1, abs=1e-5)
+    one_wording = TaskKey.from_embeddings(np.ones((3, 4)), np.ones((3, 8)), np.ones((3, 8)))
+    assert one_wording.routing_floors[0, 1] == DEFAULT_INSTRUCTION_FLOOR
+
+
+def test_a_key_written_without_floors_routes_with_the_defaults(tmp_path):
+    key = make_key()
+    path = tmp_path / "key.safetensors"
+    save_file({n: np.ascontiguousarray(getattr(key, n)) for n in ("image", "instruction", "output", "counts")},
+              str(path))  # the key file of a cit before floors
+    assert TaskKey.load(path).routing_floors.tolist() == [[DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR]]
+    merged = TaskKey.load(path).merged(floored(key.image, key.instruction, 0.2, 0.3))
+    assert np.allclose(merged.routing_floors, [[DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR], [0.2, 0.3]])
+
+
+def test_the_persisted_index_keeps_each_rows_floors(tmp_path):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    add(reg, "a", floored(axis(0, 64), axis(0, 8), 0.2, 0.7))
+    Router.load(reg)  # builds and persists
+    loaded = Router.load(reg)
+    assert np.allclose(loaded.floors, [[0.2, 0.7]]) and loaded.image_dim == 64
+    c = loaded.search(routing_query(axis(0, 64), axis(0, 8)))[0][0]
+    assert (c.image_floor, c.instruction_floor) == pytest.approx((0.2, 0.7))
+    meta_path = tmp_path / "reg" / "index" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "floors": [[0.2, 0.1]]}))
+    assert verify_index(reg) == ["routing index floors differ from the task keys"]
 
 
 def test_similarity_is_one_for_identical_tasks_and_symmetric():
@@ -355,7 +470,7 @@ def test_a_large_registry_routes_through_the_approximate_index_with_exact_scores
     n, limit = 6000, 5000  # the limit is lowered for speed; bench/faiss_routing.py measures the real sizes
     # like real routing keys: a unit image part and a unit instruction part
     vectors = routing_query(rng.normal(size=(n, 48)), rng.normal(size=(n, 16)))
-    router = Router(vectors, [(f"t{i}", 1) for i in range(n)], fingerprint=[], exact_limit=limit)
+    router = Router(vectors, [(f"t{i}", 1) for i in range(n)], fingerprint=[], exact_limit=limit, image_dim=48)
     assert isinstance(router.index, faiss.IndexRefine)
     queries = routing_query(vectors[:200, :48] + 0.1 * rng.normal(size=(200, 48)),
                             vectors[:200, 48:] + 0.1 * rng.normal(size=(200, 16)))
@@ -368,6 +483,8 @@ def test_a_large_registry_routes_through_the_approximate_index_with_exact_scores
     for q, candidates in zip(queries, found):  # scores are inner products of the full keys, as the exact index gives
         rows = [int(c.task_id[1:]) for c in candidates]
         np.testing.assert_allclose([c.score for c in candidates], vectors[rows] @ q, atol=1e-4)
+        np.testing.assert_allclose([(c.image, c.instruction) for c in candidates],  # the parts, from the full keys
+                                   np.stack([vectors[rows, :48] @ q[:48], vectors[rows, 48:] @ q[48:]], 1), atol=1e-4)
     # persisted and read back (an empty registry's fingerprint matches this router's)
     reg = Registry.open(tmp_path / "reg", create=True)
     router.save(reg)

@@ -216,7 +216,8 @@ def test_a_torn_index_is_rebuilt_and_verify_reports_it(tmp_path):
     # keys of the right count that are not the tasks' keys
     meta, _ = store.json.loads((reg.root / "index" / "index.json").read_text()), None
     forged = Router(np.ones((2, 96), np.float32) / np.sqrt(96) * np.sqrt(2), [tuple(r) for r in meta["rows"]],
-                    meta["fingerprint"], generation=meta["generation"])
+                    meta["fingerprint"], generation=meta["generation"], floors=meta["floors"],
+                    image_dim=meta["image_dim"])
     with reg.writing():
         forged.save(reg)
     assert verify_index(reg) == ["routing index keys differ from the task keys"]

@@ -88,7 +88,7 @@ def test_tls_with_a_client_certificate_and_the_token_gets_in(secure_server, pki)
                    tls_key=pki / "client.key") as c:
         assert c.list_tasks() == []
         r = c.generate(png(), "What colour is this?", max_new_tokens=4)
-        assert r.route.below_threshold and r.completion_tokens >= 1
+        assert r.route.fell_back and r.completion_tokens >= 1
 
 
 @pytest.mark.parametrize("token, message", [(None, "missing bearer token"), ("wrong-" + TOKEN, "wrong bearer token")])
@@ -131,7 +131,7 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
         assert (reloaded.tasks, reloaded.changed) == (1, True)
         assert c.reload_registry().changed is False
         routed = c.generate(png(), instruction, max_new_tokens=2).route
-        assert (routed.task_id, routed.version, routed.below_threshold) == ("added", 1, False)
+        assert (routed.task_id, routed.version, routed.fell_back) == ("added", 1, False)
         [listed] = c.list_tasks()
         assert listed.centroids == 2  # one data set, two routing centroids
         assert json.loads(c.get_task("added").card_json)["datasets"][0]["train"].startswith("/data")

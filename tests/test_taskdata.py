@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from cit_proto import cit_pb2
 
 from cit_registry.taskdata import Verdict, accuracy_by_template, judge, normalise_answer, read_jsonl
 from cit_trainer.data import EXPORTERS, TEMPLATES, export_task
@@ -63,8 +64,8 @@ def test_cit_evaluate_counts_each_wording_kind_and_saves_every_prediction(tmp_pa
     class Client:
         def generate(self, image, instruction, max_new_tokens):
             task = next(routes)
-            return SimpleNamespace(text=next(answers), route=SimpleNamespace(task_id=task, score=1.2,
-                                                                              below_threshold=not task))
+            return SimpleNamespace(text=next(answers), route=cit_pb2.RouteDecision(
+                task_id=task, score=1.2, fell_back=not task, fell_back_because=0 if task else 3))
     out = io.StringIO()
     s = evaluate_dataset(Client(), task_dir, owners={"digits": "digits"}, predictions=out)
     assert (s.requests, s.routed, s.correct) == (6, 4, 2) and s.errors == {"format": 1, "knowledge": 3}
@@ -72,4 +73,4 @@ def test_cit_evaluate_counts_each_wording_kind_and_saves_every_prediction(tmp_pa
         "train": (3, 3, 1), "held-out": (3, 1, 1)}
     saved = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [p["verdict"] for p in saved] == ["correct", "format", "knowledge", "correct", "knowledge", "knowledge"]
-    assert saved[3]["fell_back"] and saved[1]["template"] == "held-out"
+    assert saved[3]["fell_back"] == "instruction unlike" and saved[1]["template"] == "held-out"

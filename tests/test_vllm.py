@@ -74,8 +74,8 @@ def answers(engine: Engine, extra: Request | None = None) -> list[tuple[str, str
 
 
 def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_outlives_its_worker(mixed_registry, backbone, vllm_python):
-    # threshold 2 (the maximum): unforced requests go to the base connector; a long window: they start together
-    config = dict(registry=mixed_registry, routing_threshold=2.0, batch_window_ms=2000, adapter_cache_size=5,
+    # margin 1 (the maximum): unforced requests go to the base connector; a long window: they start together
+    config = dict(registry=mixed_registry, routing_margin=1.0, batch_window_ms=2000, adapter_cache_size=5,
                   max_batch_size=5)
     embedded = Engine(ServerConfig(**config), backbone=backbone)
     try:

@@ -1,4 +1,4 @@
 """Clients of cit-server: a synchronous Python client and the `cit` CLI. No torch import."""
-from .client import CitClient
+from .client import CitClient, fell_back_reason
 
-__all__ = ["CitClient"]
+__all__ = ["CitClient", "fell_back_reason"]

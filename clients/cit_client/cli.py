@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import grpc
 import typer
 
-from .client import CitClient
+from .client import CitClient, fell_back_reason
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 SERVER = Annotated[str, typer.Option("--server", "-s", envvar="CIT_SERVER", help="host:port of cit-server")]
@@ -41,7 +41,7 @@ def _fail(exc: grpc.RpcError) -> None:
 
 def _route_line(route) -> str:
     served = f"{route.task_id} v{route.version}" if route.task_id else "base connector"
-    why = "forced" if route.forced else ("below threshold" if route.below_threshold else "routed")
+    why = "forced" if route.forced else (f"fell back: {fell_back_reason(route)}" if route.fell_back else "routed")
     return f"[{served}, {why}, score {route.score:.3f}]"
 
 

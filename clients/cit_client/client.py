@@ -10,6 +10,12 @@ import grpc
 from cit_proto import cit_pb2, cit_pb2_grpc
 
 
+def fell_back_reason(route: cit_pb2.RouteDecision) -> str:
+    """Why the base connector answered, in words ("image unlike", "nearer another question: background", ...)."""
+    reason = cit_pb2.FallBack.Name(route.fell_back_because).removeprefix("FALL_BACK_").lower().replace("_", " ")
+    return f"{reason}: {route.nearer}" if route.nearer else reason
+
+
 def _image_bytes(image: bytes | str | Path) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 

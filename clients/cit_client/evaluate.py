@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cit_registry.taskdata import TEMPLATE_KINDS, Verdict, judge, read_jsonl, resolve_task_files
 
-from .client import CitClient
+from .client import CitClient, fell_back_reason
 
 
 @dataclass
@@ -74,6 +74,6 @@ def evaluate_dataset(client: CitClient, task_dir: Path, limit: int | None = None
                 "dataset": name, "image": str(sample.image), "instruction": sample.instruction,
                 "template": sample.template, "expected": sample.output, "prediction": r.text,
                 "verdict": verdict.value, "task": r.route.task_id or None, "score": round(r.route.score, 4),
-                "fell_back": r.route.below_threshold}) + "\n")
+                "fell_back": fell_back_reason(r.route) if r.route.fell_back else None}) + "\n")
     score.by_template = {k: score.by_template[k] for k in TEMPLATE_KINDS if k in score.by_template}
     return score

@@ -1,10 +1,24 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FallBack(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALL_BACK_NONE: _ClassVar[FallBack]
+    FALL_BACK_NO_TASKS: _ClassVar[FallBack]
+    FALL_BACK_IMAGE_UNLIKE: _ClassVar[FallBack]
+    FALL_BACK_INSTRUCTION_UNLIKE: _ClassVar[FallBack]
+    FALL_BACK_NEARER_OTHER_QUESTION: _ClassVar[FallBack]
+FALL_BACK_NONE: FallBack
+FALL_BACK_NO_TASKS: FallBack
+FALL_BACK_IMAGE_UNLIKE: FallBack
+FALL_BACK_INSTRUCTION_UNLIKE: FallBack
+FALL_BACK_NEARER_OTHER_QUESTION: FallBack
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -35,32 +49,44 @@ class GenerateRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., instruction: _Optional[str] = ..., task_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("task_id", "version", "score")
+    __slots__ = ("task_id", "version", "score", "image_similarity", "instruction_similarity", "image_floor", "instruction_floor")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FLOOR_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     score: float
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    image_similarity: float
+    instruction_similarity: float
+    image_floor: float
+    instruction_floor: float
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., score: _Optional[float] = ..., image_similarity: _Optional[float] = ..., instruction_similarity: _Optional[float] = ..., image_floor: _Optional[float] = ..., instruction_floor: _Optional[float] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
-    __slots__ = ("task_id", "version", "score", "below_threshold", "forced", "candidates", "threshold")
+    __slots__ = ("task_id", "version", "score", "fell_back", "forced", "candidates", "margin", "fell_back_because", "nearer")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
-    BELOW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
     FORCED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
-    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_BECAUSE_FIELD_NUMBER: _ClassVar[int]
+    NEARER_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     score: float
-    below_threshold: bool
+    fell_back: bool
     forced: bool
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    threshold: float
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., score: _Optional[float] = ..., below_threshold: _Optional[bool] = ..., forced: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    margin: float
+    fell_back_because: FallBack
+    nearer: str
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., score: _Optional[float] = ..., fell_back: _Optional[bool] = ..., forced: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., margin: _Optional[float] = ..., fell_back_because: _Optional[_Union[FallBack, str]] = ..., nearer: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "route", "finish_reason", "prompt_tokens", "completion_tokens")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .router import ROUTING_THRESHOLD, Router, select, task_similarity, verify_index
+from .router import ROUTING_MARGIN, Router, background_questions, task_similarity, verify_index
 from .store import BundleError, Registry, RegistryLocked, TaskNotFound, migrate as migrate_registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -86,25 +86,29 @@ def route(
     instruction: str,
     registry: REGISTRY = DEFAULT_REGISTRY,
     top_k: int = 5,
-    routing_threshold: float = ROUTING_THRESHOLD,
+    routing_margin: float = ROUTING_MARGIN,
     backbone: Annotated[Optional[Path], typer.Option(
         envvar="CIT_BACKBONE", help="the checkpoint directory the server runs with (default: cit's own)")] = None,
 ) -> None:
-    """Route one request offline (no server): the server's own query (Backbone.routing_query), then the index."""
+    """Route one request offline (no server): the server's own query (Backbone.routing_query) and rule (Router.route)."""
     from cit_backbone.backbone import Backbone
     from cit_backbone.embedder import TextEmbedder
     from cit_backbone.images import decode_image
 
     reg = _open(registry)
     img = decode_image(image.read_bytes())
-    model = Backbone.load(backbone)
-    query = model.routing_query(model.encode_images([img]), TextEmbedder().embed([instruction]))
-    candidates = Router.load(reg).search(query, top_k)[0]
-    chosen = select(candidates, routing_threshold)
-    console.print(f"-> {chosen.task_id} v{chosen.version}" if chosen else
-                  f"-> base connector (best score below {routing_threshold})")
-    for c in candidates:
-        console.print(f"  {c.task_id:<24} v{c.version:<4} {c.score:.3f}")
+    model, embedder = Backbone.load(backbone), TextEmbedder()
+    query = model.routing_query(model.encode_images([img]), embedder.embed([instruction]))
+    routing = Router.load(reg).route(query, embedder.embed(background_questions()), routing_margin, top_k)[0]
+    if routing.chosen:
+        console.print(f"-> {routing.chosen.task_id} v{routing.chosen.version}")
+    else:
+        nearer = f" ({routing.nearer})" if routing.nearer else ""
+        console.print(f"-> base connector: {routing.fell_back.value}{nearer}")
+    console.print(f"  {'task':<24} {'version':<5} {'score':>6}  image (floor)  instruction (floor)")
+    for c in routing.candidates:
+        console.print(f"  {c.task_id:<24} v{c.version:<4} {c.score:6.3f}  {c.image:.3f} ({c.image_floor:.2f})   "
+                      f"{c.instruction:.3f} ({c.instruction_floor:.2f})")
 
 
 @app.command()

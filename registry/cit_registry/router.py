@@ -10,25 +10,65 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from enum import Enum
+from importlib.resources import files
 
 import faiss
 import numpy as np
 
-from .store import Registry, TaskKey, atomic_path
+from .store import DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, Registry, TaskKey, atomic_path
 
 log = logging.getLogger("cit.registry")
+DEFAULT_FLOORS = (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR)
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """A task's best centroid for a request (by score), with the request's cosine to each part and the centroid's
+    floors on them (store.image_floor, store.instruction_floor)."""
+
     task_id: str
     version: int
-    score: float  # cos(image key) + cos(instruction key) of the task's best centroid
+    score: float        # cos(image) + cos(instruction): what FAISS ranks by
+    image: float
+    instruction: float
+    image_floor: float
+    instruction_floor: float
 
 
-# Requests whose best cos(image) + cos(instruction) is below this are answered by the base connector. Measured on the
-# shipped tasks: held-out requests score at least 1.48 against their own task.
-ROUTING_THRESHOLD = 1.0
+class FallBack(Enum):
+    """Why the base connector answers a request that named no task."""
+
+    NO_TASKS = "no task is registered"
+    IMAGE_UNLIKE = "the image is unlike the images of every close task"
+    INSTRUCTION_UNLIKE = "the instruction is unlike what the tasks with such images ask"
+    NEARER_OTHER_QUESTION = "the instruction is nearer another question than what the task asks"
+
+
+BACKGROUND = "background"  # Routing.nearer when the nearer question is one of the background questions
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a request goes: `chosen`, or the base connector for the reason `fell_back` (of the best candidate)."""
+
+    chosen: Candidate | None
+    fell_back: FallBack | None
+    candidates: list[Candidate]
+    nearer: str | None = None  # NEARER_OTHER_QUESTION: the task id whose question is nearer, or BACKGROUND
+
+
+def background_questions() -> list[str]:
+    """Questions about images that no task is assumed to ask (easy-VQA's 107 training questions, MIT licence):
+    an instruction nearer one of them than to a task's own questions is not that task's (outlier exposure:
+    known outliers calibrate what is unknown). A task whose own questions are among them keeps them: a
+    background question inside a task's instruction floor does not count against it."""
+    return json.loads(files("cit_registry").joinpath("background_questions.json").read_text())["questions"]
+
+
+# A request routes to a task when it clears both of the task's floors by this margin (the same for every task: each
+# floor is measured on the task's own data) and its instruction is nearer the task's than any other known question.
+ROUTING_MARGIN = 0.0
 # Up to this many index rows (task centroids) search is exact: one query over 4,096 keys of 1,664 floats takes about
 # a millisecond here, and exact time grows linearly. Above it an IVF index over a random projection of the keys to
 # 256 dimensions, with 4-bit PQ codes, proposes candidates that are re-ranked exactly on the full keys
@@ -85,21 +125,21 @@ def _tune(index: faiss.Index) -> None:
         ivf.nprobe = ivf_probes(ivf.nlist)
 
 
-def select(candidates: list[Candidate], threshold: float) -> Candidate | None:
-    """The task that serves a request: the best candidate if it reaches the threshold, else None (base connector)."""
-    return candidates[0] if candidates and candidates[0].score >= threshold else None
-
-
-INDEX_FORMAT = 2  # index.json names its keys file; generation and ntotal are recorded
+INDEX_FORMAT = 3  # 3: each row's floors and the image width are recorded (2: keys file, generation, ntotal)
 
 
 class Router:
     def __init__(self, vectors: np.ndarray, rows: list[tuple[str, int]], fingerprint: list,
-                 exact_limit: int = EXACT_SEARCH_LIMIT, generation: int = 0) -> None:
+                 exact_limit: int = EXACT_SEARCH_LIMIT, generation: int = 0, floors: np.ndarray | None = None,
+                 image_dim: int = 0) -> None:
         self.rows = rows  # index row -> (task id, version)
         self.fingerprint = fingerprint
         self.generation = generation  # the registry's generation when its keys were read
         self.index = make_index(vectors, exact_limit) if len(vectors) else None
+        # each row's (image, instruction) floors: the defaults where none are given
+        self.floors = np.tile(np.array([DEFAULT_FLOORS], np.float32), (len(rows), 1)) if floors is None \
+            else np.asarray(floors, np.float32)
+        self.image_dim = image_dim  # a key row is [image part (image_dim), instruction part]
         # every key's squared norm (make_index checks they are one), to turn L2 distances into inner products
         self._key_norm2 = float(np.dot(vectors[0], vectors[0])) if len(vectors) else 0.0
         self._max_centroids = max(Counter(task for task, _ in rows).values(), default=1)
@@ -109,17 +149,27 @@ class Router:
         # What the keys are read against comes first: a commit landing meanwhile can make this index look stale
         # (rebuilt at the next check), never fresh.
         fingerprint, generation = registry.fingerprint(), registry.generation()
-        vectors, rows = [], []
+        keyed = []
         for task in registry.latest():
             try:
-                v = task.key().routing_vectors
+                key = task.key()
+                key.routing_floors  # noqa: B018 - a key whose floors cannot be read is damaged too
             except Exception as exc:  # noqa: BLE001 - one damaged key leaves its task out, not every task
                 log.warning("task %s v%d is not routed: its key cannot be read (%s)", task.task_id, task.version, exc)
                 continue
-            vectors.append(v)
-            rows += [(task.task_id, task.version)] * len(v)
-        stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
-        return cls(stacked, rows, fingerprint, generation=generation)
+            keyed.append((task.task_id, task.version, key))
+        return cls.of_keys(keyed, fingerprint, generation)
+
+    @classmethod
+    def of_keys(cls, keyed: list[tuple[str, int, TaskKey]], fingerprint: list | None = None,
+                generation: int = 0) -> "Router":
+        """A router over (task id, version, key) triples."""
+        if not keyed:
+            return cls(np.zeros((0, 0), np.float32), [], fingerprint or [], generation=generation)
+        rows = [(task_id, version) for task_id, version, key in keyed for _ in range(len(key.image))]
+        return cls(np.concatenate([k.routing_vectors for _, _, k in keyed]), rows, fingerprint or [],
+                   generation=generation, floors=np.concatenate([k.routing_floors for _, _, k in keyed]),
+                   image_dim=keyed[0][2].image.shape[1])
 
     @classmethod
     def load(cls, registry: Registry, persist: bool = True) -> "Router":
@@ -130,7 +180,8 @@ class Router:
             meta, index = read_index(registry)
             if meta["fingerprint"] == fingerprint:
                 router = cls(np.zeros((0, 0), np.float32), [tuple(r) for r in meta["rows"]], fingerprint,
-                             generation=generation)
+                             generation=generation, floors=np.array(meta["floors"], np.float32).reshape(-1, 2),
+                             image_dim=meta["image_dim"])
                 router.index = index
                 router._max_centroids = meta["max_centroids"]
                 router._key_norm2 = meta["key_norm2"]
@@ -158,7 +209,8 @@ class Router:
             with atomic_path(index_dir / name) as tmp:
                 faiss.write_index(self.index, str(tmp))
         meta = {"format": INDEX_FORMAT, "fingerprint": self.fingerprint, "generation": self.generation,
-                "rows": self.rows, "max_centroids": self._max_centroids, "key_norm2": self._key_norm2,
+                "rows": self.rows, "floors": self.floors.tolist(), "image_dim": self.image_dim,
+                "max_centroids": self._max_centroids, "key_norm2": self._key_norm2,
                 "keys": name, "ntotal": self.index.ntotal if self.index is not None else 0,
                 "dim": self.index.d if self.index is not None else 0}
         with atomic_path(index_dir / "index.json") as tmp:
@@ -170,8 +222,9 @@ class Router:
     def __len__(self) -> int:
         return len({r[0] for r in self.rows})
 
-    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Candidate]]:
-        """Top-k tasks per query row (see store.routing_query), best first; a task's best centroid counts."""
+    def _search(self, queries: np.ndarray, k: int) -> list[list[tuple[Candidate, np.ndarray]]]:
+        """Top-k tasks per query row, best score first (a task's best centroid counts), each with the instruction
+        part of that centroid's key."""
         if self.index is None or self.index.ntotal == 0:
             return [[] for _ in range(len(queries))]
         n = min(self.index.ntotal, k * self._max_centroids)
@@ -180,13 +233,62 @@ class Router:
         if self.index.metric_type == faiss.METRIC_L2:  # |q - k|^2 = |q|^2 + |k|^2 - 2 q.k
             scores = (np.einsum("ij,ij->i", queries, queries)[:, None] + self._key_norm2 - scores) / 2
         out = []
-        for row_scores, row_ids in zip(scores, ids):
-            seen: dict[str, Candidate] = {}
+        for query, row_scores, row_ids in zip(queries, scores, ids):
+            best: dict[str, tuple[float, int]] = {}
             for s, i in zip(row_scores, row_ids):
-                if i >= 0 and self.rows[i][0] not in seen:
-                    seen[self.rows[i][0]] = Candidate(self.rows[i][0], self.rows[i][1], float(s))
-            out.append(list(seen.values())[:k])
+                if i >= 0 and self.rows[i][0] not in best:
+                    best[self.rows[i][0]] = (float(s), int(i))
+            chosen = list(best.values())[:k]
+            keys = _flat(self.index).reconstruct_batch(np.array([i for _, i in chosen], np.int64)) if chosen else []
+            found = []
+            for (s, i), key in zip(chosen, keys):
+                d = self.image_dim
+                found.append((Candidate(self.rows[i][0], self.rows[i][1], s, float(query[:d] @ key[:d]),
+                                        float(query[d:] @ key[d:]), *map(float, self.floors[i])), key[d:]))
+            out.append(found)
         return out
+
+    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Candidate]]:
+        """Top-k tasks per query row (see store.routing_query), best score first; a task's best centroid counts."""
+        return [[c for c, _ in found] for found in self._search(queries, k)]
+
+    def route(self, queries: np.ndarray, background: np.ndarray, margin: float = ROUTING_MARGIN,
+              k: int = 5) -> list[Routing]:
+        """Where each query row goes. The candidates are tried best score first; the first to pass serves it:
+        the image clears the candidate's image floor + margin, the instruction its instruction floor + margin,
+        and the instruction is nearer the candidate's instruction centroid than any other candidate's and any of
+        the `background` question embeddings [B, text_dim] (background_questions) the candidate does not itself
+        ask. Otherwise the base connector answers, for the best candidate's reason."""
+        background = np.asarray(background, np.float32)
+        routings = []
+        for query, found in zip(np.asarray(queries, np.float32), self._search(queries, k)):
+            instruction = query[self.image_dim:]
+            first: tuple[FallBack, str | None] | None = None
+            chosen = None
+            for c, key in found:
+                nearer = None
+                if c.image < c.image_floor + margin:
+                    reason = FallBack.IMAGE_UNLIKE
+                elif c.instruction < c.instruction_floor + margin:
+                    reason = FallBack.INSTRUCTION_UNLIKE
+                else:
+                    others = {o.task_id: o.instruction for o, _ in found if o.task_id != c.task_id}
+                    outside = background[background @ key < c.instruction_floor]  # questions the task does not ask
+                    if len(outside):
+                        others[BACKGROUND] = float((outside @ instruction).max())
+                    nearer = max(others, key=others.get, default=None)
+                    if nearer is None or others[nearer] < c.instruction:
+                        chosen = c
+                        break
+                    reason = FallBack.NEARER_OTHER_QUESTION
+                first = first or (reason, nearer)
+            candidates = [c for c, _ in found]
+            if chosen is not None:
+                routings.append(Routing(chosen, None, candidates))
+            else:
+                reason, nearer = first or (FallBack.NO_TASKS, None)
+                routings.append(Routing(None, reason, candidates, nearer))
+        return routings
 
 
 def read_index(registry: Registry) -> tuple[dict, faiss.Index | None]:
@@ -223,14 +325,21 @@ def verify_index(registry: Registry) -> list[str]:
     built = Router.build(registry)
     if [list(r) for r in built.rows] != [list(r) for r in meta["rows"]]:
         return ["routing index rows disagree with the task keys"]
+    if not np.allclose(np.array(meta["floors"], np.float32).reshape(-1, 2), built.floors) \
+            or meta["image_dim"] != built.image_dim:
+        return ["routing index floors differ from the task keys"]
     if index is not None and not np.allclose(_keys_of(index), _keys_of(built.index), atol=1e-5):
         return ["routing index keys differ from the task keys"]
     return []
 
 
+def _flat(index: faiss.Index) -> faiss.Index:
+    """The index that holds the full keys (an approximate index keeps them for exact re-ranking)."""
+    return faiss.downcast_index(index.refine_index) if isinstance(index, faiss.IndexRefine) else index
+
+
 def _keys_of(index: faiss.Index) -> np.ndarray:
-    """The full keys an index holds (an approximate index keeps them for exact re-ranking)."""
-    flat = faiss.downcast_index(index.refine_index) if isinstance(index, faiss.IndexRefine) else index
+    flat = _flat(index)
     return flat.reconstruct_n(0, flat.ntotal)
 
 

@@ -111,45 +111,84 @@ def validate_task_id(task_id: str) -> str:
     return task_id
 
 
+# A task's floors: how like its own training data a request must be to be routed to it (router.Router.route).
+# image: the 1st percentile of its training images' cosines to their centroid, less IMAGE_SLACK, and never above
+# IMAGE_FLOOR_CAP (a task of near-identical images still takes new images of its kind). instruction: leave one
+# wording out — the lowest cosine of a training wording to the centroid of the others, less INSTRUCTION_SLACK: how
+# far a wording the task never saw may be expected to fall. A task trained on a single wording has no such
+# estimate and gets DEFAULT_INSTRUCTION_FLOOR, as do keys written before floors existed (both floors default then).
+IMAGE_SLACK, IMAGE_FLOOR_CAP, DEFAULT_IMAGE_FLOOR = 0.1, 0.5, 0.5
+INSTRUCTION_SLACK, DEFAULT_INSTRUCTION_FLOOR = 0.1, 0.5
+
+
+def image_floor(image: np.ndarray) -> float:
+    """The image floor of one centroid from its samples' normalised features [N, d]."""
+    image = _unit(image)
+    cos = image @ _unit(image.mean(0))
+    return float(min(np.percentile(cos, 1) - IMAGE_SLACK, IMAGE_FLOOR_CAP))
+
+
+def instruction_floor(instruction: np.ndarray) -> float:
+    """The instruction floor of one centroid from its samples' instruction embeddings [N, d] (repeats allowed)."""
+    wordings = np.unique(_unit(instruction), axis=0)
+    if len(wordings) < 2:
+        return DEFAULT_INSTRUCTION_FLOOR
+    total = wordings.sum(0)
+    left_out = [float(w @ _unit(total - w)) for w in wordings]  # each wording against the mean of the others
+    return min(left_out) - INSTRUCTION_SLACK
+
+
 @dataclass(frozen=True)
 class TaskKey:
-    """What a task looks like: one row per centroid, L2-normalised. Routing uses image + instruction."""
+    """What a task looks like: one row per centroid, L2-normalised, with the floors a request must reach on each
+    routing part (see image_floor, instruction_floor). Routing uses image + instruction."""
 
     image: np.ndarray        # [C, image_dim]
     instruction: np.ndarray  # [C, text_dim]
     output: np.ndarray       # [C, text_dim]
     counts: np.ndarray       # [C] samples behind each centroid
+    floors: np.ndarray | None = None  # [C, 2] (image, instruction); None: written before floors, defaults apply
 
     @staticmethod
     def from_embeddings(image: np.ndarray, instruction: np.ndarray, output: np.ndarray) -> "TaskKey":
-        """One centroid: the mean of the normalised per-sample embeddings, normalised again."""
+        """One centroid: the mean of the normalised per-sample embeddings, normalised again, and its floors."""
         return TaskKey(
             _unit(_unit(image).mean(0, keepdims=True)),
             _unit(_unit(instruction).mean(0, keepdims=True)),
             _unit(_unit(output).mean(0, keepdims=True)),
             np.array([len(image)], dtype=np.int64),
+            np.array([[image_floor(image), instruction_floor(instruction)]], dtype=np.float32),
         )
 
     def merged(self, other: "TaskKey") -> "TaskKey":
         """This key with other's centroids appended: a reused task keeps routing its earlier data too."""
-        return TaskKey(*(np.concatenate([a, b]) for a, b in zip(self._parts(), other._parts())))
+        return TaskKey(*(np.concatenate([a, b]) for a, b in zip(self._parts(), other._parts())),
+                       np.concatenate([self.routing_floors, other.routing_floors]))
 
     @property
     def routing_vectors(self) -> np.ndarray:
         """[C, image_dim + text_dim]: inner product with a query built the same way = cos(image) + cos(instruction)."""
         return np.ascontiguousarray(np.concatenate([self.image, self.instruction], axis=1), dtype=np.float32)
 
+    @property
+    def routing_floors(self) -> np.ndarray:
+        """[C, 2] (image floor, instruction floor) of each centroid; the defaults for a key written without."""
+        if self.floors is not None:
+            return np.asarray(self.floors, dtype=np.float32)
+        return np.tile(np.array([[DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR]], np.float32), (len(self.image), 1))
+
     def _parts(self) -> tuple[np.ndarray, ...]:
         return self.image, self.instruction, self.output, self.counts
 
     def save(self, path: Path) -> None:
-        names = ("image", "instruction", "output", "counts")
-        save_file({n: np.ascontiguousarray(p) for n, p in zip(names, self._parts())}, str(path))
+        names = ("image", "instruction", "output", "counts", "floors")
+        save_file({n: np.ascontiguousarray(p) for n, p in zip(names, (*self._parts(), self.routing_floors))},
+                  str(path))
 
     @staticmethod
     def load(path: Path) -> "TaskKey":
         t = load_file(str(path))
-        return TaskKey(t["image"], t["instruction"], t["output"], t["counts"])
+        return TaskKey(t["image"], t["instruction"], t["output"], t["counts"], t.get("floors"))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -548,7 +587,8 @@ class Registry:
             if (card.task_id, card.version) != (task_id, v):
                 problems.append(f"card says {card.task_id} v{card.version}")
             key = TaskKey.load(path / "key.safetensors")
-            if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0):
+            if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0) \
+                    or key.routing_floors.shape != (len(key.image), 2) or not np.isfinite(key.routing_floors).all():
                 problems.append("key parts disagree in centroid count")
             if record is not None and not problems:  # widths are read from the files: only when they are whole
                 problems += [f"does not fit the registry's backbone: {p}" for p in _fit_problems(record, version_shapes(path))]

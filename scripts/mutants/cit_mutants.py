@@ -523,3 +523,57 @@ def _threads_share_the_flock():
         def release(self):
             pass
     _replace(store, "threading", type("threading", (), {"RLock": Shared}))
+
+
+# -- issue 13: routing that knows what it does not know
+RULE = "tests/test_registry.py"
+
+
+def _loosen_floors(image: bool):
+    """Every candidate's image (or instruction) floor lowered below any cosine: that gate never closes."""
+    import dataclasses
+
+    from cit_registry.router import Router
+
+    search = Router._search
+
+    def loosened(self, queries, k):
+        field = "image_floor" if image else "instruction_floor"
+        return [[(dataclasses.replace(c, **{field: -3.0}), key) for c, key in found]
+                for found in search(self, queries, k)]
+    _replace(Router, "_search", loosened)
+
+
+@mutant("route-image-floor", f"{RULE}::test_an_image_below_every_floor_falls_back_even_with_a_tasks_own_wording")
+def _image_floor():
+    """A request whose image is unlike every image of a task still routes to it when the instruction matches."""
+    _loosen_floors(image=True)
+
+
+@mutant("route-instruction-floor", f"{RULE}::test_a_new_question_over_familiar_images_falls_back")
+def _instruction_floor():
+    """A question no task was trained on routes to the task whose images it shows."""
+    _loosen_floors(image=False)
+
+
+@mutant("route-background-questions",
+        f"{RULE}::test_background_questions_count_against_a_task_only_outside_its_own_floor")
+def _no_background():
+    """The background questions (what no task asks) are not weighed: nothing but other tasks can be nearer."""
+    import numpy as np
+
+    from cit_registry.router import Router
+
+    route = Router.route
+    _replace(Router, "route", lambda self, queries, background, *a, **kw:
+             route(self, queries, np.zeros((0, queries.shape[1] - self.image_dim), np.float32), *a, **kw))
+
+
+@mutant("route-other-tasks-questions",
+        f"{RULE}::test_an_instruction_nearer_another_tasks_question_is_not_this_tasks")
+def _best_candidate_only():
+    """Only the best-scoring candidate is weighed: another task's question the instruction is nearer never counts."""
+    from cit_registry.router import Router
+
+    search = Router._search
+    _replace(Router, "_search", lambda self, queries, k: [found[:1] for found in search(self, queries, k)])

@@ -25,7 +25,7 @@ def serve(
     registry: Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")] = Path("cit-registry"),
     host: Annotated[str, typer.Option(help="address gRPC listens on")] = _default("host"),
     port: Annotated[int, typer.Option(help="0 picks a free port")] = _default("port"),
-    routing_threshold: Annotated[float, typer.Option(help="best cos(image)+cos(instruction) below this: base connector")] = _default("routing_threshold"),
+    routing_margin: Annotated[float, typer.Option(help="a request routes to a task when its image and instruction clear the task's own floors by this much (and no other known question is nearer); else the base connector answers. Higher: fewer wrong routes, more fall-backs")] = _default("routing_margin"),
     adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = _default("adapter_cache_size"),
     adapter_cache_bytes: Annotated[Optional[int], typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
     pin: Annotated[Optional[list[str]], typer.Option(help="task id whose newest version stays resident from the start, never evicted (repeatable)")] = None,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cit_backbone.language_model import PREFIX_CACHE_BYTES
-from cit_registry.router import ROUTING_THRESHOLD
+from cit_registry.router import ROUTING_MARGIN
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class ServerConfig:
     registry: Path
     host: str = "127.0.0.1"
     port: int = 50051
-    routing_threshold: float = ROUTING_THRESHOLD  # best cos(image)+cos(instruction) below: the base connector answers
+    routing_margin: float = ROUTING_MARGIN  # how far above each of its task's floors a request must be to route
     default_max_new_tokens: int = 32
     max_instruction_chars: int = 2000
     max_prompt_tokens: int = 512       # chat markup + instruction + visual tokens, in the LM's tokens
@@ -42,8 +42,8 @@ class ServerConfig:
     vllm_max_model_len: int = 2048     # the worker's context length (prompt + generated tokens)
 
     def __post_init__(self) -> None:
-        if not -2.0 <= self.routing_threshold <= 2.0:
-            raise ValueError("routing_threshold is a sum of two cosines: it must lie in [-2, 2]")
+        if not -1.0 <= self.routing_margin <= 1.0:
+            raise ValueError("routing_margin is added to cosine floors: it must lie in [-1, 1]")
         if self.adapter_cache_size < 1 or self.workers < 1:
             raise ValueError("adapter_cache_size and workers must be at least 1")
         if self.max_batch_size < 1 or self.max_batch_size + len(self.pinned_tasks) > self.adapter_cache_size:

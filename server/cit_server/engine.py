@@ -24,7 +24,7 @@ from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.language_model import RowState, Sampling
-from cit_registry.router import Candidate, Router, select
+from cit_registry.router import Candidate, FallBack, Router, background_questions
 from cit_registry.store import Registry, TaskVersion
 
 from .adapter_cache import BASE, AdapterId, AdapterStore
@@ -63,10 +63,11 @@ class Request:
 class RouteDecision:
     adapter: AdapterId           # BASE when no task is close enough
     score: float
-    below_threshold: bool
+    fell_back: FallBack | None   # why the base connector answers (None: routed, or forced)
     forced: bool
-    threshold: float
+    margin: float
     candidates: list[Candidate] = field(default_factory=list)
+    nearer: str | None = None    # FallBack.NEARER_OTHER_QUESTION: the task whose question is nearer, or BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Engine:
         self.backbone = backbone or Backbone()
         self.backbone.lm.prefix_cache_bytes = config.prefix_cache_bytes
         self.embedder = embedder or TextEmbedder()
+        self._background = self.embedder.embed(background_questions())  # questions no task is assumed to ask
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_backbone()
@@ -364,17 +366,18 @@ class Engine:
         return len(self.router()), changed
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
-        candidates = self.router().search(embedded.query, k)[0]
-        threshold = self.config.routing_threshold
+        margin = self.config.routing_margin
+        routing = self.router().route(embedded.query, self._background, margin, k)[0]
+        candidates = routing.candidates
         if task_id is not None:
             task = self.registry.get(task_id)  # TaskNotFound -> NOT_FOUND
             score = next((c.score for c in candidates if c.task_id == task_id), float("nan"))
-            return RouteDecision(AdapterId(task.task_id, task.version), score, False, True, threshold, candidates)
-        chosen = select(candidates, threshold)
+            return RouteDecision(AdapterId(task.task_id, task.version), score, None, True, margin, candidates)
+        chosen = routing.chosen
         if chosen is None:
             best = candidates[0].score if candidates else float("nan")
-            return RouteDecision(BASE, best, True, False, threshold, candidates)
-        return RouteDecision(AdapterId(chosen.task_id, chosen.version), chosen.score, False, False, threshold, candidates)
+            return RouteDecision(BASE, best, routing.fell_back, False, margin, candidates, routing.nearer)
+        return RouteDecision(AdapterId(chosen.task_id, chosen.version), chosen.score, None, False, margin, candidates)
 
     # -- route -> adapter -> backbone -> tokens
     async def call(self, fn: Callable[..., T], *args) -> T:
@@ -450,8 +453,8 @@ class Engine:
                 job.out.put(Routed(decision))
                 self.metrics.latency.labels("route").observe(time.monotonic() - start)
                 self.metrics.routed.labels(decision.adapter.task_id).inc()
-                if decision.below_threshold:
-                    self.metrics.below_threshold.inc()
+                if decision.fell_back is not None:
+                    self.metrics.fell_back.labels(decision.fell_back.name.lower()).inc()
                 if reading is None:
                     ready.append((job, emb, decision.adapter, None))
                 else:

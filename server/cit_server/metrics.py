@@ -44,8 +44,8 @@ class Metrics:
         self.tokens = Counter("cit_generated_tokens", "tokens generated", registry=r)
         self.routed = Counter("cit_routed", "generations by the task that served them ('' = base connector)",
                               ["task"], registry=r)
-        self.below_threshold = Counter("cit_below_threshold", "generations whose best route was below the "
-                                       "threshold (answered by the base connector)", registry=r)
+        self.fell_back = Counter("cit_fell_back", "generations that named no task and that no task's floors "
+                                 "admitted (answered by the base connector), by reason", ["reason"], registry=r)
         self.batch_size = Histogram("cit_batch_size", "requests decoded together, observed at every decode step",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
         self.running = Gauge("cit_running_rows", "requests in the running batch (decoded together)", registry=r)

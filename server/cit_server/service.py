@@ -140,8 +140,13 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
     finite = lambda x: x if math.isfinite(x) else 0.0  # noqa: E731 - no score when the registry is empty
     return cit_pb2.RouteDecision(
         task_id=d.adapter.task_id, version=d.adapter.version, score=finite(d.score),
-        below_threshold=d.below_threshold, forced=d.forced, threshold=d.threshold,
-        candidates=[cit_pb2.Candidate(task_id=c.task_id, version=c.version, score=c.score) for c in d.candidates],
+        fell_back=d.fell_back is not None, forced=d.forced, margin=d.margin,
+        fell_back_because=cit_pb2.FallBack.Value(f"FALL_BACK_{d.fell_back.name}") if d.fell_back else 0,
+        nearer=d.nearer or "",
+        candidates=[cit_pb2.Candidate(task_id=c.task_id, version=c.version, score=c.score,
+                                      image_similarity=c.image, instruction_similarity=c.instruction,
+                                      image_floor=c.image_floor, instruction_floor=c.instruction_floor)
+                    for c in d.candidates],
     )
 
 

@@ -24,7 +24,7 @@ import torch
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_registry.router import ROUTING_THRESHOLD, Router, select, task_similarity
+from cit_registry.router import Router, background_questions, task_similarity
 from cit_registry.store import TaskKey
 from cit_registry.taskdata import read_jsonl
 
@@ -75,6 +75,7 @@ class Bench:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
         self.backbone = Backbone()
         self.embedder = TextEmbedder()
+        self.background = self.embedder.embed(background_questions())
         self.use_start("base")
         self.train: list[EmbeddedTask] = []
         self.test: list[EmbeddedTask] = []
@@ -209,9 +210,7 @@ class Bench:
 
     @staticmethod
     def _router(keys: list[TaskKey], ids: list[int]) -> Router:
-        vectors = np.concatenate([k.routing_vectors for k in keys])
-        rows = [(str(i), 1) for i, k in zip(ids, keys) for _ in range(len(k.routing_vectors))]
-        return Router(vectors, rows, fingerprint=[])
+        return Router.of_keys([(str(i), 1, k) for i, k in zip(ids, keys)])
 
     def _routed_score(self, router: Router, adapters: list[TaskAdapter], j: int, own: int | None) -> tuple[float, float]:
         """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
@@ -219,8 +218,8 @@ class Bench:
         marks them (a training wording's cosine to its own key is near 1 by construction)."""
         test = self.test[j]
         query = self.backbone.routing_query(test.features, test.instruction)
-        chosen = [select(candidates, ROUTING_THRESHOLD) for candidates in router.search(query, k=1)]
-        routed_to = [int(c.task_id) if c else -1 for c in chosen]  # -1: the base connector answers
+        routings = router.route(query, self.background)
+        routed_to = [int(r.chosen.task_id) if r.chosen else -1 for r in routings]  # -1: the base connector answers
         correct = np.zeros(len(routed_to), dtype=bool)
         for a in set(routed_to):
             rows = [i for i, x in enumerate(routed_to) if x == a]
