@@ -50,9 +50,38 @@ def test_eproj_leaves_every_other_task_adapter_bit_identical(add, tmp_path, task
         second.card.metrics["forgetting"]["fashion-mnist"]["when_trained"]
 
 
+def test_a_reused_adapter_trains_again_on_the_training_samples_its_registry_keeps(tmp_path, task_dirs, backbone,
+                                                                                 embedder):
+    # the first data set's files are gone when its adapter is reused: what is replayed comes from its version
+    import shutil
+
+    from cit_registry.snapshots import read_snapshot
+
+    def add(data, name, **options):
+        return add_task(tmp_path / "reg", data, name, AddTaskOptions(**{**TINY, "threshold": 0.0, **options}),
+                        backbone, embedder, log=lambda *_: None).task
+
+    copy = shutil.copytree(task_dirs["fashion-mnist"], tmp_path / "elsewhere" / "fashion-mnist")
+    first = add(copy, "fashion-mnist", replay_samples=10)
+    shutil.rmtree(copy)
+    assert len(read_snapshot(first.replay_dir / "fashion-mnist")) == 10
+    second = add(task_dirs["fashion-more"], "fashion-more", replay_samples=6)
+    assert (second.task_id, second.version, second.card.decision["action"]) == ("fashion-mnist", 2, "reused")
+    # 24 new samples and 6 replayed, in batches of 8: 4 steps (3 without replay)
+    assert second.card.training["replayed"] == {"fashion-mnist": 6} and second.card.training["steps"] == 4
+    assert {d: len(read_snapshot(second.replay_dir / d)) for d in ("fashion-mnist", "fashion-more")} == \
+        {"fashion-mnist": 10, "fashion-more": 6}  # carried whole, and the new data set's own
+    forgetting = second.card.metrics["forgetting"]["fashion-mnist"]
+    assert len(forgetting["now_correct"]) == forgetting["samples"] == 8
+    third = add(task_dirs["digits"], "digits", replay_samples=0)  # 0: nothing replayed, nothing of it kept
+    assert third.card.training["replayed"] == {} and third.card.training["steps"] == 3
+    assert sorted(p.name for p in third.replay_dir.iterdir()) == ["fashion-mnist", "fashion-more"]
+
+
 def test_a_shared_method_trains_one_connector_and_keeps_its_memory_in_the_registry(add, tmp_path, backbone):
     first = add("fashion-mnist", "ewc").task
     assert (first.card.adapter_kind, first.shared_method, first.card.training["sequence"]) == ("shared", "ewc", 1)
+    assert not first.replay_dir.exists()  # its method keeps its own memory in method/
     second = add("digits", "ewc").task
     reg = Registry.open(tmp_path / "reg")
     assert reg.shared_head("ewc").task_id == "digits" and second.card.training["sequence"] == 2

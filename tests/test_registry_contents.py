@@ -74,18 +74,19 @@ def test_the_backbone_record_grows_with_the_first_lora_and_names_the_first_ident
     assert list(reg.verify()) == []
 
 
-def test_evaluation_snapshots_are_a_part_of_any_version_and_hold_only_their_own_files(tmp_path):
+@pytest.mark.parametrize("part", ["eval", "replay"])
+def test_snapshots_are_a_part_of_any_version_and_hold_only_their_own_files(tmp_path, part):
     reg = Registry.open(tmp_path / "reg", create=True)
-    t = commit(reg, "alpha", eval=write_eval)
-    assert (t.eval_dir / "alpha" / "images" / "00000.png").is_file() and list(reg.verify()) == []
-    upper = commit(reg, "beta", eval=lambda d: write_eval(d, ("samples.jsonl", "images/00001.PNG")))
-    assert (upper.eval_dir / "alpha" / "images" / "00001.PNG").is_file()
+    t = commit(reg, "alpha", **{part: write_eval})
+    assert (t.path / part / "alpha" / "images" / "00000.png").is_file() and list(reg.verify()) == []
+    upper = commit(reg, "beta", **{part: lambda d: write_eval(d, ("samples.jsonl", "images/00001.PNG"))})
+    assert (upper.path / part / "alpha" / "images" / "00001.PNG").is_file()
     for bad in ("notes.txt", "images/weights.bin", "other/00000.png"):
-        with pytest.raises(ValueError, match=f"refused: eval/alpha/{bad} is not a snapshot's file"):
-            commit(reg, "gamma", eval=lambda d, bad=bad: write_eval(d, ("samples.jsonl", bad)))
+        with pytest.raises(ValueError, match=f"refused: {part}/alpha/{bad} is not a snapshot's file"):
+            commit(reg, "gamma", **{part: lambda d, bad=bad: write_eval(d, ("samples.jsonl", bad))})
     assert reg.task_ids() == ["alpha", "beta"]
-    (t.eval_dir / "alpha" / "stray.txt").write_text("?")  # verify sees what commit would refuse
-    assert "alpha v1: eval/alpha/stray.txt is not a snapshot's file" in list(reg.verify())
+    (t.path / part / "alpha" / "stray.txt").write_text("?")  # verify sees what commit would refuse
+    assert f"alpha v1: {part}/alpha/stray.txt is not a snapshot's file" in list(reg.verify())
 
 
 def test_a_bundle_carries_every_part_its_lineage_and_its_registrys_backbone(tmp_path):
@@ -118,3 +119,29 @@ def test_card_json_is_stable_for_manifests_and_diffs(tmp_path):
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     assert text.startswith('{\n  "adapter_kind": "eproj",\n  "created_at"')
     assert TaskCard.from_json(text) == card
+
+
+def test_list_shows_every_data_set_a_task_serves_when_trained_and_now(tmp_path):
+    """A reused adapter's earlier data set shows its re-measured accuracy, not the newest data set's."""
+    import subprocess
+    import sys
+
+    reg = Registry.open(tmp_path / "reg", create=True)
+
+    def card(task, version, datasets, forgetting, created):
+        return TaskCard(task, version, "eproj", {"action": "reused" if version > 1 else "expanded"},
+                        metrics={"forgetting": forgetting}, created_at=created,
+                        datasets=[{"name": n, "accuracy_after": a} for n, a in datasets])
+
+    for c in (card("clothes", 1, [("clothes", 0.86)], {}, "2026-01-01T00:00:00+00:00"),
+              card("clothes", 2, [("clothes", 0.86), ("more", 0.83)],
+                   {"clothes": {"task": "clothes", "when_trained": 0.85, "now": 0.74}}, "2026-01-02T00:00:00+00:00"),
+              card("shapes", 1, [("shapes", 0.8)], {}, "2026-01-01T00:00:00+00:00"),
+              card("digits", 1, [("digits", 0.92)],  # measured shapes v1, older than shapes v2: not shown for it
+                   {"shapes": {"task": "shapes", "when_trained": 0.8, "now": 0.8}}, "2026-01-01T12:00:00+00:00"),
+              card("shapes", 2, [("shapes", 0.8), ("shapes-2", 0.7)], {}, "2026-01-02T00:00:00+00:00")):
+        reg.commit(c, make_key(), {"adapter": write_adapter})
+    out = subprocess.run([sys.executable, "-m", "cit_registry.cli", "list", "--registry", str(reg.root)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "clothes 85.0% -> 74.0%" in out and "more 83.0% -> 83.0%" in out and "digits 92.0% -> 92.0%" in out
+    assert "shapes 80.0% -> -" in out and "shapes-2 70.0% -> 70.0%" in out  # not re-measured by its reuse

@@ -41,16 +41,37 @@ def _rebuild_index(reg: Registry) -> None:
 
 @app.command("list")
 def list_tasks(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
-    """One line per task: version, adapter kind, decision, accuracy, creation time."""
-    table = Table("task", "version", "adapter", "decision", "data sets", "accuracy", "created")
-    for t in _open(registry).latest():
+    """One line per task: version, adapter kind, decision, and each data set it serves with its accuracy when
+    trained and now (re-measured by a later add-task on the same test samples), creation time."""
+    table = Table("task", "version", "adapter", "decision", "data sets: accuracy when trained -> now", "created")
+    tasks = _open(registry).latest()
+    for t in tasks:
         c = t.card
         decision = c.decision.get("action", "")
         if decision == "reused":
             decision += f" ({c.decision.get('similarity', 0):.2f})"
-        table.add_row(t.task_id, str(t.version), c.adapter_kind, decision, ", ".join(d["name"] for d in c.datasets),
-                      _pct(c.metrics.get("accuracy_after")), c.created_at)
+        table.add_row(t.task_id, str(t.version), c.adapter_kind, decision,
+                      "\n".join(f"{name} {_pct(then)} -> {_pct(now)}" for name, then, now in _accuracies(t, tasks)),
+                      c.created_at)
     console.print(table)
+
+
+def _accuracies(task, tasks) -> list[tuple[str, float | None, float | None]]:
+    """(data set, accuracy when trained, accuracy now) for each data set the task's newest version serves. "Now" is
+    the newest re-measurement of it with this version's adapter: the version's own (a reused adapter re-measures
+    what it served before), or a later task's (a shared connector moves under every task of its method); each
+    re-measurement is compared with the accuracy it had when trained on the same test samples. An earlier data
+    set of a reused version that was not re-measured shows no "now"."""
+    out = []
+    for i, dataset in enumerate(task.card.datasets):
+        name, then = dataset["name"], dataset.get("accuracy_after")
+        now = then if i == len(task.card.datasets) - 1 else None  # trained in this version; else unmeasured so far
+        for card in sorted((t.card for t in tasks), key=lambda c: c.created_at):
+            measured = card.metrics.get("forgetting", {}).get(name)
+            if measured and measured.get("task") == task.task_id and card.created_at >= task.card.created_at:
+                then, now = measured["when_trained"], measured["now"]
+        out.append((name, then, now))
+    return out
 
 
 @app.command()

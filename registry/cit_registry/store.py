@@ -61,7 +61,10 @@ MAX_BUNDLE_BYTES = 1024 * 1024 * 1024
 # "shared": a task trained with a shared-connector method (seqft, ewc, ...): adapter/ is the one connector all
 # tasks of that method share, as it stood after this task; the newest such version serves them all.
 PARTS = {"eproj": ("adapter",), "lora": ("adapter", "lora"), "shared": ("adapter", "method")}
-OPTIONAL_PARTS = ("eval",)  # held-out evaluation snapshots (cit_registry.snapshots), any adapter kind
+# held-out evaluation snapshots and replayed training samples (cit_registry.snapshots), any adapter kind
+OPTIONAL_PARTS = ("eval", "replay")
+# a snapshot's images keep their bytes and suffix (".img": a suffix not listed here); PIL reads them by content
+SNAPSHOT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".img")
 PART_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
               "lora": ("adapter_config.json", "adapter_model.safetensors"),
               "method": ("state.json", "state.safetensors")}
@@ -297,6 +300,12 @@ class TaskVersion:
     def eval_dir(self) -> Path:
         """Held-out evaluation snapshots of the data sets this version serves (may be absent)."""
         return self.path / "eval"
+
+    @property
+    def replay_dir(self) -> Path:
+        """Training samples of each data set this version serves, replayed when its adapter is reused (may be
+        absent: versions written before replay)."""
+        return self.path / "replay"
 
     @property
     def shared_method(self) -> str | None:
@@ -660,10 +669,11 @@ def _part_file_problems(path: Path) -> list[str]:
         if (path / part).is_dir():
             problems += [f"{part}/{p.name} is not one of the part's files ({', '.join(names)})"
                          for p in sorted((path / part).iterdir()) if p.name not in names]
-    for p in sorted((path / "eval").rglob("*")) if (path / "eval").is_dir() else []:
-        image = p.parent.name == "images" and p.suffix.lower() in (".png", ".jpg", ".jpeg")
-        if p.is_file() and not (p.name == "samples.jsonl" or image):
-            problems.append(f"{p.relative_to(path)} is not a snapshot's file")
+    for snapshots in ("eval", "replay"):
+        for p in sorted((path / snapshots).rglob("*")) if (path / snapshots).is_dir() else []:
+            image = p.parent.name == "images" and p.suffix.lower() in SNAPSHOT_IMAGE_SUFFIXES
+            if p.is_file() and not (p.name == "samples.jsonl" or image):
+                problems.append(f"{p.relative_to(path)} is not a snapshot's file")
     return problems
 
 

@@ -577,3 +577,12 @@ def _best_candidate_only():
 
     search = Router._search
     _replace(Router, "_search", lambda self, queries, k: [found[:1] for found in search(self, queries, k)])
+
+
+@mutant("reuse-replays-kept-samples",
+        "tests/test_add_task.py::test_a_reused_adapter_trains_again_on_the_training_samples_its_registry_keeps")
+def _no_replay():
+    """A reused adapter trains on the new data alone: what it served before is not trained on again."""
+    from cit_trainer import add_task
+
+    _replace(add_task, "_replayed", lambda previous, name, limit, log: {})

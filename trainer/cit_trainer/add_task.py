@@ -1,6 +1,7 @@
 """`cit-trainer add-task`: embed a task, compare it with every registered task, reuse or expand, train, report."""
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
-from cit_registry.snapshots import copy_snapshot, read_snapshot, snapshot_dir, write_snapshot
+from cit_registry.snapshots import REPLAY_SAMPLES, copy_snapshot, read_snapshot, snapshot_dir, write_snapshot
 from cit_registry.taskdata import read_jsonl, resolve_task_files
 from .methods import SHARED_METHODS, make_method
 from .training import embed_task, evaluate, train_connector
@@ -36,6 +37,8 @@ class AddTaskOptions:
     forgetting_samples: int = 100         # test samples re-measured for each earlier task
     strength: float = 100.0               # λ of ewc, mas, si and their tir- variants
     replay_fraction: float = 0.01         # share of each task's samples kept for er and agem
+    replay_samples: int = REPLAY_SAMPLES  # training samples of each data set kept in its version, that a reused
+                                          # adapter trains on again beside its new data (0: none kept or replayed)
 
 
 @dataclass
@@ -67,6 +70,8 @@ def add_task(
                          + (" (joint training is the benchmark's upper bound)" if opts.method == "joint" else ""))
     if not 0.0 <= opts.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {opts.threshold}")
+    if opts.replay_samples < 0:
+        raise ValueError(f"replay_samples must be >= 0, got {opts.replay_samples}")
     train_file, test_file = resolve_task_files(data)
     name = validate_task_id(task_id or train_file.parent.name.lower())
     registry = Registry.open(registry_root, create=True)
@@ -137,12 +142,19 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     if kind == "lora" and adapter.lora is None:
         backbone.lm.add_lora(TRAINING)
         adapter = TaskAdapter(adapter.connector, TRAINING)
+    # A reused adapter of its own trains on the new data together with what it already serves: the training
+    # samples its version keeps of each data set (a shared connector's method keeps and replays in its own way).
+    replayed = _replayed(previous, name, opts.replay_samples, log) if previous and method is None else {}
+    keep = 0 if method else min(opts.replay_samples, len(train_samples))
+    kept = random.Random(opts.seed).sample(train_samples, keep)
 
     try:
         before = evaluate(backbone, adapter, test, desc="accuracy before") if test else None
+        training = train.joined(embed_task(backbone, embedder, [s for r in replayed.values() for s in r], "replay")) \
+            if replayed else train
         start = time.time()
-        losses = train_connector(backbone, adapter.connector, train, opts.epochs, opts.batch_size, opts.lr, opts.seed,
-                                 desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
+        losses = train_connector(backbone, adapter.connector, training, opts.epochs, opts.batch_size, opts.lr,
+                                 opts.seed, desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
         seconds = time.time() - start
         if adapter.lora:
             backbone.lm.set_lora_trainable(adapter.lora, False)
@@ -169,12 +181,14 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
             training={"method": opts.method, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
                       "seed": opts.seed, "samples": len(train_samples), "steps": len(losses),
                       "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
+                      "replayed": {n: len(r) for n, r in replayed.items()},
                       **({"sequence": sequence, "strength": opts.strength, "replay_fraction": opts.replay_fraction}
                          if method else {})},
             datasets=datasets,
         )
         parts = {"adapter": adapter.connector.save,
-                 "eval": lambda d: _write_snapshots(d, name, test_samples, previous)}
+                 "eval": lambda d: _write_snapshots(d, name, test_samples, previous, "eval_dir"),
+                 **({} if method else {"replay": lambda d: _write_snapshots(d, name, kept, previous, "replay_dir")})}
         if adapter.lora:
             parts["lora"] = lambda d: backbone.lm.save_lora(adapter.lora, d)
         if method is not None:
@@ -195,17 +209,34 @@ def _by_wording(after, test_samples: list, log) -> dict:
     return {"accuracy_by_template": by_template, "errors": errors}
 
 
-def _write_snapshots(directory: Path, name: str, test_samples: list, previous: TaskVersion | None) -> None:
-    """eval/ of the new version: this data set's held-out samples, and those of the data sets a reused adapter
-    served before (carried from the previous version), so that every later re-measurement reads the registry."""
+def _write_snapshots(directory: Path, name: str, samples: list, previous: TaskVersion | None, part: str) -> None:
+    """eval/ or replay/ of the new version: this data set's held-out (or kept training) samples, and those of the
+    data sets a reused adapter served before (carried from the previous version's `part`), so that every later
+    re-measurement and replay reads the registry."""
     directory.mkdir()
-    if test_samples:
-        write_snapshot(snapshot_dir(directory, name), test_samples)
+    if samples:
+        write_snapshot(snapshot_dir(directory, name), samples)
     if previous is not None:
         for dataset in previous.card.datasets:
-            source = snapshot_dir(previous.eval_dir, dataset["name"])
+            source = snapshot_dir(getattr(previous, part), dataset["name"])
             if source.is_dir() and dataset["name"] != name:
                 copy_snapshot(source, snapshot_dir(directory, dataset["name"]))
+
+
+def _replayed(previous: TaskVersion, name: str, limit: int, log) -> dict[str, list]:
+    """Up to `limit` kept training samples of every data set the reused version serves (a data set of the same
+    name is replaced by the new data, not replayed)."""
+    out = {}
+    for dataset in previous.card.datasets:
+        source = snapshot_dir(previous.replay_dir, dataset["name"])
+        if dataset["name"] == name or limit == 0:
+            continue
+        if not source.is_dir():
+            log(f"  {dataset['name']:<24} not replayed: its version keeps no training samples")
+            continue
+        out[dataset["name"]] = read_snapshot(source)[:limit]
+        log(f"  {dataset['name']:<24} replayed: {len(out[dataset['name']])} of its training samples")
+    return out
 
 
 def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_datasets, opts, log, previous=None) -> dict:
@@ -233,11 +264,12 @@ def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_data
         adapter = new_adapter if own else backbone.load_adapter(
             f"{task_id}@v{version.version}", version.adapter_dir, version.lora_dir)
         try:
-            now = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}").accuracy
+            now = evaluate(backbone, adapter, task, desc=f"re-measuring {dataset['name']}")
         finally:
             if not own:
                 backbone.unload_adapter(adapter)
-        out[dataset["name"]] = {"task": task_id, "when_trained": then, "now": now, "samples": len(samples)}
-        log(f"  {dataset['name']:<24} (task {task_id}): {now:.1%} now, {then:.1%} when trained "
+        out[dataset["name"]] = {"task": task_id, "when_trained": then, "now": now.accuracy, "samples": len(samples),
+                                "now_correct": "".join("1" if c else "0" for c in now.correct)}
+        log(f"  {dataset['name']:<24} (task {task_id}): {now.accuracy:.1%} now, {then:.1%} when trained "
             f"(same {len(samples)} test samples)")
     return out

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from cit_registry.router import REUSE_THRESHOLD
+from cit_registry.snapshots import REPLAY_SAMPLES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
@@ -59,6 +60,7 @@ def add_task_cmd(
     method: Annotated[str, typer.Option(help="eproj (a projection per task), lora (projection + LoRA on the LM), or a method training one connector shared by all its tasks: seqft, ewc, mas, si, tir-ewc, tir-mas, tir-si, er, agem")] = "eproj",
     strength: Annotated[float, typer.Option(help="λ of ewc, mas, si and tir-*")] = 100.0,
     replay_fraction: Annotated[float, typer.Option(help="share of each task's samples kept in the registry for er and agem")] = 0.01,
+    replay_samples: Annotated[int, typer.Option(help="training samples of this data set kept in the registry; when add-task reuses an adapter it trains on those of every data set the adapter serves beside the new data (0: keep and replay none)")] = REPLAY_SAMPLES,
     epochs: int = 3,
     batch_size: int = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
@@ -75,6 +77,7 @@ def add_task_cmd(
     opts = AddTaskOptions(
         threshold=threshold, method=method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
         max_train=max_train, max_eval=max_eval, strength=strength, replay_fraction=replay_fraction,
+        replay_samples=replay_samples,
     )
     from cit_registry.store import RegistryLocked
 

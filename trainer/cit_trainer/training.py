@@ -45,6 +45,14 @@ class EmbeddedTask:
     def batch(self) -> Batch:
         return Batch(self.features, self.instructions, self.answers)
 
+    def joined(self, other: "EmbeddedTask") -> "EmbeddedTask":
+        """Both tasks' samples as one (training a reused adapter on new and replayed data alike)."""
+        def cat(a, b):
+            return None if a is None or b is None else np.concatenate([a, b])
+        return EmbeddedTask(self.samples + other.samples, torch.cat([self.features, other.features]),
+                            cat(self.instruction, other.instruction), cat(self.output, other.output),
+                            None if self.image is None else torch.cat([self.image, other.image]))
+
     def key(self) -> TaskKey:
         assert self.instruction is not None and self.output is not None, "no text embeddings: no key"
         return TaskKey.from_embeddings(self.routing_image, self.instruction, self.output)
