@@ -116,6 +116,34 @@ def test_forced_task_skips_routing(client, task_dirs):
     assert r.route.forced and r.route.task_id == "digits"
 
 
+# Wordings written for this test only (neither the exporters' templates nor bench/routing_scores.py's sets, which
+# were looked at while the routing rule was chosen): what an application might send.
+UNSEEN_PARAPHRASES = {"fashion-mnist": ["What sort of clothing is in this photo?", "garment type?"],
+                      "digits": ["Spell out the digit that is drawn here.", "which number, in words?"],
+                      "words": ["Which word does this image show?", "read me the text"]}
+UNSEEN_QUESTIONS = {"fashion-mnist": ["Does this item have buttons?", "Is it clean?"],
+                    "digits": ["Is this digit written in ink?", "How old was the writer?"],
+                    "words": ["Is the word longer than five letters?", "Is the text centred?"]}
+
+
+def test_an_unseen_paraphrase_routes_to_its_task_and_an_unseen_question_falls_back(client, task_dirs, capsys):
+    """Over the Route RPC with the real backbone: each task's test images asked in wordings no one tuned on. First
+    run (at 318f93c, this CI registry): paraphrases 30 / 36 routed (83 %, below bench/routing_scores.py's 97 % on
+    the set the rule was chosen with: the issue's 98 % goal is missed), questions 30 / 36 fell back (83 %). The
+    bounds guard those levels against regression; they were set after that run, below it."""
+    routed = fell = total = 0
+    for name in E2E_TASKS:
+        for sample in read_jsonl(task_dirs[name] / "test.jsonl")[:12:2]:
+            for wording in UNSEEN_PARAPHRASES[name]:
+                routed += client.route(sample.image, wording).route.task_id == name
+            for question in UNSEEN_QUESTIONS[name]:
+                fell += client.route(sample.image, question).route.fell_back
+            total += 2
+    with capsys.disabled():
+        print(f"\n  unseen paraphrases routed {routed}/{total}, unseen questions fell back {fell}/{total}")
+    assert routed >= 0.75 * total and fell >= 0.6 * total
+
+
 def test_unrelated_request_falls_back_to_the_base_connector(client):
     buf = io.BytesIO()
     Image.new("RGB", (200, 120), (250, 120, 30)).save(buf, format="PNG")
