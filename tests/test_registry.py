@@ -282,6 +282,8 @@ def test_the_persisted_index_keeps_each_rows_floors(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "floors": [[0.2, 0.1]]}))
     assert verify_index(reg) == ["routing index floors differ from the task keys"]
+    add(reg, "b", floored(axis(1, 64), axis(1, 8), float("nan"), 0.7))  # a key no rule could route by
+    assert "b v1: key floors are not one finite (image, instruction) pair per centroid" in list(reg.verify())
 
 
 def test_similarity_is_one_for_identical_tasks_and_symmetric():

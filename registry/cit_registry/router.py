@@ -16,10 +16,9 @@ from importlib.resources import files
 import faiss
 import numpy as np
 
-from .store import DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, Registry, TaskKey, atomic_path
+from .store import Registry, TaskKey, atomic_path, default_floors
 
 log = logging.getLogger("cit.registry")
-DEFAULT_FLOORS = (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,7 @@ class Router:
         self.generation = generation  # the registry's generation when its keys were read
         self.index = make_index(vectors, exact_limit) if len(vectors) else None
         # each row's (image, instruction) floors: the defaults where none are given
-        self.floors = np.tile(np.array([DEFAULT_FLOORS], np.float32), (len(rows), 1)) if floors is None \
-            else np.asarray(floors, np.float32)
+        self.floors = default_floors(len(rows)) if floors is None else np.asarray(floors, np.float32)
         self.image_dim = image_dim  # a key row is [image part (image_dim), instruction part]
         # every key's squared norm (make_index checks they are one), to turn L2 distances into inner products
         self._key_norm2 = float(np.dot(vectors[0], vectors[0])) if len(vectors) else 0.0

@@ -124,6 +124,11 @@ IMAGE_SLACK, IMAGE_FLOOR_CAP, DEFAULT_IMAGE_FLOOR = 0.1, 0.5, 0.5
 INSTRUCTION_SLACK, DEFAULT_INSTRUCTION_FLOOR = 0.1, 0.5
 
 
+def default_floors(centroids: int) -> np.ndarray:
+    """[C, 2] floors for centroids whose key was written without any."""
+    return np.tile(np.array([[DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR]], np.float32), (centroids, 1))
+
+
 def image_floor(image: np.ndarray) -> float:
     """The image floor of one centroid from its samples' normalised features [N, d]."""
     image = _unit(image)
@@ -178,7 +183,7 @@ class TaskKey:
         """[C, 2] (image floor, instruction floor) of each centroid; the defaults for a key written without."""
         if self.floors is not None:
             return np.asarray(self.floors, dtype=np.float32)
-        return np.tile(np.array([[DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR]], np.float32), (len(self.image), 1))
+        return default_floors(len(self.image))
 
     def _parts(self) -> tuple[np.ndarray, ...]:
         return self.image, self.instruction, self.output, self.counts
@@ -596,9 +601,10 @@ class Registry:
             if (card.task_id, card.version) != (task_id, v):
                 problems.append(f"card says {card.task_id} v{card.version}")
             key = TaskKey.load(path / "key.safetensors")
-            if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0) \
-                    or key.routing_floors.shape != (len(key.image), 2) or not np.isfinite(key.routing_floors).all():
+            if not (len(key.image) == len(key.instruction) == len(key.output) == len(key.counts) > 0):
                 problems.append("key parts disagree in centroid count")
+            elif key.routing_floors.shape != (len(key.image), 2) or not np.isfinite(key.routing_floors).all():
+                problems.append("key floors are not one finite (image, instruction) pair per centroid")
             if record is not None and not problems:  # widths are read from the files: only when they are whole
                 problems += [f"does not fit the registry's backbone: {p}" for p in _fit_problems(record, version_shapes(path))]
         except Exception as exc:  # any unreadable file is a finding, not a crash
