@@ -45,18 +45,30 @@ def list_tasks(registry: REGISTRY = DEFAULT_REGISTRY) -> None:
     trained and now (re-measured by a later add-task on the same test samples), creation time."""
     table = Table("task", "version", "adapter", "decision", "data sets: accuracy when trained -> now", "created")
     tasks = _open(registry).latest()
+    remeasured = _remeasured(tasks)
     for t in tasks:
         c = t.card
         decision = c.decision.get("action", "")
         if decision == "reused":
             decision += f" ({c.decision.get('similarity', 0):.2f})"
         table.add_row(t.task_id, str(t.version), c.adapter_kind, decision,
-                      "\n".join(f"{name} {_pct(then)} -> {_pct(now)}" for name, then, now in _accuracies(t, tasks)),
+                      "\n".join(f"{name} {_pct(then)} -> {_pct(now)}" for name, then, now in _accuracies(t, remeasured)),
                       c.created_at)
     console.print(table)
 
 
-def _accuracies(task, tasks) -> list[tuple[str, float | None, float | None]]:
+def _remeasured(tasks) -> dict[tuple[str, str], list[tuple[str, dict]]]:
+    """(task id, data set) -> every re-measurement of it written in a card, (card's creation time, measurement),
+    oldest first: read once for the whole listing."""
+    out: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+    for card in sorted((t.card for t in tasks), key=lambda c: c.created_at):
+        for name, measured in card.metrics.get("forgetting", {}).items():
+            if isinstance(measured, dict) and "task" in measured:
+                out.setdefault((measured["task"], name), []).append((card.created_at, measured))
+    return out
+
+
+def _accuracies(task, remeasured) -> list[tuple[str, float | None, float | None]]:
     """(data set, accuracy when trained, accuracy now) for each data set the task's newest version serves. "Now" is
     the newest re-measurement of it with this version's adapter: the version's own (a reused adapter re-measures
     what it served before), or a later task's (a shared connector moves under every task of its method); each
@@ -66,9 +78,8 @@ def _accuracies(task, tasks) -> list[tuple[str, float | None, float | None]]:
     for i, dataset in enumerate(task.card.datasets):
         name, then = dataset["name"], dataset.get("accuracy_after")
         now = then if i == len(task.card.datasets) - 1 else None  # trained in this version; else unmeasured so far
-        for card in sorted((t.card for t in tasks), key=lambda c: c.created_at):
-            measured = card.metrics.get("forgetting", {}).get(name)
-            if measured and measured.get("task") == task.task_id and card.created_at >= task.card.created_at:
+        for created, measured in remeasured.get((task.task_id, name), []):
+            if created >= task.card.created_at:  # an older one measured an earlier version's adapter
                 then, now = measured["when_trained"], measured["now"]
         out.append((name, then, now))
     return out
