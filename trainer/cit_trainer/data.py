@@ -71,7 +71,47 @@ TEMPLATES = {
          "Transcribe the word shown.", "Which word appears in the image?"),
         ("Tell me the word printed here.", "What text can you see in the picture?",
          "Spell out the word in this image.")),
+    # New questions over the images above (the routing suite's "same images, new question" tasks)
+    "fashion-footwear": Templates(
+        ("Is this item worn on the feet? Answer yes or no.", "Does the picture show footwear?",
+         "Is this a kind of shoe? Say yes or no.", "Would you wear this on your feet?",
+         "Is the item in the image footwear, yes or no?"),
+        ("Tell me whether this goes on someone's feet.", "Is what you see here a shoe, a sandal or a boot?",
+         "Footwear or not? Reply yes or no.")),
+    "digits-parity": Templates(
+        ("Is the digit even or odd?", "Is the number in the image odd or even?",
+         "Say whether the handwritten digit is even or odd.", "Even or odd: which is this number?",
+         "Is the digit shown an even number or an odd one?"),
+        ("Tell me if this number is divisible by two: even or odd?", "What is the parity of the digit drawn here?",
+         "Would you call this digit odd, or even?")),
+    "words-first-letter": Templates(
+        ("What is the first letter of the word?", "Which letter does the word in the image start with?",
+         "Name the initial letter of the written word.", "What letter begins the word shown?",
+         "Give the first letter of the word in the picture."),
+        ("Tell me the letter the text opens with.", "Which character comes first in this word?",
+         "What is the word's opening letter?")),
 }
+# Paraphrases written apart from TEMPLATES (they were looked at while the routing rule was chosen, so they are no
+# longer a clean hold-out: kept to show the spread of wordings beyond the exported ones).
+PARAPHRASES = {
+    "fashion-mnist": ["what's this piece of clothing?", "Which type of garment or shoe is pictured?", "clothing item?",
+                      "Look at the picture: what are you wearing if you wear this?", "Name this article of apparel.",
+                      "Please identify the clothing category of this image"],
+    "digits": ["Which number from 0 to 9 is this? Write it as a word.", "digit? answer in letters",
+               "What is the handwritten number? Use words, not numerals.", "Say which digit this is, spelled out.",
+               "Write out in words the digit that appears.", "what number did someone write here (in words)"],
+    "words": ["What is written here?", "read the word", "Which word is printed in this picture?",
+              "Please transcribe the text in the image.", "OCR this image.", "What does the text in the image read?"],
+    "easyvqa-shape": ["what shape?", "Which geometric shape is drawn?", "Is this a triangle, circle or rectangle?",
+                      "What's the shape of the object?", "Name the shape in the picture.", "What figure is shown?"],
+    "easyvqa-color": ["what colour?", "Which colour is the shape painted?", "What's the colour of the object?",
+                      "Name the color of the shape in the image.", "What color is the figure?",
+                      "Tell me the object's color."],
+}
+# The same questions over new images (the routing suite's "same question, new images" tasks)
+TEMPLATES["printed-digits"] = TEMPLATES["digits"]
+TEMPLATES["words-large"] = TEMPLATES["words"]
+TEMPLATES["drawn-shapes"] = TEMPLATES["easyvqa-shape"]
 
 
 def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
@@ -85,6 +125,14 @@ def _fashion(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
         yield Image.fromarray(images[i]), FASHION_CLASSES[labels[i]]
 
 
+FOOTWEAR = {"sandal", "sneaker", "ankle boot"}
+
+
+def _fashion_footwear(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    for img, garment in _fashion(split, n, rng):
+        yield img, "yes" if garment in FOOTWEAR else "no"
+
+
 def _digits(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
     from sklearn.datasets import load_digits
 
@@ -95,6 +143,23 @@ def _digits(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
     for i in rng.sample(pool, min(n, len(pool))):
         pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
         yield Image.fromarray(pixels), DIGIT_WORDS[digits.target[i]]
+
+
+def _digits_parity(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    for img, word in _digits(split, n, rng):
+        yield img, "even" if DIGIT_WORDS.index(word) % 2 == 0 else "odd"
+
+
+def _printed_digits(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    # Digits typed, not handwritten: light ink on dark (as scikit-learn's digits are), in Pillow's font at random
+    # sizes, offsets and slants; train and test draw from disjoint seeds (the caller's).
+    for _ in range(n):
+        digit = rng.randrange(10)
+        img = Image.new("L", (40, 40), rng.randint(0, 60))
+        font = ImageFont.load_default(size=rng.randint(18, 30))
+        ImageDraw.Draw(img).text((rng.randint(4, 16), rng.randint(-4, 6)), str(digit), fill=rng.randint(180, 255),
+                                 font=font)
+        yield img.rotate(rng.uniform(-15, 15), fillcolor=img.getpixel((0, 0))), DIGIT_WORDS[digit]
 
 
 def _easyvqa(kind: str) -> Callable[[str, int, random.Random], Iterator[Labelled]]:
@@ -125,12 +190,59 @@ def _words(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
         yield img, word
 
 
+def _words_first_letter(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    # "a" is an article to the answer judge (it would be dropped): words starting with it are left out
+    words = (row for row in _words(split, 10 * n, rng) if row[1][0] != "a")
+    for _, (img, word) in zip(range(n), words):
+        yield img, word[0]
+
+
+def _words_large(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    # The same words in capitals, large, light on dark, on a wide canvas, sometimes with a rule under them.
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        img = Image.new("RGB", (192, 64), tuple(rng.randint(0, 70) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        font = ImageFont.load_default(size=rng.randint(26, 34))
+        ink = tuple(rng.randint(170, 255) for _ in range(3))
+        x, y = rng.randint(2, 60), rng.randint(0, 16)
+        draw.text((x, y), word.upper(), fill=ink, font=font)
+        if rng.random() < 0.5:
+            draw.line((x, y + 42, x + 100, y + 42), fill=ink, width=2)
+        yield img, word
+
+
+def _drawn_shapes(split: str, n: int, rng: random.Random) -> Iterator[Labelled]:
+    # Outlines drawn with Pillow on a noisy grey ground: easy-VQA's question, unlike its flat filled shapes.
+    for _ in range(n):
+        shape = rng.choice(["circle", "rectangle", "triangle"])
+        ground = np.random.default_rng(rng.getrandbits(32)).integers(90, 170, (64, 64, 3), dtype=np.uint8)
+        img = Image.fromarray(ground)
+        size = rng.randint(18, 44)
+        x, y = rng.randint(2, 62 - size), rng.randint(2, 62 - size)
+        ink, width = tuple(rng.choice([rng.randint(0, 60), rng.randint(200, 255)]) for _ in range(3)), rng.randint(2, 4)
+        draw = ImageDraw.Draw(img)
+        if shape == "circle":
+            draw.ellipse((x, y, x + size, y + size), outline=ink, width=width)
+        elif shape == "rectangle":
+            draw.rectangle((x, y, x + size, y + rng.randint(size // 2, size)), outline=ink, width=width)
+        else:
+            draw.polygon([(x + size // 2, y), (x, y + size), (x + size, y + size)], outline=ink, width=width)
+        yield img, shape
+
+
 EXPORTERS: dict[str, Callable[[str, int, random.Random], Iterator[Labelled]]] = {
     "fashion-mnist": _fashion,
     "digits": _digits,
     "easyvqa-shape": _easyvqa("shape"),
     "easyvqa-color": _easyvqa("color"),
     "words": _words,
+    "fashion-footwear": _fashion_footwear,
+    "digits-parity": _digits_parity,
+    "words-first-letter": _words_first_letter,
+    "printed-digits": _printed_digits,
+    "words-large": _words_large,
+    "drawn-shapes": _drawn_shapes,
 }
 
 
