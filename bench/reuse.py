@@ -14,36 +14,17 @@ test rows of all seeds.
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_scores import PARAPHRASES  # noqa: E402 - the same wordings written apart from the templates
-
-from cit_registry.store import Registry  # noqa: E402
-from cit_trainer.add_task import AddTaskOptions, add_task  # noqa: E402
-from cit_trainer.data import export_task  # noqa: E402
+from cit_registry.store import Registry
+from cit_trainer.add_task import AddTaskOptions, add_task
+from cit_trainer.data import PARAPHRASES, export_task
+from cit_trainer.routing_eval import bootstrap, paraphrased
 
 GOAL = 2.0  # points: the upper 95 % bound of the drop where the default threshold reuses
-
-
-def paraphrased(task_dir: Path, wordings: list[str], seed: int) -> None:
-    """Ask every training row in one of `wordings` instead of the task's templates."""
-    rng = random.Random(seed)
-    path = task_dir / "train.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    path.write_text("".join(json.dumps({**r, "instruction": rng.choice(wordings)}) + "\n" for r in rows))
-
-
-def bootstrap(diffs: np.ndarray, rounds: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (rounds, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main() -> int:

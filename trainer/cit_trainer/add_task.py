@@ -241,7 +241,10 @@ def _replayed(previous: TaskVersion, name: str, limit: int, log) -> dict[str, li
 
 def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_datasets, opts, log, previous=None) -> dict:
     """Accuracy of every earlier data set now, against what it reached when trained: forgetting, measured on the
-    held-out snapshot the registry keeps in each version (never on files a card points to)."""
+    held-out snapshot the registry keeps in each version (never on files a card points to). forgetting_samples 0:
+    nothing re-measured."""
+    if opts.forgetting_samples <= 0:
+        return {}
     jobs = [(t, t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
     jobs += [(None, previous, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
     lineage = opts.method if opts.method in SHARED_METHODS else None

@@ -32,7 +32,7 @@ def prepare() -> None:
 
 @app.command()
 def export(
-    names: Annotated[list[str], typer.Argument(help="data sets: fashion-mnist digits easyvqa-shape easyvqa-color words")],
+    names: Annotated[list[str], typer.Argument(help="data sets: fashion-mnist digits easyvqa-shape easyvqa-color words fashion-footwear digits-parity words-first-letter printed-digits words-large drawn-shapes")],
     out: Annotated[Path, typer.Option(help="directory to write <name>/{train,test}.jsonl into")] = Path("tasks"),
     train: Annotated[int, typer.Option(help="training samples per task (fewer where the source has fewer)")] = 3000,
     test: Annotated[int, typer.Option(help="held-out test images per task, each written twice: with a training "
@@ -127,6 +127,32 @@ def bench(
         raise typer.Exit(2) from None
     console.print((out / "results.md").read_text())
     console.print(f"written: {out}/results.json, results.md, heatmap-<start>-<method>.png")
+
+
+@app.command("routing-eval")
+def routing_eval_cmd(
+    work: Annotated[Path, typer.Option(help="directory for the tasks, registries, predictions and report (a stopped run resumes from it)")] = Path("routing-suite"),
+    train: Annotated[int, typer.Option(help="exported training samples per task")] = 3000,
+    test: Annotated[int, typer.Option(help="test images per task, each asked with a training and a held-out wording")] = 300,
+    seed: int = 0,
+    epochs: int = 3,
+    tasks: Annotated[str, typer.Option(help="comma-separated suite tasks (default: all eleven)")] = "",
+    reuse: Annotated[bool, typer.Option(help="run the reuse study (the longest part)")] = True,
+) -> None:
+    """The routing suite: routing and answers per task and wording over gRPC, fall-back for tasks not yet added,
+    the confusion matrix, and the reuse study over pairs of graded similarity. Hours at the default sizes."""
+    from .routing_eval import REUSE_PAIRS, SUITE_TASKS, SuiteOptions, run_suite
+
+    opts = SuiteOptions(train=train, test=test, seed=seed, epochs=epochs,
+                        tasks=tuple(_csv(tasks)) or SUITE_TASKS, pairs=REUSE_PAIRS if reuse else ())
+    command = " ".join(["cit-trainer", "routing-eval", *sys.argv[2:]])
+    try:
+        run_suite(work, opts, command=command, log=console.print)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print((work / "report.md").read_text())
+    console.print(f"written: {work}/report.json, report.md")
 
 
 @app.command("train-base")
