@@ -116,7 +116,7 @@ def test_forced_task_skips_routing(client, task_dirs):
     assert r.route.forced and r.route.task_id == "digits"
 
 
-# Wordings written for this test only (neither the exporters' templates nor bench/routing_scores.py's sets, which
+# Wordings written for this test only (neither the exporters' templates nor cit_trainer.data.PARAPHRASES, which
 # were looked at while the routing rule was chosen): what an application might send.
 UNSEEN_PARAPHRASES = {"fashion-mnist": ["What sort of clothing is in this photo?", "garment type?"],
                       "digits": ["Spell out the digit that is drawn here.", "which number, in words?"],
