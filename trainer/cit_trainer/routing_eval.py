@@ -127,6 +127,10 @@ def _exported(out: Path, name: str, opts: SuiteOptions, seed: int) -> Path:
     return task_dir
 
 
+def _quiet(*args, **kwargs) -> None:  # add-task's own log lines: the suite reports its steps itself
+    pass
+
+
 def _options(opts: SuiteOptions, threshold: float, **kw) -> AddTaskOptions:
     return AddTaskOptions(threshold=threshold, epochs=opts.epochs, seed=opts.seed, max_eval=None, **kw)
 
@@ -142,7 +146,7 @@ def build_registry(work: Path, opts: SuiteOptions, backbone: Backbone, embedder:
             # a task of its own whatever it resembles (threshold 1): routing is judged task by task; the reuse
             # study measures what the threshold would have done. Expanded adapters leave earlier tasks as they were.
             add_task(registry.root, task_dir, name, _options(opts, 1.0, forgetting_samples=0), backbone, embedder,
-                     log=lambda *a, **k: None)
+                     log=_quiet)
     return registry
 
 
@@ -283,7 +287,6 @@ def _second_data(work: Path, pair: ReusePair, opts: SuiteOptions) -> Path:
 
 def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions, backbone: Backbone,
                embedder: TextEmbedder, log) -> ReuseOutcome:
-    quiet = lambda *a, **k: None  # noqa: E731
     data = _second_data(work, pair, opts)
     reused = work / "reuse" / pair.name / "reused"
     if not (reused / "tasks" / pair.first / "v0002").is_dir():
@@ -291,7 +294,7 @@ def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions,
         shutil.rmtree(reused, ignore_errors=True)
         shutil.copytree(_first_registry(work, suite, pair.first), reused)
         add_task(reused, data, pair.second_dataset, _options(opts, 0.0, forgetting_samples=ALL_ROWS), backbone,
-                 embedder, log=quiet)  # threshold 0: always reuse
+                 embedder, log=_quiet)  # threshold 0: always reuse
     card = Registry.open(reused).get(pair.first).card
     if pair.second in suite.task_ids():  # the suite trained it as a task of its own on the same data
         expanded = suite.get(pair.second).card.metrics["accuracy_after"]
@@ -299,7 +302,7 @@ def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions,
         alone = work / "reuse" / pair.name / "expanded"
         if not Registry.open(alone, create=True).task_ids():
             log(f"[routing-eval] reuse study {pair.name}: a task of its own")
-            add_task(alone, data, pair.second_dataset, _options(opts, 1.0), backbone, embedder, log=quiet)
+            add_task(alone, data, pair.second_dataset, _options(opts, 1.0), backbone, embedder, log=_quiet)
         expanded = Registry.open(alone).get(pair.second_dataset).card.metrics["accuracy_after"]
     measured = card.metrics["forgetting"][pair.first]
     then = np.array([c == "1" for c in card.datasets[0]["eval_correct"]], float)
@@ -320,7 +323,8 @@ def threshold_sweep(outcomes: list[ReuseOutcome]) -> list[dict]:
     table = []
     for t in SWEEP:
         reused = [o for o in outcomes if o.similarity >= t]
-        lost = [((o.drop + (o.second_expanded - o.second_reused) * 100) / 2) if o in reused else 0.0 for o in outcomes]
+        lost = [(o.drop + (o.second_expanded - o.second_reused) * 100) / 2 if o.similarity >= t else 0.0
+                for o in outcomes]
         table.append({"threshold": t, "adapters_saved": len(reused), "pairs": len(outcomes),
                       "accuracy_lost": float(np.mean(lost)) if lost else 0.0,
                       "worst_drop_upper": max((o.drop_interval[1] for o in reused), default=None),
