@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cit_registry.router import BACKGROUND, FallBack, Router, task_similarity, verify_index
-from cit_registry.store import (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, INSTRUCTION_SLACK, Registry,
-                                TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id)
+from cit_registry.store import (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, IMAGE_SLACK, INSTRUCTION_SLACK,
+                                Registry, TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id)
 from safetensors.numpy import save_file
 
 rng = np.random.default_rng(0)
@@ -228,6 +228,19 @@ def test_an_instruction_nearer_another_tasks_question_is_not_this_tasks(two_ques
     assert r.chosen is None and r.fell_back is FallBack.NEARER_OTHER_QUESTION and r.nearer == "other"
 
 
+def test_tasks_asking_one_question_of_different_images_do_not_block_each_other(tmp_path):
+    """"handwritten" and "printed" ask the same question (their instruction centroids 0.99 apart, inside each
+    other's floors) of different images: each request goes to the task whose images it shows, even when its
+    wording is a little nearer the other task's centroid."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    add(reg, "handwritten", floored(axis(0, 64), mix((0.99, axis(0, 8)), (0.14, axis(3, 8)))))
+    add(reg, "printed", floored(axis(1, 64), axis(0, 8)))
+    router = Router.build(reg)
+    for image, task in ((axis(0, 64), "handwritten"), (axis(1, 64), "printed")):
+        r = route(router, image, axis(0, 8))
+        assert r.fell_back is None and r.chosen.task_id == task
+
+
 def test_background_questions_count_against_a_task_only_outside_its_own_floor(two_questions_one_image):
     instruction = mix((0.6, axis(0, 8)), (0.8, axis(7, 8)))
     assert route(two_questions_one_image, axis(0, 64), instruction).chosen.task_id == "what"
@@ -250,12 +263,12 @@ def test_floors_are_measured_on_the_tasks_own_data():
     # leave one wording out: each wording against the mean of the other two; the lowest counts
     expected = min(float(w @ (t := (words.sum(0) - w)) / np.linalg.norm(t)) for w in words) - INSTRUCTION_SLACK
     assert key.routing_floors[0, 1] == pytest.approx(expected)
-    assert key.routing_floors[0, 0] == pytest.approx(DEFAULT_IMAGE_FLOOR)  # identical images: capped, not 0.9
+    assert key.routing_floors[0, 0] == pytest.approx(1 - IMAGE_SLACK)  # identical images: only their like
     spread = rng.normal(size=(200, 16))
     unit = spread / np.linalg.norm(spread, axis=1, keepdims=True)
     cos = unit @ (unit.mean(0) / np.linalg.norm(unit.mean(0)))
     assert TaskKey.from_embeddings(spread, words[:1].repeat(200, 0), spread).routing_floors[0, 0] == \
-        pytest.approx(np.percentile(cos, 1) - 0.1, abs=1e-5)
+        pytest.approx(np.percentile(cos, 1) - IMAGE_SLACK, abs=1e-5)
     one_wording = TaskKey.from_embeddings(np.ones((3, 4)), np.ones((3, 8)), np.ones((3, 8)))
     assert one_wording.routing_floors[0, 1] == DEFAULT_INSTRUCTION_FLOOR
 

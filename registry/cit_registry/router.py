@@ -254,9 +254,9 @@ class Router:
               k: int = 5) -> list[Routing]:
         """Where each query row goes. The candidates are tried best score first; the first to pass serves it:
         the image clears the candidate's image floor + margin, the instruction its instruction floor + margin,
-        and the instruction is nearer the candidate's instruction centroid than any other candidate's and any of
-        the `background` question embeddings [B, text_dim] (background_questions) the candidate does not itself
-        ask. Otherwise the base connector answers, for the best candidate's reason."""
+        and the instruction is nearer the candidate's instruction centroid than any question the candidate does
+        not itself ask (`asks`): the other candidates' and the `background` question embeddings [B, text_dim]
+        (background_questions). Otherwise the base connector answers, for the best candidate's reason."""
         background = np.asarray(background, np.float32)
         routings = []
         for query, found in zip(np.asarray(queries, np.float32), self._search(queries, k)):
@@ -270,8 +270,11 @@ class Router:
                 elif c.instruction < c.instruction_floor + margin:
                     reason = FallBack.INSTRUCTION_UNLIKE
                 else:
-                    others = {o.task_id: o.instruction for o, _ in found if o.task_id != c.task_id}
-                    outside = background[background @ key < c.instruction_floor]  # questions the task does not ask
+                    # only questions the task does not itself ask count against it: another task asking the same
+                    # question (of other images) is no evidence that this request asks something else
+                    others = {o.task_id: o.instruction for o, other_key in found
+                              if o.task_id != c.task_id and not asks(key, other_key, c.instruction_floor)}
+                    outside = background[~asks(key, background, c.instruction_floor)]
                     if len(outside):
                         others[BACKGROUND] = float((outside @ instruction).max())
                     nearer = max(others, key=others.get, default=None)
@@ -287,6 +290,12 @@ class Router:
                 reason, nearer = first or (FallBack.NO_TASKS, None)
                 routings.append(Routing(None, reason, candidates, nearer))
         return routings
+
+
+def asks(task_question: np.ndarray, questions: np.ndarray, instruction_floor: float) -> np.ndarray | bool:
+    """Whether a task whose instruction centroid is `task_question` asks `questions` (one embedding or [N, d]):
+    they are within its instruction floor of it, as the wordings it was trained on are."""
+    return questions @ task_question >= instruction_floor
 
 
 def read_index(registry: Registry) -> tuple[dict, faiss.Index | None]:

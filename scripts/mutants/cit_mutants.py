@@ -569,6 +569,19 @@ def _no_background():
              route(self, queries, np.zeros((0, queries.shape[1] - self.image_dim), np.float32), *a, **kw))
 
 
+@mutant("route-same-question-elsewhere",
+        f"{RULE}::test_tasks_asking_one_question_of_different_images_do_not_block_each_other")
+def _same_question_counts():
+    """Every other task's question counts against a task, its own question asked of other images too (the router
+    before the suite found tasks sharing a question blocking each other)."""
+    import numpy as np
+
+    from cit_registry import router
+
+    _replace(router, "asks", lambda task_question, questions, floor:
+             np.zeros(len(questions), bool) if np.ndim(questions) == 2 else False)
+
+
 @mutant("route-other-tasks-questions",
         f"{RULE}::test_an_instruction_nearer_another_tasks_question_is_not_this_tasks")
 def _best_candidate_only():
