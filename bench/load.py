@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +37,7 @@ from PIL import Image
 from cit_client import CitClient
 from cit_proto import cit_pb2_grpc
 from cit_registry.taskdata import read_jsonl
+from cit_server.process import ServerProcess
 
 
 def rss_mib(pid: int) -> float:
@@ -59,16 +58,6 @@ def workload(tasks: list[Path]) -> list[tuple[bytes, str]]:
         return [unroutable]
     mixed = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     return [unroutable if i % 16 == 15 else mixed[i % len(mixed)] for i in range(len(mixed) + len(mixed) // 15)]
-
-
-def start_server(registry: Path, max_requests: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(["cit-server", "--registry", str(registry), "--port", "0", "--max-requests", str(max_requests)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        m = re.search(r"listening on ([\d.]+:\d+)", line)
-        if m:
-            return proc, m.group(1)
-    raise RuntimeError("cit-server did not start")
 
 
 def health_probes(target: str, stop: threading.Event, seconds: list[float], failures: Counter) -> None:
@@ -107,10 +96,8 @@ def main() -> int:
     clients = round(args.overload * bound) if args.overload else args.concurrency
 
     requests = workload(args.tasks)
-    proc, target = start_server(args.registry, bound)
-    # The server's log goes to a pipe nobody reads during the run: drain it so it can never block the server.
-    drain = ThreadPoolExecutor(1)
-    drain.submit(lambda: [None for _ in proc.stdout])
+    server = ServerProcess(args.registry, "--max-requests", str(bound))
+    proc, target = server.proc, server.target
     stop_probes, health_seconds, health_failures = threading.Event(), [], Counter()
     try:
         with CitClient(target, timeout=3600) as client:
@@ -166,9 +153,7 @@ def main() -> int:
             rss_end = rss_mib(proc.pid)
     finally:
         stop_probes.set()
-        proc.terminate()
-        proc.wait(timeout=60)
-        drain.shutdown()
+        server.stop()
 
     p = np.percentile(latencies, [50, 90, 99]) if latencies else [float("nan")] * 3
     growth = rss_end / rss_start - 1

@@ -3,12 +3,12 @@ are built once per session and shared by every test that needs them."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from cit_server.process import ServerProcess
 
 # CI budget for the end-to-end registry: small, but real data, real weights, real training.
 TRAIN_SAMPLES = int(os.environ.get("CIT_TEST_TRAIN", 400))
@@ -80,40 +80,6 @@ def registry(tmp_path_factory, task_dirs) -> Path:
     run_cli("cit-trainer", "add-task", str(task_dirs["fashion-more"]), "--registry", str(reg), "--name",
             "fashion-more", "--epochs", "1")
     return reg
-
-
-class ServerProcess:
-    def __init__(self, registry: Path, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(
-            ["cit-server", "--registry", str(registry), "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError("cit-server exited:\n" + "".join(self.lines))
-            self.lines.append(line)
-            m = re.search(r"listening on ([\d.]+:\d+)", line)
-            if m:
-                self.target = m.group(1)
-                metrics = re.search(r"metrics on ([\d.]+:\d+)", line)
-                self.metrics_url = f"http://{metrics.group(1)}/metrics" if metrics else None
-                return
-        raise RuntimeError("cit-server did not start:\n" + "".join(self.lines))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> str:
-        """Stop the server (SIGTERM, then SIGKILL after 30 s) and return everything it printed."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return "".join(self.lines) + self.proc.stdout.read()
 
 
 @pytest.fixture(scope="session")

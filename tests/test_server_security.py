@@ -18,8 +18,7 @@ from PIL import Image
 from cit_backbone.embedder import TextEmbedder
 from cit_client import CitClient
 from cit_registry.store import Registry, TaskCard, TaskKey
-
-from .conftest import ServerProcess
+from cit_server.process import ServerProcess
 
 TOKEN = "correct-horse-battery-staple"
 ADMIN = "admin-horse-battery-staple"
@@ -78,7 +77,7 @@ def pki(tmp_path_factory):
 def secure_server(empty_registry, pki):
     srv = ServerProcess(empty_registry, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
                         "--tls-client-ca", str(pki / "ca.pem"), env={"CIT_AUTH_TOKEN": TOKEN, "CIT_ADMIN_TOKEN": ADMIN})
-    assert "TLS + client certificates, bearer token, admin token" in srv.lines[-1]
+    assert "TLS + client certificates, bearer token, admin token" in srv.banner
     yield srv
     srv.stop()
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from cit_registry.store import Registry
+from cit_server.process import ServerProcess
 from cit_server.vllm_engine import WorkerError, WorkerProcess
-
-from .conftest import ServerProcess
 
 FAKE = Path(__file__).with_name("fake_lm_worker.py")
 

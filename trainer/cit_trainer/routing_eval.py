@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
-import subprocess
-import threading
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -34,6 +30,7 @@ from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_THRESHOLD, Router, background_questions
 from cit_registry.store import Registry
 from cit_registry.taskdata import TEMPLATE_KINDS, read_jsonl
+from cit_server.process import ServerProcess
 from .add_task import AddTaskOptions, add_task
 from .data import PARAPHRASES, export_task
 from .training import embed_task
@@ -152,37 +149,6 @@ def build_registry(work: Path, opts: SuiteOptions, backbone: Backbone, embedder:
 
 # ------------------------------------------------------------------ step 3: over gRPC
 
-@contextmanager
-def serving(registry: Path, timeout: float):
-    """A `cit-server` on a free port for the registry; yields its address."""
-    proc = subprocess.Popen(["cit-server", "--registry", str(registry), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    found = threading.Event()
-    address: list[str] = []
-
-    def drain():  # the server's output is read all along, so a full pipe never blocks it
-        for line in proc.stdout:
-            lines.append(line)
-            m = re.search(r"listening on ([\d.]+:\d+)", line)
-            if m and not address:
-                address.append(m.group(1))
-                found.set()
-        found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        if not found.wait(timeout) or not address:
-            raise RuntimeError("cit-server did not start:\n" + "".join(lines[-40:]))
-        yield address[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def evaluate_over_grpc(work: Path, opts: SuiteOptions, log) -> Path:
     from cit_client import CitClient
     from cit_client.evaluate import dataset_owners, evaluate_dataset
@@ -190,7 +156,7 @@ def evaluate_over_grpc(work: Path, opts: SuiteOptions, log) -> Path:
     predictions = work / "predictions.jsonl"
     if (work / "predictions.done").is_file():
         return predictions
-    with serving(work / "registry", opts.server_timeout) as address, CitClient(address) as client, \
+    with ServerProcess(work / "registry", timeout=opts.server_timeout) as server, CitClient(server.target) as client, \
             open(predictions, "w") as out:
         owners = dataset_owners(client)
         for name in opts.tasks:
