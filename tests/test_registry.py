@@ -163,6 +163,28 @@ def test_index_is_persisted_and_rebuilt_when_stale(tmp_path):
     assert len(Router.load(reg)) == 2  # unreadable index is derived state: rebuilt
 
 
+def test_a_refreshed_router_reads_only_new_keys_and_equals_a_build(tmp_path, monkeypatch):
+    reg = Registry.open(tmp_path / "reg", create=True)
+    for name in ("a", "b", "c"):
+        add(reg, name, make_key())
+    add(reg, "m", make_key().merged(make_key()))  # two centroids
+    old = Router.build(reg)
+    add(reg, "b", make_key(), version=2)  # a new version replaces b's rows
+    add(reg, "d", make_key())
+    read = []
+    load = TaskKey.load
+    monkeypatch.setattr(TaskKey, "load", staticmethod(lambda path: read.append(path.parent.name) or load(path)))
+    new = old.refreshed(reg)
+    assert sorted(read) == ["v0001", "v0002"]  # b v2 and d v1: the kept tasks' keys are not read again
+    built = Router.build(reg)
+    assert new.rows == built.rows and new.fingerprint == built.fingerprint and new.generation == built.generation
+    assert np.allclose(new.floors, built.floors) and new.image_dim == built.image_dim
+    assert np.allclose(new.index.reconstruct_n(0, new.index.ntotal), built.index.reconstruct_n(0, built.index.ntotal))
+    # and from an empty router (the first task of a registry) too
+    empty = Router.build(Registry.open(tmp_path / "empty", create=True))
+    assert empty.refreshed(reg).rows == built.rows
+
+
 def axis(i, dim):
     v = np.zeros((1, dim), np.float32)
     v[0, i] = 1

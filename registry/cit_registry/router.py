@@ -169,10 +169,41 @@ class Router:
                    generation=generation, floors=np.concatenate([k.routing_floors for _, _, k in keyed]),
                    image_dim=keyed[0][2].image.shape[1])
 
+    def refreshed(self, registry: Registry) -> "Router":
+        """The router for the registry as it is now, the same as `build` gives, reading only the keys of the task
+        versions this one does not hold: a commit to a registry of 100 k tasks reads one key, not 100 k (reading
+        them is most of a build; the index over the kept and the new keys is made anew, seconds at that size)."""
+        fingerprint, generation = registry.fingerprint(), registry.generation()
+        held: dict[tuple[str, int], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            held.setdefault(tuple(row), []).append(i)
+        kept = _keys_of(self.index) if self.index is not None else np.zeros((0, 0), np.float32)
+        vectors, floors, rows, image_dim = [], [], [], self.image_dim
+        for task_id, version in fingerprint:
+            if (task_id, version) in held:
+                i = held[task_id, version]
+                vectors.append(kept[i])
+                floors.append(self.floors[i])
+            else:
+                try:
+                    key = registry.get(task_id, version).key()
+                    floors.append(key.routing_floors)
+                except Exception as exc:  # noqa: BLE001 - as in build: one damaged key leaves its task out
+                    log.warning("task %s v%d is not routed: its key cannot be read (%s)", task_id, version, exc)
+                    continue
+                vectors.append(key.routing_vectors)
+                image_dim = image_dim or key.image.shape[1]
+            rows += [(task_id, version)] * len(vectors[-1])
+        if not rows:
+            return Router(np.zeros((0, 0), np.float32), [], fingerprint, generation=generation)
+        return Router(np.concatenate(vectors), rows, fingerprint, generation=generation,
+                      floors=np.concatenate(floors), image_dim=image_dim)
+
     @classmethod
-    def load(cls, registry: Registry, persist: bool = True) -> "Router":
-        """The persisted index when it matches the store, else a rebuilt one, persisted when `persist` and the
-        registry's write lock is free (the index is derived state: a reader never races a writer for it)."""
+    def load(cls, registry: Registry, persist: bool = True, previous: "Router | None" = None) -> "Router":
+        """The persisted index when it matches the store, else a rebuilt one (`previous`.refreshed when a router
+        is at hand, a full build otherwise), persisted when `persist` and the registry's write lock is free (the
+        index is derived state: a reader never races a writer for it)."""
         fingerprint, generation = registry.fingerprint(), registry.generation()
         try:
             meta, index = read_index(registry)
@@ -186,7 +217,7 @@ class Router:
                 return router
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             pass  # missing, stale, torn or unreadable: derived state, so rebuild it
-        router = cls.build(registry)
+        router = previous.refreshed(registry) if previous is not None else cls.build(registry)
         if persist:
             try:
                 with registry.writing_if_free() as writable:

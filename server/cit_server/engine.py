@@ -353,8 +353,8 @@ class Engine:
             router = self.router()
             changed = self.registry.generation() != router.generation or (
                 walk and self.registry.fingerprint() != router.fingerprint)
-            if changed:
-                router = Router.load(self.registry)
+            if changed:  # only the keys of versions the old index lacks are read
+                router = Router.load(self.registry, previous=router)
                 with self._router_lock:
                     self._router = router
             return changed
