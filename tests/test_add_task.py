@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cit_registry.router import REUSE_THRESHOLD
 from cit_registry.store import Registry
 from cit_server.adapter_cache import AdapterId, AdapterStore
 from cit_trainer.add_task import AddTaskOptions, add_task
@@ -157,3 +158,19 @@ def test_kill_9_of_add_task_leaves_the_registry_whole(tmp_path, task_dirs):
     run_cli("cit-trainer", "add-task", str(task_dirs["digits"]), *args)  # the lock died with the killed writer
     assert "digits" in Registry.open(reg).task_ids() and list(Registry.open(reg).verify()) == []
     assert not list((reg / ".staging").glob("*"))
+
+
+def test_the_same_question_of_other_images_expands_however_similar(tmp_path, backbone, embedder):
+    """Handwritten and printed digits, one question: similar beyond the default threshold, but the printed
+    digits do not clear the handwritten task's image floor, so they get an adapter of their own, and say why."""
+    from cit_trainer.data import export_task
+
+    lines = []
+    for name in ("digits", "printed-digits"):
+        data, _ = export_task(name, tmp_path / "data", 24, 4)
+        result = add_task(tmp_path / "reg", data, name, AddTaskOptions(**{**TINY, "threshold": 0.0}), backbone,
+                          embedder, log=lines.append)
+    decision = result.task.card.decision
+    assert (result.task.task_id, decision["action"]) == ("printed-digits", "expanded")
+    assert decision["similarity"] >= REUSE_THRESHOLD and decision["image_share"] < decision["image_share_needed"]
+    assert any("image floor" in line and "a task of its own" in line for line in lines)

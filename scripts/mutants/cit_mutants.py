@@ -578,6 +578,15 @@ def _refresh_rebuilds():
     _replace(Router, "refreshed", lambda self, registry: Router.build(registry))
 
 
+@mutant("reuse-needs-the-tasks-images",
+        "tests/test_add_task.py::test_the_same_question_of_other_images_expands_however_similar")
+def _similarity_alone():
+    """add-task reuses on similarity alone: the same question asked of other images joins the old adapter."""
+    from cit_trainer import add_task
+
+    _replace(add_task, "image_share", lambda key, images: 1.0)
+
+
 @mutant("route-same-question-elsewhere",
         f"{RULE}::test_tasks_asking_one_question_of_different_images_do_not_block_each_other")
 def _same_question_counts():

@@ -11,7 +11,7 @@ import torch
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_registry.router import REUSE_THRESHOLD, Router, task_similarity
+from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, image_share, task_similarity
 from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 
 from cit_registry.snapshots import REPLAY_SAMPLES, copy_snapshot, read_snapshot, snapshot_dir, write_snapshot
@@ -27,6 +27,7 @@ TRAINING = "add-task"                 # the LM's name for the LoRA being trained
 @dataclass
 class AddTaskOptions:
     threshold: float = REUSE_THRESHOLD  # reuse the most similar task's adapter when its similarity reaches this
+    image_share: float = REUSE_IMAGE_SHARE  # ... and this share of the new images clear its image floor (0: any)
     method: str = "eproj"
     epochs: int = 3
     batch_size: int = 16
@@ -79,6 +80,15 @@ def add_task(
         return _add(registry, name, train_file, test_file, opts, backbone, embedder, log)
 
 
+def _why_not(sims: dict, task_id: str, inside: float, opts: AddTaskOptions) -> str:
+    """Why the data does not reuse the adapter of `task_id`, the most similar task, in words."""
+    score = sims[task_id]["score"]
+    if score < opts.threshold:
+        return f"best similarity {score:.3f} < threshold {opts.threshold}"
+    return (f"similarity {score:.3f} >= {opts.threshold}, but only {inside:.0%} of its images clear {task_id!r}'s "
+            f"image floor (< {opts.image_share:.0%}): the same question of other images is a task of its own")
+
+
 def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None, opts: AddTaskOptions,
          backbone: Backbone | None, embedder: TextEmbedder | None, log) -> AddTaskResult:
     train_samples = _subset(read_jsonl(train_file), opts.max_train)
@@ -98,7 +108,9 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         log(f"  similarity to {other:<24} {s['score']:.3f}  (image {s['image']:.3f}, instruction "
             f"{s['instruction']:.3f}, output {s['output']:.3f})")
     best = max(sims, key=lambda t: sims[t]["score"], default=None)
-    reuse = best is not None and sims[best]["score"] >= opts.threshold
+    inside = image_share(registry.get(best).key(), train.routing_image) if best is not None else 0.0
+    similar = best is not None and sims[best]["score"] >= opts.threshold
+    reuse = similar and inside >= opts.image_share
 
     previous = registry.get(best) if reuse else None
     if previous is not None:
@@ -106,10 +118,10 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         datasets = list(previous.card.datasets)
     else:
         if name in sims:
-            raise ValueError(
-                f"task {name!r} exists, but this data is not similar enough to reuse it "
-                f"(similarity {sims[name]['score']:.3f} < threshold {opts.threshold}); choose another --name"
-            )
+            why = _why_not(sims, name, inside, opts) if name == best else \
+                f"the most similar task is {best!r}, {sims[best]['score']:.3f}"
+            raise ValueError(f"task {name!r} exists, but this data is not similar enough to reuse it ({why}); "
+                             "choose another --name")
         target_id, version, datasets = name, 1, []
 
     method, sequence = None, None
@@ -134,10 +146,10 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     else:
         kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
     if previous is not None:
-        log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}); "
-            f"its {kind} adapter is trained further as version {version}")
+        log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}, {inside:.0%} of "
+            f"the images inside its image floor); its {kind} adapter is trained further as version {version}")
     else:
-        why = f"best similarity {sims[best]['score']:.3f} < {opts.threshold}" if best else "the registry is empty"
+        why = _why_not(sims, best, inside, opts) if best else "the registry is empty"
         log(f"expanding with a new {kind} adapter for task {name!r} ({why})")
     if kind == "lora" and adapter.lora is None:
         backbone.lm.add_lora(TRAINING)
@@ -174,7 +186,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
             version=version,
             adapter_kind=kind,
             decision={"action": "reused" if reuse else "expanded", "dataset": name, "most_similar": best,
-                      "similarity": sims[best]["score"] if best else None, "threshold": opts.threshold},
+                      "similarity": sims[best]["score"] if best else None, "threshold": opts.threshold,
+                      "image_share": inside if best else None, "image_share_needed": opts.image_share},
             similarities=sims,
             metrics={"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
                      "eval_samples": len(test_samples), "forgetting": forgetting},

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cit_registry.router import REUSE_THRESHOLD
+from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD
 from cit_registry.snapshots import REPLAY_SAMPLES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -57,6 +57,7 @@ def add_task_cmd(
     registry: REGISTRY = DEFAULT_REGISTRY,
     name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
+    image_share: Annotated[float, typer.Option(help="... and only when this share of the new training images clear that task's image floor (0: whatever the images)")] = REUSE_IMAGE_SHARE,
     method: Annotated[str, typer.Option(help="eproj (a projection per task), lora (projection + LoRA on the LM), or a method training one connector shared by all its tasks: seqft, ewc, mas, si, tir-ewc, tir-mas, tir-si, er, agem")] = "eproj",
     strength: Annotated[float, typer.Option(help="λ of ewc, mas, si and tir-*")] = 100.0,
     replay_fraction: Annotated[float, typer.Option(help="share of each task's samples kept in the registry for er and agem")] = 0.01,
@@ -75,8 +76,8 @@ def add_task_cmd(
     from .add_task import AddTaskOptions, add_task
 
     opts = AddTaskOptions(
-        threshold=threshold, method=method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        max_train=max_train, max_eval=max_eval, strength=strength, replay_fraction=replay_fraction,
+        threshold=threshold, image_share=image_share, method=method, epochs=epochs, batch_size=batch_size, lr=lr,
+        seed=seed, max_train=max_train, max_eval=max_eval, strength=strength, replay_fraction=replay_fraction,
         replay_samples=replay_samples,
     )
     from cit_registry.store import RegistryLocked

@@ -27,7 +27,7 @@ import numpy as np
 
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_registry.router import REUSE_THRESHOLD, Router, background_questions
+from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, background_questions
 from cit_registry.store import Registry
 from cit_registry.taskdata import TEMPLATE_KINDS, read_jsonl
 from cit_server.process import ServerProcess
@@ -214,7 +214,8 @@ class ReuseOutcome:
     first: str
     second: str
     similarity: float
-    default_action: str           # what REUSE_THRESHOLD does with this pair
+    image_share: float            # the second's training images inside the first's image floor
+    default_action: str           # what add-task's defaults (REUSE_THRESHOLD, REUSE_IMAGE_SHARE) do with this pair
     expected_action: str          # what the grade calls for
     first_then: float             # the first data set, its whole test split: when trained
     first_now: float              # ... after the reuse
@@ -259,8 +260,8 @@ def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions,
         log(f"[routing-eval] reuse study {pair.name}: reusing")
         shutil.rmtree(reused, ignore_errors=True)
         shutil.copytree(_first_registry(work, suite, pair.first), reused)
-        add_task(reused, data, pair.second_dataset, _options(opts, 0.0, forgetting_samples=ALL_ROWS), backbone,
-                 embedder, log=_quiet)  # threshold 0: always reuse
+        add_task(reused, data, pair.second_dataset, _options(opts, 0.0, image_share=0.0, forgetting_samples=ALL_ROWS),
+                 backbone, embedder, log=_quiet)  # threshold 0, any images: always reuse
     card = Registry.open(reused).get(pair.first).card
     if pair.second in suite.task_ids():  # the suite trained it as a task of its own on the same data
         expanded = suite.get(pair.second).card.metrics["accuracy_after"]
@@ -274,27 +275,33 @@ def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions,
     then = np.array([c == "1" for c in card.datasets[0]["eval_correct"]], float)
     now = np.array([c == "1" for c in measured["now_correct"]], float)
     diffs = (then[: len(now)] - now) * 100
-    similarity = card.decision["similarity"]
+    similarity, share = card.decision["similarity"], card.decision["image_share"]
     return ReuseOutcome(
-        pair.name, pair.grade.value, pair.first, pair.second_dataset, similarity,
-        "reuse" if similarity >= REUSE_THRESHOLD else "expand", "reuse" if pair.grade.should_reuse else "expand",
+        pair.name, pair.grade.value, pair.first, pair.second_dataset, similarity, share,
+        "reuse" if _reuses(similarity, share, REUSE_THRESHOLD) else "expand",
+        "reuse" if pair.grade.should_reuse else "expand",
         float(then[: len(now)].mean()), float(now.mean()), float(diffs.mean()), bootstrap(diffs),
         card.metrics["accuracy_after"], expanded, len(now), card.training.get("replayed", {}))
 
 
+def _reuses(similarity: float, share: float, threshold: float) -> bool:
+    return similarity >= threshold and share >= REUSE_IMAGE_SHARE
+
+
 def threshold_sweep(outcomes: list[ReuseOutcome]) -> list[dict]:
-    """Adapters saved and accuracy lost if the threshold were t: a pair reuses when its similarity reaches t, and
+    """Adapters saved and accuracy lost if the threshold were t: a pair reuses when its similarity reaches t (and
+    its images share reaches REUSE_IMAGE_SHARE), and
     then loses the first data set's drop and the second's shortfall against a task of its own (points, the mean of
     the two data sets; 0 for a pair that expands), averaged over all pairs."""
     table = []
     for t in SWEEP:
-        reused = [o for o in outcomes if o.similarity >= t]
-        lost = [(o.drop + (o.second_expanded - o.second_reused) * 100) / 2 if o.similarity >= t else 0.0
+        reused = [o for o in outcomes if _reuses(o.similarity, o.image_share, t)]
+        lost = [(o.drop + (o.second_expanded - o.second_reused) * 100) / 2 if o in reused else 0.0
                 for o in outcomes]
         table.append({"threshold": t, "adapters_saved": len(reused), "pairs": len(outcomes),
                       "accuracy_lost": float(np.mean(lost)) if lost else 0.0,
                       "worst_drop_upper": max((o.drop_interval[1] for o in reused), default=None),
-                      "wrong_decisions": sum((o.similarity >= t) != (o.expected_action == "reuse") for o in outcomes)})
+                      "wrong_decisions": sum((o in reused) != (o.expected_action == "reuse") for o in outcomes)})
     return table
 
 
@@ -388,15 +395,17 @@ def render(report: dict) -> str:
     for name, v in report["leave_one_out"].items():
         lines.append(f"| {name} | {pct(v['fell_back'])} | {', '.join(f'{k} {n}' for k, n in v['outcomes'].items())} |")
     lines.append(f"\npooled: {pct(_pooled(report['leave_one_out'].values(), 'fell_back'))} fell back")
-    lines += ["", f"## Reuse study (default threshold {REUSE_THRESHOLD})", "",
+    lines += ["", f"## Reuse study (default: similarity >= {REUSE_THRESHOLD} and >= {REUSE_IMAGE_SHARE:.0%} of the "
+              "second's images inside the first's image floor)", "",
               "Each second task added twice: into the first's adapter (forced reuse, with the default replay of what "
               "it serves) and as a task of its own. Drop: the first data set's accuracy when trained minus after the "
               "reuse, paired on its whole test split, with a 95 % bootstrap interval over those rows.", "",
-              "| grade | first | second | similarity | default | should | first: then | now | drop [95 %] | "
-              "second: reused | own task |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| grade | first | second | similarity | images inside | default | should | first: then | now | "
+              "drop [95 %] | second: reused | own task |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in report["reuse"]:
         lo, hi = o["drop_interval"]
-        lines.append(f"| {o['grade']} | {o['first']} | {o['second']} | {o['similarity']:.3f} | {o['default_action']} "
+        lines.append(f"| {o['grade']} | {o['first']} | {o['second']} | {o['similarity']:.3f} | "
+                     f"{pct(o['image_share'])} | {o['default_action']} "
                      f"| {o['expected_action']} | {pct(o['first_then'])} | {pct(o['first_now'])} | "
                      f"{o['drop']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {pct(o['second_reused'])} | "
                      f"{pct(o['second_expanded'])} |")
