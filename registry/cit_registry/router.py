@@ -169,11 +169,14 @@ class Router:
                    generation=generation, floors=np.concatenate([k.routing_floors for _, _, k in keyed]),
                    image_dim=keyed[0][2].image.shape[1])
 
-    def refreshed(self, registry: Registry) -> "Router":
-        """The router for the registry as it is now, the same as `build` gives, reading only the keys of the task
-        versions this one does not hold: a commit to a registry of 100 k tasks reads one key, not 100 k (reading
-        them is most of a build; the index over the kept and the new keys is made anew, seconds at that size)."""
-        fingerprint, generation = registry.fingerprint(), registry.generation()
+    def refreshed(self, registry: Registry, seen: tuple[list, int] | None = None) -> "Router":
+        """The router for the registry as it is now, reading only the keys of the task versions this one does not
+        hold: a commit to a registry of 100 k tasks reads one key, not 100 k (reading them is most of a build; the
+        index over the kept and the new keys is made anew, seconds at that size). `seen`: the registry's
+        (fingerprint, generation) when the caller has just read them (a walk of 100 k task directories takes
+        seconds). What the keys are read against comes first: a commit landing meanwhile can make this index look
+        stale (rebuilt at the next check), never fresh."""
+        fingerprint, generation = seen or (registry.fingerprint(), registry.generation())
         held: dict[tuple[str, int], list[int]] = {}
         for i, row in enumerate(self.rows):
             held.setdefault(tuple(row), []).append(i)
@@ -217,7 +220,7 @@ class Router:
                 return router
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             pass  # missing, stale, torn or unreadable: derived state, so rebuild it
-        router = previous.refreshed(registry) if previous is not None else cls.build(registry)
+        router = cls.build(registry) if previous is None else previous.refreshed(registry, (fingerprint, generation))
         if persist:
             try:
                 with registry.writing_if_free() as writable:

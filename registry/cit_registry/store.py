@@ -121,8 +121,9 @@ def validate_task_id(task_id: str) -> str:
 # (docs/routing/image-floors.txt: a task's own held-out images pass >= 98 % from 100 training images on, 97 % at
 # 50, 89 % at 20; the images of the suite's tasks asking the same question of other images pass 0-17 %).
 # instruction: leave one wording out — the lowest cosine of a training wording to the centroid of the others, less
-# INSTRUCTION_SLACK: how far a wording the task never saw may be expected to fall. A task trained on a single wording has no such estimate and gets
-# DEFAULT_INSTRUCTION_FLOOR, as do keys written before floors existed (both floors default then).
+# INSTRUCTION_SLACK: how far a wording the task never saw may be expected to fall. A task trained on a single
+# wording has no such estimate and gets DEFAULT_INSTRUCTION_FLOOR, as do keys written before floors existed (both
+# floors default then).
 IMAGE_SLACK, DEFAULT_IMAGE_FLOOR = 0.03, 0.5
 INSTRUCTION_SLACK, DEFAULT_INSTRUCTION_FLOOR = 0.1, 0.5
 

@@ -575,7 +575,7 @@ def _refresh_rebuilds():
     """A registry change rebuilds the routing index from every task's key (a minute per commit at 100 k tasks)."""
     from cit_registry.router import Router
 
-    _replace(Router, "refreshed", lambda self, registry: Router.build(registry))
+    _replace(Router, "refreshed", lambda self, registry, seen=None: Router.build(registry))
 
 
 @mutant("reuse-needs-the-tasks-images",
