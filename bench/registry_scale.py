@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -23,10 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import os
-
 import numpy as np
-
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TEXT_DIM, TextEmbedder
 from cit_backbone.vision import FEATURE_DIM
@@ -103,14 +101,14 @@ def main() -> int:
                     engine.close()
             generation = median_ms(reg.generation, args.rounds)
             walk = median_ms(reg.fingerprint, args.rounds)
-            before = engine.router()
+            before = engine.front.router()
             t0 = time.perf_counter()
             reg.commit(TaskCard("added", 1, "eproj", {"action": "expanded"}), key(np.random.default_rng(1)),
                        {"adapter": tiny_adapter(backbone)}, backbone=backbone.identity)
-            while engine.router() is before:  # a cheap look: the watcher swaps in a new router when it is built
+            while engine.front.router() is before:  # a cheap look: the watcher swaps in a new router when it is built
                 time.sleep(0.05)
             routed = time.perf_counter() - t0
-            assert "added" in {task for task, _ in engine.router().rows}
+            assert "added" in {task for task, _ in engine.front.router().rows}
             engine.close()
             print(f"{n} | {built:.0f} | {starts[0]:.1f} | {starts[1]:.1f} | {generation:.3f} | {walk:.0f} | "
                   f"{routed:.1f}", flush=True)

@@ -27,18 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_backbone.language_model import Sampling
+from cit_backbone.sampling import Sampling
 from cit_registry.router import Router
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.adapter_cache import AdapterId
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 from cit_server.service import BackgroundServer
+from PIL import Image
 
 TASKS = 8
 INSTRUCTION = "Describe the image in detail."
@@ -71,15 +70,15 @@ def build_registry(root: Path, backbone: Backbone, embedder: TextEmbedder) -> Re
         key = TaskKey.from_embeddings(image, embedder.embed([f"task {i} instruction"] * 4), rng.normal(size=(4, 384)))
         parts = {"adapter": connector.save}
         if i % 2:
-            backbone.lm.add_lora("bench")
+            backbone.lm.loras.add("bench")
             with torch.no_grad():
                 for n, p in backbone.lm.model.named_parameters():
                     if "lora_B" in n and p.requires_grad:
                         p.normal_(0, 0.02)
-            parts["lora"] = lambda d: backbone.lm.save_lora("bench", d)
+            parts["lora"] = lambda d: backbone.lm.loras.save("bench", d)
         reg.commit(TaskCard(f"task{i}", 1, "lora" if i % 2 else "eproj", {"action": "expanded"}), key, parts)
         if i % 2:
-            backbone.lm.unload_lora("bench")
+            backbone.lm.loras.unload("bench")
     Router.build(reg).save(reg)
     return reg
 
@@ -115,10 +114,10 @@ def main() -> int:
         # needs anyway (computed once per request), so they count in the request, not in the overhead.
         image = Image.open(io.BytesIO(png[0]))
         vision = best_of(args.repeats * 3, lambda: backbone.encode_images([image]))
-        query = engine.embed(png[0], INSTRUCTION).query
+        query = engine.front.embed(png[0], INSTRUCTION).query
         instruction = best_of(args.repeats * 3, lambda: embedder.embed([INSTRUCTION]))
-        search = best_of(args.repeats * 3, lambda: engine.router().search(query, 5))
-        cached = best_of(args.repeats * 3, lambda: engine._instruction_embeddings([INSTRUCTION]))
+        search = best_of(args.repeats * 3, lambda: engine.front.router().search(query, 5))
+        cached = best_of(args.repeats * 3, lambda: engine.front.instruction_embeddings([INSTRUCTION]))
         end_to_end = best_of(args.repeats, lambda: engine.generate(request))
         print(f"1. routing overhead: instruction embedding {instruction * 1000:.1f} ms (a repeated instruction: "
               f"{cached * 1000:.2f} ms from the cache) + FAISS {search * 1000:.2f} ms of a {args.tokens}-token request "

@@ -20,19 +20,19 @@ import sys
 import time
 import zlib
 
-from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
-from PIL import Image
-
 import torch
-from transformers import AutoTokenizer
-
-from cit_backbone.language_model import _sample, converted_lm_dir, prompt_length
+from cit_backbone.conversion import converted_lm_dir
+from cit_backbone.language_model import prompt_length
+from cit_backbone.sampling import sample_token
 from cit_proto import cit_pb2
 from cit_server.config import ServerConfig
 from cit_server.service import to_sampling
 from cit_server.validation import RequestLimits
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import AutoTokenizer
 
 CONFIG = ServerConfig(registry=".", max_image_bytes=256 * 1024, max_image_pixels=1024 * 1024)
 _TOKENIZER = AutoTokenizer.from_pretrained(converted_lm_dir())
@@ -108,7 +108,7 @@ def check(raw: bytes) -> str:
     # reaches the sampler.
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(len(raw))) * 20
-    token = _sample(logits, sampling, generator)
+    token = sample_token(logits, sampling, generator)
     if not 0 <= token < VOCAB:
         raise AssertionError(f"sampled token {token} with {sampling}")
     try:

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cit_server.process import ServerProcess
 
 # CI budget for the end-to-end registry: small, but real data, real weights, real training.
@@ -43,7 +42,7 @@ def full_sequence_loss(lm, visual, instructions, answers, lora=None):
         ans = lm.answer_ids(a)
         emb[i, : len(r)], mask[i, : len(r)] = r, 1
         labels[i, len(r) - len(ans) : len(r)] = torch.tensor(ans)
-    with lm._rows([lora] * n):
+    with lm.loras.rows([lora] * n):
         return lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
 
 

@@ -1,10 +1,8 @@
 """The server's adapter store: an LRU of task adapters with the registry on disk as the cold tier."""
+import pytest
 import torch
-
 from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_registry.store import Registry, TaskCard
-import pytest
-
 from cit_server.adapter_cache import BASE, AdapterId, AdapterStore, CacheFull
 
 from .test_registry import make_key
@@ -19,10 +17,10 @@ def registry_with(tmp_path, names, lm=None):
         connector = Connector(TINY)
         torch.nn.init.constant_(connector.proj.weight, float(i))
         if name.startswith("l"):
-            lm.add_lora("fresh")
+            lm.loras.add("fresh")
             reg.commit(TaskCard(name, 1, "lora", {"action": "expanded"}), make_key(),
-                       {"adapter": connector.save, "lora": lambda d: lm.save_lora("fresh", d)})
-            lm.unload_lora("fresh")
+                       {"adapter": connector.save, "lora": lambda d: lm.loras.save("fresh", d)})
+            lm.loras.unload("fresh")
         else:
             reg.commit(TaskCard(name, 1, "eproj", {"action": "expanded"}), make_key(), {"adapter": connector.save})
     return reg
@@ -48,10 +46,10 @@ def test_a_lora_lives_in_the_lm_while_resident_and_leaves_it_on_eviction(tmp_pat
     reg = registry_with(tmp_path, ["la", "lb"], backbone.lm)
     store = AdapterStore(reg, backbone, capacity=1)
     la, lb = AdapterId("la", 1), AdapterId("lb", 1)
-    assert store.get(la).lora == "la@v1" and "la@v1" in backbone.lm.loras()
+    assert store.get(la).lora == "la@v1" and "la@v1" in backbone.lm.loras.names()
     assert store.get(lb).lora == "lb@v1"  # evicts la
-    assert backbone.lm.loras() == ["lb@v1"]
-    assert store.get(la).lora == "la@v1" and backbone.lm.loras() == ["la@v1"]
+    assert backbone.lm.loras.names() == ["lb@v1"]
+    assert store.get(la).lora == "la@v1" and backbone.lm.loras.names() == ["la@v1"]
     backbone.unload_adapter(store.get(la))  # leave the session LM as it was
 
 
@@ -72,7 +70,7 @@ def test_a_cold_adapter_is_read_ahead_on_the_loader_thread_and_only_put_in_place
     weight = store.acquire(a, files[0])[1].connector.proj.weight
     assert torch.equal(weight, torch.zeros_like(weight))
     served, loaded = store.acquire(lb, files[1])
-    assert loaded.lora == "lb@v1" and "lb@v1" in backbone.lm.loras()
+    assert loaded.lora == "lb@v1" and "lb@v1" in backbone.lm.loras.names()
     assert torch.equal(loaded.connector.proj.weight, torch.ones_like(weight))
     assert store.prefetch(a) is None  # resident now
     for adapter in (a, lb):

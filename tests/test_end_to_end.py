@@ -6,15 +6,14 @@ import json
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
-
 from cit_client.evaluate import dataset_owners, evaluate_dataset
 from cit_proto import cit_pb2
 from cit_registry.snapshots import REPLAY_SAMPLES
 from cit_registry.store import Registry
 from cit_registry.taskdata import read_jsonl
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
 
 from .conftest import E2E_TASKS, TRAIN_SAMPLES, run_cli
 
@@ -23,7 +22,8 @@ from .conftest import E2E_TASKS, TRAIN_SAMPLES, run_cli
 # 52 / 69 / 8 % at add-task (100 test rows) and 48 / 69 / 12 % over gRPC (200 rows). The words LoRA task is barely
 # learnt at this budget (18 % with one wording): its floor only says "above chance and above zero-shot". The
 # clothing adapter is then reused (one epoch on 64 other clothing images and its 400 replayed ones): its first data
-# set may lose at most MAX_REUSE_DROP (100 test rows). The documented defaults (3,000 samples) measured 86 / 92 / 96 % with one wording: see docs/USAGE.md.
+# set may lose at most MAX_REUSE_DROP (100 test rows). The documented defaults (3,000 samples) measured
+# 86 / 92 / 96 % with one wording: see docs/USAGE.md.
 MIN_ANSWER_ACCURACY = {"fashion-mnist": 0.35, "digits": 0.6, "words": 0.06}
 LEARNT_OVER_ZERO_SHOT = 0.05
 MIN_SERVED_ACCURACY = {**MIN_ANSWER_ACCURACY, "fashion-mnist": 0.2}  # served by the reused version 2
@@ -167,10 +167,9 @@ def test_route_is_a_dry_run_with_top_k(client, task_dirs):
 
 
 def test_a_lora_task_is_in_peft_format_and_served_like_an_eproj_task(registry, client, task_dirs):
+    from cit_backbone.conversion import converted_lm_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from cit_backbone.language_model import converted_lm_dir
 
     words = Registry.open(registry).get("words")
     assert words.card.adapter_kind == "lora"

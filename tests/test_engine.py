@@ -2,7 +2,6 @@
 import time
 
 import numpy as np
-
 from cit_backbone.embedder import TEXT_DIM
 from cit_backbone.vision import FEATURE_DIM
 from cit_registry.store import Registry, TaskCard, TaskKey
@@ -22,12 +21,12 @@ def test_a_task_committed_while_serving_becomes_routable_without_restart(tmp_pat
     base = backbone.base_connector()
     reg.commit(TaskCard("first", 1, "eproj", {"action": "expanded"}), synthetic_key(0), {"adapter": base.save})
     engine = Engine(ServerConfig(registry=tmp_path / "reg", refresh_seconds=0.0), backbone=backbone)
-    assert [r[0] for r in engine.router().rows] == ["first"]
+    assert [r[0] for r in engine.front.router().rows] == ["first"]
     reg.commit(TaskCard("second", 1, "eproj", {"action": "expanded"}), synthetic_key(1), {"adapter": base.save})
     # the new index is built on a thread of its own; routing goes on with the old one meanwhile
-    assert [r[0] for r in engine.router().rows] == ["first"]
+    assert [r[0] for r in engine.front.router().rows] == ["first"]
     deadline = time.monotonic() + 30
-    while len(engine.router()) < 2 and time.monotonic() < deadline:
+    while len(engine.front.router()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted({r[0] for r in engine.router().rows}) == ["first", "second"]
-    assert engine.router().search(synthetic_key(1).routing_vectors, k=1)[0][0].task_id == "second"
+    assert sorted({r[0] for r in engine.front.router().rows}) == ["first", "second"]
+    assert engine.front.router().search(synthetic_key(1).routing_vectors, k=1)[0][0].task_id == "second"

@@ -5,15 +5,15 @@ of a task's projection, served through the engine."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
+from cit_backbone.conversion import converted_lm_dir
 from cit_backbone.hf import pixel_values
-from cit_backbone.language_model import Sampling, converted_lm_dir
+from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
+from PIL import Image
 
 from .conftest import run_cli
 
@@ -122,10 +122,10 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
     reg = Registry.open(tmp_path / "reg", create=True)
     engine = Engine(ServerConfig(registry=reg.root, refresh_seconds=0.0), backbone=backbone)
     try:
-        text = engine.embedder.embed(["Name the picture.", "noise"])
+        text = engine.front.embedder.embed(["Name the picture.", "noise"])
         key = TaskKey.from_embeddings(backbone.routing_features(features[:1]).numpy(), text[:1], text[1:])
         reg.commit(TaskCard("noise", 1, "eproj", {"action": "expanded"}), key, {"adapter": task.save})
-        assert engine.reload() == (1, True)  # routable now (a refresh would pick it up within a second)
+        assert engine.front.reload() == (1, True)  # routable now (a refresh would pick it up within a second)
         import io
 
         buf = io.BytesIO()
@@ -137,7 +137,7 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         assert done.text == alone.text
         # `cit-registry route` builds the server's query for this backbone too (it once took the unpooled
         # feature width of cit's own tower): the same task, the same score
-        served = engine.route(engine.embed(buf.getvalue(), "Name the picture.")).candidates[0]
+        served = engine.front.route(engine.front.embed(buf.getvalue(), "Name the picture.")).candidates[0]
         (tmp_path / "picture.png").write_bytes(buf.getvalue())
         shown = run_cli("cit-registry", "route", str(tmp_path / "picture.png"), "Name the picture.",
                         "--registry", str(reg.root), "--backbone", str(llava_dir)).stdout.splitlines()[2].split()

@@ -7,12 +7,11 @@ import threading
 
 import pytest
 import torch
-from PIL import Image
-
-from cit_backbone.language_model import Sampling
+from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard
 from cit_server.config import ServerConfig
 from cit_server.engine import Completion, Delta, Engine, Request
+from PIL import Image
 
 from .test_engine import synthetic_key
 
@@ -121,11 +120,11 @@ def test_the_prefix_cache_stays_inside_its_byte_bound(backbone):
     try:
         lm.prefix_cache_bytes = 3 * 1024 * 1024  # ~ 70 tokens of keys/values
         for i in range(40):
-            lm._prefix(lm.prompt_ids(f"Question {i}: " + "describe it " * (i % 7))[0], None)
+            lm.prefix(lm.prompt_ids(f"Question {i}: " + "describe it " * (i % 7))[0], None)
             assert lm.prefix_bytes() <= lm.prefix_cache_bytes
         assert 0 < len(lm._prefixes) < 40
         huge = lm.prompt_ids("word " * 200)[0]  # larger than the whole cache: computed, used, not kept
-        assert lm._prefix(huge, None)[0][0].shape[2] == len(huge)
+        assert lm.prefix(huge, None)[0][0].shape[2] == len(huge)
         assert lm.prefix_bytes() <= lm.prefix_cache_bytes
     finally:
         lm.prefix_cache_bytes = bound

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from cit_backbone.adapters import TaskAdapter
+from cit_backbone.conversion import converted_lm_dir
+from cit_backbone.sampling import Sampling
 from PIL import Image
 from safetensors.torch import load_file
-
-from cit_backbone.adapters import TaskAdapter
-from cit_backbone.language_model import Sampling, converted_lm_dir
 
 from .conftest import full_sequence_loss
 
@@ -17,15 +17,15 @@ def lm_with_lora(backbone):
     lm = backbone.lm
     gen = torch.Generator().manual_seed(0)
     for name in ("alpha", "beta"):
-        lm.add_lora(name)
+        lm.loras.add(name)
         with torch.no_grad():
             for n, p in lm.model.named_parameters():
-                if f"lora_B.{lm._internal(name)}." in n:
+                if f"lora_B.{lm.loras.adapter_name(name)}." in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        lm.set_lora_trainable(name, False)
+        lm.loras.set_trainable(name, False)
     yield lm
     for name in ("alpha", "beta"):
-        lm.unload_lora(name)
+        lm.loras.unload(name)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_lora_directory_loads_with_plain_peft(tmp_path, lm_with_lora):
     from transformers import AutoModelForCausalLM
 
     lm = lm_with_lora
-    lm.save_lora("alpha", tmp_path / "alpha")
+    lm.loras.save("alpha", tmp_path / "alpha")
     weights = load_file(str(tmp_path / "alpha" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in weights  # PEFT's key names
     assert all("alpha" not in k for k in weights)  # adapter names are not part of the saved format
@@ -48,9 +48,9 @@ def test_lora_directory_loads_with_plain_peft(tmp_path, lm_with_lora):
     ids = torch.tensor([lm.encode("<|im_start|>user\nWhat is in the image?<|im_end|>\n")])
     with torch.no_grad():
         theirs = plain(input_ids=ids).logits
-        with lm._rows(["alpha"]):
+        with lm.loras.rows(["alpha"]):
             ours = lm.model(input_ids=ids).logits
-        with lm._rows([None]):
+        with lm.loras.rows([None]):
             base = lm.model(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert (ours - base).abs().max() > 1e-2  # the LoRA does change the model
@@ -73,15 +73,15 @@ def test_training_loss_through_a_lora_equals_the_full_peft_loss(backbone, featur
     """With a LoRA in training the prompt prefix is recomputed with gradients; loss and LoRA gradients must equal
     PEFT's whole-sequence loss."""
     lm, connector = backbone.lm, backbone.base_connector()
-    lm.add_lora("training")
+    lm.loras.add("training")
     try:
         with torch.no_grad():
-            for p in lm.lora_parameters("training"):
+            for p in lm.loras.parameters("training"):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
         instructions, answers = ["What is it?", "Which digit is it?", "What is it?"], ["a dress", "seven", "x"]
         with torch.no_grad():
             visual = connector(features.clone())
-        params = lm.lora_parameters("training")
+        params = lm.loras.parameters("training")
         assert params and all(p.requires_grad for p in params)
         reference = full_sequence_loss(lm, visual, instructions, answers, lora="training")
         ref_grads = torch.autograd.grad(reference, params)
@@ -91,25 +91,25 @@ def test_training_loss_through_a_lora_equals_the_full_peft_loss(backbone, featur
         for g, r in zip(grads, ref_grads):
             assert (g - r).abs().max() <= 1e-3 * max(r.abs().max(), 1e-8)
     finally:
-        lm.unload_lora("training")
-    assert "training" not in lm.loras() and not any(p.requires_grad for p in lm.model.parameters())
+        lm.loras.unload("training")
+    assert "training" not in lm.loras.names() and not any(p.requires_grad for p in lm.model.parameters())
 
 
 def test_a_lora_loaded_into_a_serving_slot_answers_as_the_lora_itself(tmp_path, backbone, lm_with_lora, features):
     """Serving copies LoRAs into pre-injected slots (vLLM's habit); a freed slot takes the next LoRA whole."""
     lm = lm_with_lora
     for name in ("alpha", "beta"):
-        lm.save_lora(name, tmp_path / name)
+        lm.loras.save(name, tmp_path / name)
     visual = backbone.project(features, [TaskAdapter(backbone.base_connector())] * 3)
     instructions, answers = ["What is this?"] * 3, ["a cat", "the number seven", "blue"]
     own = {n: lm.answer_logits(visual, instructions, answers, lora=n)[0] for n in ("alpha", "beta")}
-    lm.lora_slots(1)
-    lm.load_lora("alpha-served", tmp_path / "alpha")
-    slot = lm._internal("alpha-served")
+    lm.loras.slots(1)
+    lm.loras.load("alpha-served", tmp_path / "alpha")
+    slot = lm.loras.adapter_name("alpha-served")
     assert slot.startswith("slot")
     torch.testing.assert_close(lm.answer_logits(visual, instructions, answers, lora="alpha-served")[0], own["alpha"])
-    lm.unload_lora("alpha-served")
-    lm.load_lora("beta-again", tmp_path / "beta")  # the freed slot, with beta's weights now
-    assert lm._internal("beta-again") == slot
+    lm.loras.unload("alpha-served")
+    lm.loras.load("beta-again", tmp_path / "beta")  # the freed slot, with beta's weights now
+    assert lm.loras.adapter_name("beta-again") == slot
     torch.testing.assert_close(lm.answer_logits(visual, instructions, answers, lora="beta-again")[0], own["beta"])
-    lm.unload_lora("beta-again")
+    lm.loras.unload("beta-again")

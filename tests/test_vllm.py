@@ -8,13 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from PIL import Image
-
-from cit_backbone.language_model import Sampling
+from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 from cit_server.vllm_engine import WorkerError, default_worker_python
+from PIL import Image
 
 from .test_engine import synthetic_key
 
@@ -46,13 +45,13 @@ def mixed_registry(tmp_path_factory, backbone):
         eproj.proj.weight.add_(0.02 * torch.randn(eproj.proj.weight.shape, generator=gen))
     reg.commit(TaskCard("shapes", 1, "eproj", {"action": "expanded"}), synthetic_key(0), {"adapter": eproj.save})
     lm = backbone.lm
-    lm.add_lora("fresh")
+    lm.loras.add("fresh")
     with torch.no_grad():
-        for p in lm.lora_parameters("fresh"):
+        for p in lm.loras.parameters("fresh"):
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     reg.commit(TaskCard("words", 1, "lora", {"action": "expanded"}), synthetic_key(1),
-               {"adapter": backbone.base_connector().save, "lora": lambda d: lm.save_lora("fresh", d)})
-    lm.unload_lora("fresh")
+               {"adapter": backbone.base_connector().save, "lora": lambda d: lm.loras.save("fresh", d)})
+    lm.loras.unload("fresh")
     return root
 
 

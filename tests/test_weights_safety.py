@@ -3,7 +3,6 @@ import os
 import pickle
 
 import pytest
-
 from cit_backbone import vision
 from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_registry.store import TaskKey
@@ -27,14 +26,14 @@ def plant(path, marker) -> None:
 def test_a_pickled_connector_is_refused(tmp_path):
     Connector(ConnectorConfig(feature_dim=4, hidden_size=3)).save(tmp_path / "adapter")
     plant(tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "ran")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, as long as nothing unpickles
         Connector.load(tmp_path / "adapter")
     assert not (tmp_path / "ran").exists()
 
 
 def test_a_pickled_task_key_is_refused(tmp_path):
     plant(tmp_path / "key.safetensors", tmp_path / "ran")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, as long as nothing unpickles
         TaskKey.load(tmp_path / "key.safetensors")
     assert not (tmp_path / "ran").exists()
 
@@ -54,14 +53,14 @@ def test_a_pickled_peft_lora_is_refused_before_peft_can_fall_back_to_it(tmp_path
     import torch
 
     lm = backbone.lm
-    lm.add_lora("safe")
-    lm.save_lora("safe", tmp_path / "lora")
-    lm.unload_lora("safe")
+    lm.loras.add("safe")
+    lm.loras.save("safe", tmp_path / "lora")
+    lm.loras.unload("safe")
     (tmp_path / "lora" / "adapter_model.safetensors").unlink()
     torch.save({"weight": Payload(tmp_path / "ran")}, tmp_path / "lora" / "adapter_model.bin")
     with pytest.raises(ValueError, match="adapter_model.safetensors only"):
-        lm.load_lora("evil", tmp_path / "lora", trainable=True)  # trainable: PEFT's own loader, not the slots
-    assert not (tmp_path / "ran").exists() and "evil" not in lm.loras()
+        lm.loras.load("evil", tmp_path / "lora", trainable=True)  # trainable: PEFT's own loader, not the slots
+    assert not (tmp_path / "ran").exists() and "evil" not in lm.loras.names()
 
 
 def test_the_registry_refuses_pickled_files_in_a_version(tmp_path):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cit_registry.store import Registry
 from cit_server.process import ServerProcess
 from cit_server.vllm_engine import WorkerError, WorkerProcess
@@ -83,7 +82,7 @@ def test_a_worker_outlives_no_killed_server(tmp_path, fake_worker):
 
 def test_a_dead_worker_is_restarted_off_the_scheduler_while_health_says_not_serving(tmp_path, fake_worker, backbone,
                                                                                     monkeypatch):
-    from cit_backbone.language_model import Sampling
+    from cit_backbone.sampling import Sampling
     from cit_server.config import ServerConfig
     from cit_server.engine import Engine, Request
 
@@ -94,7 +93,7 @@ def test_a_dead_worker_is_restarted_off_the_scheduler_while_health_says_not_serv
     engine = Engine(ServerConfig(registry=Registry.open(tmp_path / "reg", create=True).root, engine="vllm",
                                  vllm_python=str(python)), backbone=backbone)
     try:
-        first = engine._worker.proc
+        first = engine.supervisor.worker.proc
         assert engine.ready()
         first.kill()
         first.wait()
@@ -106,6 +105,6 @@ def test_a_dead_worker_is_restarted_off_the_scheduler_while_health_says_not_serv
         deadline = time.monotonic() + 60
         while not engine.ready() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert engine.ready() and engine._worker.proc is not first
+        assert engine.ready() and engine.supervisor.worker.proc is not first
     finally:
         engine.close()

@@ -33,7 +33,7 @@ class ConnectorConfig:
     projector: str = "linear"
 
     @classmethod
-    def read(cls, directory: Path) -> "ConnectorConfig":
+    def read(cls, directory: Path) -> ConnectorConfig:
         raw = json.loads((Path(directory) / CONFIG_FILE).read_text())
         return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
@@ -72,7 +72,7 @@ class Connector(nn.Module):
             return self.proj(tokens)
         return self.linear_2(self.act(self.linear_1(tokens)))
 
-    def clone(self) -> "Connector":
+    def clone(self) -> Connector:
         twin = Connector(self.config)
         twin.load_state_dict(self.state_dict())
         return twin
@@ -83,7 +83,7 @@ class Connector(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, directory: Path) -> "Connector":
+    def load(cls, directory: Path) -> Connector:
         directory = Path(directory)
         connector = cls(ConnectorConfig.read(directory))
         connector.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from .adapters import AdapterFiles, Connector, ConnectorConfig, TaskAdapter
+from .decode_batch import DecodeBatch, RunningBatch, generate
 from .hf import HfVision, checkpoint_identity, load_checkpoint
-from .language_model import DecodeBatch, LanguageModel, RowState, Sampling
+from .language_model import LanguageModel
 from .paths import STARTING_CONNECTORS
+from .sampling import RowState, Sampling
 from .vision import FEATURE_DIM, VisionTower
 
 DEFAULT_IDENTITY = "cit:efficientnet-lite0+smollm2-135m-instruct"
@@ -31,7 +33,7 @@ class Backbone:
         self.identity = identity  # recorded by a registry at its first commit; a server checks it
 
     @classmethod
-    def load(cls, checkpoint: Path | None = None) -> "Backbone":
+    def load(cls, checkpoint: Path | None = None) -> Backbone:
         """cit's default backbone, or one from a local LLaVA / BLIP-2 checkpoint directory."""
         if checkpoint is None:
             return cls()
@@ -82,19 +84,19 @@ class Backbone:
     def read_adapter(self, connector_dir: Path, lora_dir: Path | None = None) -> AdapterFiles:
         """A task's adapter read from disk but not yet in the LM; touches no shared state, so a loader thread can
         do it while the LM decodes."""
-        weights = self.lm.read_lora(lora_dir) if lora_dir is not None else None
+        weights = self.lm.loras.read(lora_dir) if lora_dir is not None else None
         return AdapterFiles(Connector.load(connector_dir), Path(connector_dir), lora_dir, weights)
 
     def install_adapter(self, name: str, files: AdapterFiles, trainable: bool = False) -> TaskAdapter:
         """Put an adapter that was read into service; its LoRA (if any) goes into the LM under `name`."""
         if files.lora_dir is None:
             return TaskAdapter(files.connector)
-        self.lm.load_lora(name, files.lora_dir, trainable=trainable, weights=files.lora_weights)
+        self.lm.loras.load(name, files.lora_dir, trainable=trainable, weights=files.lora_weights)
         return TaskAdapter(files.connector, name)
 
     def unload_adapter(self, adapter: TaskAdapter) -> None:
         if adapter.lora is not None:
-            self.lm.unload_lora(adapter.lora)
+            self.lm.loras.unload(adapter.lora)
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return self.vision.encode(images)
@@ -112,11 +114,11 @@ class Backbone:
                 out[rows] = adapters[rows[0]].connector(features[rows])
         return out
 
-    def decode_batch(self) -> DecodeBatch:
+    def decode_batch(self) -> RunningBatch:
         """An empty running batch for continuous batching (see `join`)."""
         return DecodeBatch(self.lm)
 
-    def join(self, batch: DecodeBatch, features: torch.Tensor, adapters: Sequence[TaskAdapter],
+    def join(self, batch: RunningBatch, features: torch.Tensor, adapters: Sequence[TaskAdapter],
              instructions: Sequence[str], sampling: Sequence[Sampling]) -> list[RowState]:
         """New rows join a running batch, each with its own adapter; their states advance with `batch.step()`."""
         return batch.join(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
@@ -128,4 +130,4 @@ class Backbone:
         instructions: Sequence[str],
         sampling: Sequence[Sampling],
     ) -> list[RowState]:
-        return self.lm.generate(self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])
+        return generate(self.lm, self.project(features, adapters), instructions, sampling, [a.lora for a in adapters])

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .adapters import Connector, ConnectorConfig
-from .language_model import save_to_cache
+from .conversion import save_to_cache
 from .paths import cache_dir
 
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)

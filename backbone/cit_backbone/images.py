@@ -49,7 +49,7 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
             return upright.convert("RGB")
     except InvalidImage:
         raise
-    except Exception as exc:  # PIL raises a zoo of types for broken files
+    except Exception as exc:  # noqa: BLE001 - PIL raises a zoo of types for broken files
         raise InvalidImage(f"image could not be decoded: {exc}") from None
 
 

@@ -46,7 +46,7 @@ ISOLATION = "tests/test_isolation.py"
         f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody")
 def _greedy():
     """A temperature below 1e-5 is sampled (logits / temperature overflows) instead of decoded greedily."""
-    from cit_backbone.language_model import Sampling
+    from cit_backbone.sampling import Sampling
 
     _replace(Sampling, "greedy", property(lambda self: self.temperature == 0.0))
 
@@ -54,19 +54,20 @@ def _greedy():
 @mutant("row-sampling-fails-alone", f"{ISOLATION}::test_a_row_whose_sampling_fails_fails_alone")
 def _sampling():
     """A row whose sampling raises takes the whole sampling call (all rows of that join or step) down with it."""
-    from cit_backbone import language_model as lm
+    from cit_backbone.decode_batch import DecodeBatch
+    from cit_backbone.sampling import sample_token
 
     def sample_all(self, logits, rows):
         for i, row in enumerate(rows):
-            row.token = lm._sample(logits[i], row.sampling, row.generator)
-            self.lm._advance(row.state, row.token, row.sampling)
-    _replace(lm.DecodeBatch, "_sample", sample_all)
+            row.token = sample_token(logits[i], row.sampling, row.generator)
+            self.lm.advance(row.state, row.token, row.sampling)
+    _replace(DecodeBatch, "_sample", sample_all)
 
 
 @mutant("failed-row-leaves-the-batch", f"{ISOLATION}::test_a_row_whose_sampling_fails_fails_alone")
 def _failed_row_stays():
     """A row whose sampling failed stays in the running batch (with no next token) instead of leaving it."""
-    from cit_backbone.language_model import RowState
+    from cit_backbone.sampling import RowState
 
     _replace(RowState, "fail", lambda self, error: setattr(self, "error", error))
 
@@ -105,7 +106,7 @@ def _prefix_bytes():
     """The prefix cache keeps every prefix, whatever its keys and values weigh."""
     from cit_backbone.language_model import LanguageModel
 
-    prefix = LanguageModel._prefix
+    prefix = LanguageModel.prefix
 
     def unbounded(self, ids, lora):
         bound, self.prefix_cache_bytes = self.prefix_cache_bytes, 1 << 62
@@ -113,7 +114,7 @@ def _prefix_bytes():
             return prefix(self, ids, lora)
         finally:
             self.prefix_cache_bytes = bound
-    _replace(LanguageModel, "_prefix", unbounded)
+    _replace(LanguageModel, "prefix", unbounded)
 
 
 # -- 3. overload is refused, health stays reachable
@@ -234,14 +235,11 @@ def _start_deadline():
 @mutant("server-stops-its-worker", f"{LIFECYCLE}::test_a_server_that_cannot_bind_stops_the_worker_it_started")
 def _worker_left():
     """A server that fails after starting its worker (e.g. its port is taken) leaves the worker running."""
-    from cit_server.engine import Engine
-
-    close = Engine.close
+    from cit_server.vllm_engine import WorkerSupervisor
 
     def close_but_the_worker(self):
-        self._worker = None  # forget the worker instead of stopping it
-        close(self)
-    _replace(Engine, "close", close_but_the_worker)
+        self._closing.set()  # stop supervising, and forget the worker instead of stopping it
+    _replace(WorkerSupervisor, "close", close_but_the_worker)
 
 
 @mutant("worker-watches-its-parent", f"{LIFECYCLE}::test_a_worker_outlives_no_killed_server")
@@ -279,7 +277,7 @@ def _restart_blocks():
     follow = Engine._follow_worker
 
     def wait_for_the_worker(self):
-        while self._worker is not None and not self.ready() and not self._closing.is_set():
+        while self.supervisor is not None and not self.ready() and not self.supervisor._closing.is_set():
             time.sleep(0.1)
         follow(self)
     _replace(Engine, "_follow_worker", wait_for_the_worker)
@@ -346,7 +344,6 @@ def _fit():
 def _fingerprint_after():
     """The index's fingerprint is read after its keys: a commit in between leaves an index that looks fresh."""
     import numpy as np
-
     from cit_registry.router import Router
 
     def build(cls, registry):
@@ -366,7 +363,6 @@ def _torn():
     import json
 
     import faiss
-
     from cit_registry import router
 
     def read_unchecked(registry):
@@ -380,7 +376,6 @@ def _torn():
 def _keys_unchecked():
     """verify never reads the keys in the index file."""
     import numpy as np
-
     from cit_registry import router
 
     _replace(router, "_keys_of", lambda index: np.zeros(1))
@@ -561,7 +556,6 @@ def _instruction_floor():
 def _no_background():
     """The background questions (what no task asks) are not weighed: nothing but other tasks can be nearer."""
     import numpy as np
-
     from cit_registry.router import Router
 
     route = Router.route
@@ -593,7 +587,6 @@ def _same_question_counts():
     """Every other task's question counts against a task, its own question asked of other images too (the router
     before the suite found tasks sharing a question blocking each other)."""
     import numpy as np
-
     from cit_registry import router
 
     _replace(router, "asks", lambda task_question, questions, floor:

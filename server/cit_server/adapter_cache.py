@@ -47,7 +47,7 @@ class AdapterStore:
         self.registry, self.backbone, self.capacity, self.max_bytes = registry, backbone, capacity, max_bytes
         self.pinned = frozenset(pinned)
         self.base = TaskAdapter(backbone.base_connector())
-        backbone.lm.lora_slots(capacity)  # a resident LoRA task's LoRA is copied into a slot: loads take ms
+        backbone.lm.loras.slots(capacity)  # a resident LoRA task's LoRA is copied into a slot: loads take ms
         self._resident: OrderedDict[AdapterId, TaskAdapter] = OrderedDict()
         self._bytes: dict[AdapterId, int] = {}
         self._lora_dirs: dict[str, Path] = {}  # LoRA name of a resident adapter -> its directory

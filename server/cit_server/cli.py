@@ -5,7 +5,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,8 +27,8 @@ def serve(
     port: Annotated[int, typer.Option(help="0 picks a free port")] = _default("port"),
     routing_margin: Annotated[float, typer.Option(help="a request routes to a task when its image and instruction clear the task's own floors by this much (and no other known question is nearer); else the base connector answers. Higher: fewer wrong routes, more fall-backs")] = _default("routing_margin"),
     adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = _default("adapter_cache_size"),
-    adapter_cache_bytes: Annotated[Optional[int], typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
-    pin: Annotated[Optional[list[str]], typer.Option(help="task id whose newest version stays resident from the start, never evicted (repeatable)")] = None,
+    adapter_cache_bytes: Annotated[int | None, typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
+    pin: Annotated[list[str] | None, typer.Option(help="task id whose newest version stays resident from the start, never evicted (repeatable)")] = None,
     workers: Annotated[int, typer.Option(help="threads that decode request images and read the registry (generation runs on one scheduler thread)")] = _default("workers"),
     max_batch_size: Annotated[int, typer.Option(help="rows of the running batch, any mix of tasks (plus pinned tasks <= --adapter-cache-size)")] = _default("max_batch_size"),
     batch_window_ms: Annotated[float, typer.Option(help="an idle server waits this long after a request for others to join it")] = _default("batch_window_ms"),
@@ -36,18 +36,18 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="longest prompt (chat markup + instruction + visual tokens) in LM tokens; longer: INVALID_ARGUMENT")] = _default("max_prompt_tokens"),
     max_instruction_chars: Annotated[int, typer.Option(help="longest instruction in characters (checked before tokenising)")] = _default("max_instruction_chars"),
     prefix_cache_bytes: Annotated[int, typer.Option(help="bytes of prompt-prefix keys/values kept for reuse (LRU)")] = _default("prefix_cache_bytes"),
-    auth_token: Annotated[Optional[str], typer.Option(envvar="CIT_AUTH_TOKEN", help="require 'authorization: Bearer <token>' on every cit RPC (prefer the environment variable)")] = None,
-    admin_token: Annotated[Optional[str], typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry) and of data paths in GetTask; unset: admin RPCs are off (prefer the environment variable)")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate chain: serve TLS only")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert")] = None,
-    tls_client_ca: Annotated[Optional[Path], typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port)")] = None,
+    auth_token: Annotated[str | None, typer.Option(envvar="CIT_AUTH_TOKEN", help="require 'authorization: Bearer <token>' on every cit RPC (prefer the environment variable)")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry) and of data paths in GetTask; unset: admin RPCs are off (prefer the environment variable)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port)")] = None,
     metrics_host: Annotated[str, typer.Option(help="address the unauthenticated metrics listen on (loopback unless you mean it)")] = _default("metrics_host"),
     grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = _default("grace_seconds"),
-    backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
+    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
     engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = _default("engine"),
-    vllm_worker: Annotated[Optional[str], typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
-    vllm_python: Annotated[Optional[str], typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
+    vllm_worker: Annotated[str | None, typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
+    vllm_python: Annotated[str | None, typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
     vllm_max_model_len: Annotated[int, typer.Option(help="with --engine vllm: the worker's context length (prompt + generated tokens)")] = _default("vllm_max_model_len"),
 ) -> None:
     """Start the server; it prints `cit-server listening on HOST:PORT` once it accepts requests."""
@@ -87,7 +87,7 @@ async def _serve(engine, config) -> None:
     security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls_cert
                 else "plaintext") + (", bearer token" if config.auth_token else "") + \
         (", admin token" if config.admin_token else "")
-    typer.echo(f"cit-server listening on {config.host}:{server.port} ({len(engine.router())} tasks, "
+    typer.echo(f"cit-server listening on {config.host}:{server.port} ({len(engine.front.router())} tasks, "
                f"{security}{metrics})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
-"""The request path: request -> embed -> route (FAISS) -> adapter cache -> backbone -> tokens.
+"""The engine: a front (front.py: decode, validate, embed, route), the adapter store, and the running batch.
 
-A front (the gRPC servicer, or `stream` in-process) takes an admission slot, then `submit` decodes and checks the
-request on a front thread and queues it. Generation runs on the scheduler's thread (scheduler.py): `admit` takes
-new requests along that path into the running batch, `step` decodes one token for every running request."""
+A front door (the gRPC servicer, or `stream` in-process) takes an admission slot, then `submit` decodes and checks
+the request on a front thread and queues it. Generation runs on the scheduler's thread (scheduler.py): `admit`
+takes new requests along that path into the running batch, `step` decodes one token for every running request.
+On the vLLM engine the batch's rows decode in a worker process (vllm_engine.py), which a supervisor restarts."""
 from __future__ import annotations
 
 import asyncio
@@ -10,37 +11,37 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TypeVar, Union
 
-import numpy as np
 import torch
-from PIL import Image
-
 from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
+from cit_backbone.decode_batch import RunningBatch
 from cit_backbone.embedder import TextEmbedder
-from cit_backbone.language_model import RowState, Sampling
-from cit_registry.router import Candidate, FallBack, Router, background_questions
+from cit_backbone.sampling import RowState
 from cit_registry.store import Registry, TaskVersion
 
-from .adapter_cache import BASE, AdapterId, AdapterStore
+from .adapter_cache import AdapterId, AdapterStore
 from .config import ServerConfig
+from .front import Embedded, Front, Request, RouteDecision
 from .metrics import Metrics
 from .scheduler import Admission, Event, EventSink, Failed, Job, Routed, Scheduler, Step, Stopped
-from .validation import RequestLimits
-from .vllm_engine import WORKER_START_TIMEOUT_S, VllmBatch, WorkerError, WorkerProcess, default_worker_python
-
+from .vllm_engine import (
+    WORKER_START_TIMEOUT_S,
+    VllmBatch,
+    WorkerError,
+    WorkerProcess,
+    WorkerSupervisor,
+    default_worker_python,
+)
 
 log = logging.getLogger("cit.server")
-INSTRUCTION_CACHE_SIZE = 4096  # instruction embeddings kept for routing
-WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
 EXTERNAL_WORKER_RETRY_S = 2.0  # how long the scheduler waits for a --vllm-worker it reconnects to
-FULL_CHECK_S = 60.0   # the registry's task directories are walked this often (its generation: every refresh)
 T = TypeVar("T")
+__all__ = ["Cancelled", "Completion", "Delta", "Engine", "Output", "Request", "RouteDecision"]
 
 
 class Cancelled(Exception):
@@ -49,25 +50,6 @@ class Cancelled(Exception):
 
 def _never() -> bool:
     return False
-
-
-@dataclass(frozen=True)
-class Request:
-    image: bytes
-    instruction: str
-    sampling: Sampling
-    task_id: str | None = None  # set: routing is skipped
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    adapter: AdapterId           # BASE when no task is close enough
-    score: float
-    fell_back: FallBack | None   # why the base connector answers (None: routed, or forced)
-    forced: bool
-    margin: float
-    candidates: list[Candidate] = field(default_factory=list)
-    nearer: str | None = None    # FallBack.NEARER_OTHER_QUESTION: the task whose question is nearer, or BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -89,13 +71,6 @@ class Completion:
 
 Output = Union[RouteDecision, Delta, Completion]  # what a stream yields: the route, deltas, the completion
 
-
-@dataclass(frozen=True)
-class Embedded:
-    """A request's embeddings, computed once and used for routing and generation alike."""
-
-    features: torch.Tensor      # [1, F] vision features (for the connector)
-    query: np.ndarray           # [1, D + 384] routing query (pooled image vector, instruction)
 
 
 @dataclass(eq=False)
@@ -133,7 +108,7 @@ class _LoopSink:
 class _Reader:
     """Turns one job's events into what a front sends: the route, text deltas, and the completion."""
 
-    def __init__(self, engine: "Engine", job: Job) -> None:
+    def __init__(self, engine: Engine, job: Job) -> None:
         self.metrics, self.job = engine.metrics, job
         self.sent, self.first, self.done = 0, True, False
 
@@ -163,31 +138,20 @@ class Engine:
         self.registry = Registry.open(config.registry)
         self.backbone = backbone or Backbone()
         self.backbone.lm.prefix_cache_bytes = config.prefix_cache_bytes
-        self.embedder = embedder or TextEmbedder()
-        self._background = self.embedder.embed(background_questions())  # questions no task is assumed to ask
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_backbone()
         self.metrics = Metrics(self.adapters)
         self.admission = Admission(config.max_requests)
-        visual = self.adapters.base.connector.config.num_tokens
-        self.limits = RequestLimits(config, lambda instruction: self.backbone.lm.prompt_tokens(instruction, visual))
-        self._front = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, registry reads
-        self._router = Router.load(self.registry)
-        self._router_lock = threading.Lock()   # guards self._router
-        self._rebuilding = threading.Lock()    # one index build at a time (the watcher's or an admin reload's)
-        self._instructions: OrderedDict[str, np.ndarray] = OrderedDict()  # guarded by the model lock
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
-        self._closing = threading.Event()
-        self._worker = self._start_worker() if config.engine == "vllm" and config.vllm_worker is None else None
-        self._worker_ready = threading.Event()  # set while a started worker is up (see _supervise)
-        self._worker_ready.set()
-        self._batch = self._new_batch()  # the running rows; only the scheduler thread touches it (None: no worker)
-        self._batch_worker = self._worker  # the worker process self._batch talks to
-        if self._worker is not None:
-            self._supervisor = threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True)
-            self._supervisor.start()
-        threading.Thread(target=self._watch_registry, name="cit-registry-watch", daemon=True).start()
+        self.front = Front(config, self.registry, self.backbone, embedder or TextEmbedder(),
+                           self.adapters.base.connector.config.num_tokens, self._model_lock)
+        self._front_threads = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, reads
+        # the vLLM worker this server starts (None: embedded, or a --vllm-worker started by someone else)
+        self.supervisor = WorkerSupervisor(self._start_worker) \
+            if config.engine == "vllm" and config.vllm_worker is None else None
+        self._batch: RunningBatch | None = self._new_batch()  # only the scheduler thread touches it (None: no worker)
+        self._batch_worker = self.supervisor.worker if self.supervisor else None  # the worker self._batch talks to
         self._running: list[_Running] = []
         self._loading: list[_Loading] = []  # only the scheduler thread touches these two
         self.scheduler = Scheduler(self.admit, self.step, config.max_batch_size, config.batch_window_ms / 1000)
@@ -210,54 +174,36 @@ class Engine:
             raise ValueError(f"registry {self.registry.root}: its tasks were trained on another backbone: "
                              + "; ".join(problems) + "; start the server with that backbone (--backbone)")
 
-    # -- the vLLM worker: started with the engine, restarted by a supervisor thread when it dies
-    def _start_worker(self):
+
+    # -- the vLLM worker: the supervisor restarts it; the scheduler follows it
+    def _start_worker(self) -> WorkerProcess:
         return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
                              self.config.adapter_cache_size, self.config.vllm_max_model_len)
-
-    def _supervise(self) -> None:
-        """Restart a worker this server started when it exits, on this thread: the scheduler goes on meanwhile
-        (new requests get UNAVAILABLE, health says NOT_SERVING) and is handed the new worker when it is up."""
-        while not self._closing.wait(0.25):
-            if self._worker.proc.poll() is None:
-                continue
-            self._worker_ready.clear()
-            log.error("the vLLM worker exited (code %s); starting a new one", self._worker.proc.returncode)
-            self._worker.stop()  # what is left of its process group
-            try:
-                self._worker = self._start_worker()
-            except Exception:  # noqa: BLE001 - logged; tried again shortly
-                log.exception("starting a new vLLM worker failed; trying again in %.0f s", WORKER_RETRY_S)
-                self._closing.wait(WORKER_RETRY_S)
-                continue
-            self._worker_ready.set()
 
     def _follow_worker(self) -> None:
         """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end
         with UNAVAILABLE (retryable) and a batch on the new worker replaces theirs once it is up. A worker this
         server did not start (--vllm-worker) is reconnected to when its batch was lost, with a short deadline."""
-        if self._worker is None:
+        if self.supervisor is None:
             if self._batch is None:
                 try:
                     self._batch = self._new_batch(timeout=EXTERNAL_WORKER_RETRY_S)
-                except Exception:  # noqa: BLE001 - requests meanwhile: UNAVAILABLE
+                except Exception:
                     log.exception("reconnecting to the vLLM worker at %s failed", self.config.vllm_worker)
             return
-        current = self._worker if self._worker_ready.is_set() else None
-        if self._batch is not None and (current is not self._batch_worker or current.proc.poll() is not None):
+        current = self.supervisor.up()
+        if self._batch is not None and current is not self._batch_worker:
             self._reset_batch(WorkerError("the vLLM worker exited; a new one is starting, retry shortly"))
             self._batch = None
-        if self._batch is None and current is not None and current.proc.poll() is None:
+        if self._batch is None and current is not None:
             try:
                 self._batch, self._batch_worker = self._new_batch(), current
-            except Exception:  # noqa: BLE001 - the supervisor sees a dead worker; requests meanwhile: UNAVAILABLE
+            except Exception:
                 log.exception("connecting to the new vLLM worker failed")
 
     def ready(self) -> bool:
         """Whether requests can be served now (false while a vLLM worker is being restarted): health follows it."""
-        if not self.scheduler.alive():
-            return False
-        return self._worker is None or (self._worker_ready.is_set() and self._worker.proc.poll() is None)
+        return self.scheduler.alive() and (self.supervisor is None or self.supervisor.up() is not None)
 
     def _reset_batch(self, error: Exception) -> None:
         """Every running row ends with `error`; the batch is closed."""
@@ -266,12 +212,12 @@ class Engine:
         if self._batch is not None:
             self._batch.close()
 
-    def _new_batch(self, timeout: float | None = None):
+    def _new_batch(self, timeout: float | None = None) -> RunningBatch:
         """An empty running batch on the configured engine: the embedded LM, or a vLLM worker (which answers
         within `timeout`, by default its start deadline)."""
         if self.config.engine == "embedded":
             return self.backbone.decode_batch()
-        batch = VllmBatch(self._worker.target if self._worker else self.config.vllm_worker, self.backbone.lm,
+        batch = VllmBatch(self.supervisor.worker.target if self.supervisor else self.config.vllm_worker, self.backbone.lm,
                           self.adapters.lora_dir)
         try:
             info = batch.info(timeout=timeout or WORKER_START_TIMEOUT_S)
@@ -285,110 +231,25 @@ class Engine:
         return batch
 
     def close(self) -> None:
-        self._closing.set()
+        self.front.close()
         self.scheduler.close()
         if self._batch is not None:
             self._batch.close()
         self.adapters.close()
-        self._front.shutdown(wait=False, cancel_futures=True)
-        if self._worker is not None:
-            self._supervisor.join(timeout=WORKER_START_TIMEOUT_S)  # it may be starting a worker: that one too
-            self._worker.stop()
-
-    # -- request -> embed
-    def decode(self, image: bytes, instruction: str) -> Image.Image:
-        """Check a request's input in the caller's thread: bad input never reaches the model."""
-        self.limits.instruction(instruction)
-        return self.limits.image(image)
-
-    def embed(self, image: bytes, instruction: str) -> Embedded:
-        img = self.decode(image, instruction)
-        with self._model_lock:
-            return self._embed([img], [instruction])[0]
-
-    def _embed(self, images: list[Image.Image], instructions: list[str]) -> list[Embedded]:
-        features = self.backbone.encode_images(images)
-        queries = self.backbone.routing_query(features, self._instruction_embeddings(instructions))
-        return [Embedded(features[i : i + 1], queries[i : i + 1]) for i in range(len(images))]
-
-    def _instruction_embeddings(self, instructions: list[str]) -> np.ndarray:
-        """Applications send the same few instructions again and again: their embeddings are kept (an LRU), so
-        routing usually costs the FAISS search alone (the image features are needed for generation anyway)."""
-        cache = self._instructions
-        missing = [i for i in dict.fromkeys(instructions) if i not in cache]
-        if missing:
-            for instruction, vector in zip(missing, self.embedder.embed(missing)):
-                cache[instruction] = vector
-        for instruction in instructions:
-            cache.move_to_end(instruction)
-        while len(cache) > INSTRUCTION_CACHE_SIZE:
-            cache.popitem(last=False)
-        return np.stack([cache[i] for i in instructions])
-
-    # -- embed -> route
-    def router(self) -> Router:
-        """The routing index: no I/O on the request path (the registry watcher replaces it)."""
-        with self._router_lock:
-            return self._router
-
-    def _watch_registry(self) -> None:
-        """Every refresh_seconds: one read of the registry's generation counter; every FULL_CHECK_S, a walk of its
-        task directories too (it catches a commit whose counter bump a crash lost). On a change the new index is
-        built here, off the scheduler thread, while requests route with the old one (a large index takes a
-        minute to train)."""
-        last_walk = time.monotonic()
-        while not self._closing.wait(max(self.config.refresh_seconds, 0.05)):
-            try:
-                walk = time.monotonic() - last_walk >= FULL_CHECK_S
-                if walk:
-                    last_walk = time.monotonic()
-                self._refresh(walk)
-            except Exception:  # noqa: BLE001 - keep routing with the old index; the next check tries again
-                log.exception("rebuilding the routing index failed")
-
-    def _refresh(self, walk: bool) -> bool:
-        """Rebuild the index when the registry changed (generation, or with `walk` the task directories too);
-        whether it did. One build at a time, whoever asks."""
-        with self._rebuilding:
-            router = self.router()
-            changed = self.registry.generation() != router.generation or (
-                walk and self.registry.fingerprint() != router.fingerprint)
-            if changed:  # only the keys of versions the old index lacks are read
-                router = Router.load(self.registry, previous=router)
-                with self._router_lock:
-                    self._router = router
-            return changed
-
-    def reload(self) -> tuple[int, bool]:
-        """Read the registry now, walking its task directories, and wait for its index (the admin RPC): the
-        routable tasks, and whether anything changed. Requests go on routing with the old index meanwhile."""
-        changed = self._refresh(walk=True)
-        return len(self.router()), changed
-
-    def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
-        margin = self.config.routing_margin
-        routing = self.router().route(embedded.query, self._background, margin, k)[0]
-        candidates = routing.candidates
-        if task_id is not None:
-            task = self.registry.get(task_id)  # TaskNotFound -> NOT_FOUND
-            score = next((c.score for c in candidates if c.task_id == task_id), float("nan"))
-            return RouteDecision(AdapterId(task.task_id, task.version), score, None, True, margin, candidates)
-        chosen = routing.chosen
-        if chosen is None:
-            best = candidates[0].score if candidates else float("nan")
-            return RouteDecision(BASE, best, routing.fell_back, False, margin, candidates, routing.nearer)
-        return RouteDecision(AdapterId(chosen.task_id, chosen.version), chosen.score, None, False, margin, candidates)
+        self._front_threads.shutdown(wait=False, cancel_futures=True)
+        if self.supervisor is not None:
+            self.supervisor.close()
 
     # -- route -> adapter -> backbone -> tokens
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Run blocking front work (image decoding, registry reads) on the engine's front threads, so that an
         asyncio front's loop (and health checks on it) never waits for it."""
-        return await asyncio.get_running_loop().run_in_executor(self._front, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._front_threads, fn, *args)
 
     def submit(self, request: Request, out: EventSink, cancelled: Callable[[], bool] = _never) -> Job:
         """Decode and check a request (ValueError: INVALID_ARGUMENT), then queue it for the scheduler; its events
         go to `out`. The caller holds an admission slot until the request ends."""
-        job = Job(self.decode(request.image, request.instruction), request.instruction, request.sampling,
+        job = Job(self.front.decode(request.image, request.instruction), request.instruction, request.sampling,
                   request.task_id, cancelled, out)
         self.scheduler.submit(job)
         return job
@@ -442,10 +303,10 @@ class Engine:
             return
         ready: list[tuple[Job, Embedded, AdapterId, AdapterFiles | None]] = []
         with self._model_lock:
-            embedded = self._embed([j.image for j in jobs], [j.instruction for j in jobs])
+            embedded = self.front.embed_batch([j.image for j in jobs], [j.instruction for j in jobs])
             for job, emb in zip(jobs, embedded):
                 try:
-                    decision = self.route(emb, job.task_id)
+                    decision = self.front.route(emb, job.task_id)
                     reading = self.adapters.prefetch(decision.adapter)  # None: resident
                 except Exception as exc:  # noqa: BLE001 - this row's error (e.g. NOT_FOUND) goes to its request
                     job.out.put(Failed(exc))
@@ -504,7 +365,7 @@ class Engine:
         try:
             states = self.backbone.join(self._batch, torch.cat([j[3] for j in joining]), [j[2] for j in joining],
                                         [j[0].instruction for j in joining], [j[0].sampling for j in joining])
-        except Exception as exc:  # noqa: BLE001 - the joining requests get the error; the batch goes on
+        except Exception as exc:
             log.exception("prefilling %d requests failed", len(joining))
             for job, served, _, _ in joining:
                 self.adapters.release(served)
@@ -529,7 +390,7 @@ class Engine:
             try:
                 with self._model_lock:
                     self._batch.step()  # a row that fails alone ends alone (RowState.error)
-            except Exception as exc:  # noqa: BLE001 - the whole step failed: every running request gets the error
+            except Exception as exc:
                 log.exception("decode step of %d rows failed", len(self._running))
                 self._reset_batch(exc)
                 # embedded: a fresh batch at once; vLLM: _follow_worker connects a new one before the next rows

@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
 
+from cit_backbone.sampling import Sampling
 from PIL import Image
 
-from cit_backbone.language_model import Sampling
-
 if TYPE_CHECKING:
-    from .engine import RouteDecision
+    from .front import RouteDecision
 
 log = logging.getLogger("cit.server")
 
@@ -66,7 +65,7 @@ class Step:
 class Routed:
     """Where the job goes: sent once, before its first Step."""
 
-    decision: "RouteDecision"
+    decision: RouteDecision
 
 
 @dataclass(frozen=True)
@@ -161,12 +160,12 @@ class Scheduler:
             if live:
                 try:
                     self._admit(live)
-                except Exception as exc:  # noqa: BLE001 - the joining requests get the error, the loop goes on
+                except Exception as exc:
                     log.exception("admitting %d requests failed", len(live))
                     for job in live:
                         job.out.put(Failed(exc))
             try:
                 running = self._step()
-            except Exception:  # noqa: BLE001 - the loop outlives a bad step (e.g. a vLLM worker that won't start)
+            except Exception:
                 log.exception("a scheduler step failed")
                 running = 0

@@ -14,14 +14,13 @@ import threading
 from collections.abc import Callable
 
 import grpc
+from cit_backbone.sampling import Sampling
+from cit_proto import cit_pb2, cit_pb2_grpc
+from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from cit_proto import cit_pb2, cit_pb2_grpc
-from cit_backbone.language_model import Sampling
-from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
 
 from .adapter_cache import CacheFull
 from .config import ServerConfig
@@ -69,7 +68,7 @@ def _lenient(parse: Callable) -> Callable:
     return deserialize
 
 
-def add_servicer(servicer: "CitServicer", server: grpc.aio.Server) -> None:
+def add_servicer(servicer: CitServicer, server: grpc.aio.Server) -> None:
     """Like the generated add_CitServicer_to_server, with requests decoded by `_lenient`."""
     service = cit_pb2.DESCRIPTOR.services_by_name["Cit"]
     handlers = {}
@@ -197,7 +196,7 @@ class CitServicer(cit_pb2_grpc.CitServicer):
             raise ValueError(f"top_k must be at most {MAX_ROUTE_CANDIDATES}, got {k}")
         with self.engine.admission.slot():  # it runs the vision tower and the embedder: it counts as a request
             decision = await self.engine.call(
-                lambda: self.engine.route(self.engine.embed(request.image, request.instruction), k=k))
+                lambda: self.engine.front.route(self.engine.front.embed(request.image, request.instruction), k=k))
         return cit_pb2.RouteResponse(route=to_route_pb(decision))
 
     @_abort_on_error
@@ -216,7 +215,7 @@ class CitServicer(cit_pb2_grpc.CitServicer):
 
     @_abort_on_error
     async def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
-        tasks, changed = await self.engine.call(self.engine.reload)
+        tasks, changed = await self.engine.call(self.engine.front.reload)
         return cit_pb2.ReloadRegistryResponse(tasks=tasks, changed=changed)
 
 
@@ -297,7 +296,7 @@ class BackgroundServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc) -> None:

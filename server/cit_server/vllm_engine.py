@@ -8,6 +8,7 @@ back, and this side turns them into text with the same tokenizer, stop strings a
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -22,12 +23,14 @@ from pathlib import Path
 
 import grpc
 import torch
-
-from cit_backbone.language_model import LanguageModel, RowState, Sampling
+from cit_backbone.language_model import LanguageModel
+from cit_backbone.sampling import RowState, Sampling
 from cit_proto import lm_worker_pb2 as pb
 from cit_proto import lm_worker_pb2_grpc as pb_grpc
 
+log = logging.getLogger("cit.server")
 WORKER_START_TIMEOUT_S = 600.0  # vLLM's import and engine start take ~30-45 s on 2 cores; a cold disk more
+WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
 
 
 class WorkerError(RuntimeError):
@@ -105,7 +108,7 @@ class VllmBatch:
             for token in message.token_ids:
                 if row.state.finish_reason:
                     break
-                self.lm._advance(row.state, token, row.sampling)
+                self.lm.advance(row.state, token, row.sampling)
             if message.finished and not row.state.finish_reason:
                 row.state.finish_reason = "stop"  # the worker saw an end-of-sequence token of its own
         for row in [r for r in self._rows if r.state.finish_reason]:
@@ -180,6 +183,46 @@ class WorkerProcess:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:  # the group is gone already
             pass
+
+
+class WorkerSupervisor:
+    """The vLLM worker this server started, started again on a thread of its own when it exits: the scheduler
+    goes on meanwhile (new requests get UNAVAILABLE, health says NOT_SERVING) and takes the new worker, from
+    `up`, once it serves. `close` stops whichever worker is current, one being started included."""
+
+    def __init__(self, start: Callable[[], WorkerProcess]) -> None:
+        self._start = start
+        self.worker = start()
+        self._ready = threading.Event()  # set while the current worker is up
+        self._ready.set()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="cit-vllm-supervisor", daemon=True)
+        self._thread.start()
+
+    def up(self) -> WorkerProcess | None:
+        """The worker, when it is started and alive; None while it is down or being started again."""
+        worker = self.worker
+        return worker if self._ready.is_set() and worker.proc.poll() is None else None
+
+    def _supervise(self) -> None:
+        while not self._closing.wait(0.25):
+            if self.worker.proc.poll() is None:
+                continue
+            self._ready.clear()
+            log.error("the vLLM worker exited (code %s); starting a new one", self.worker.proc.returncode)
+            self.worker.stop()  # what is left of its process group
+            try:
+                self.worker = self._start()
+            except Exception:
+                log.exception("starting a new vLLM worker failed; trying again in %.0f s", WORKER_RETRY_S)
+                self._closing.wait(WORKER_RETRY_S)
+                continue
+            self._ready.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=WORKER_START_TIMEOUT_S)  # it may be starting a worker: that one too
+        self.worker.stop()
 
 
 def default_worker_python() -> str:

@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, image_share, task_similarity
-from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
-
 from cit_registry.snapshots import REPLAY_SAMPLES, copy_snapshot, read_snapshot, snapshot_dir, write_snapshot
+from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 from cit_registry.taskdata import read_jsonl, resolve_task_files
+
 from .methods import SHARED_METHODS, make_method
 from .training import embed_task, evaluate, train_connector
 
@@ -152,7 +151,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         why = _why_not(sims, best, inside, opts) if best else "the registry is empty"
         log(f"expanding with a new {kind} adapter for task {name!r} ({why})")
     if kind == "lora" and adapter.lora is None:
-        backbone.lm.add_lora(TRAINING)
+        backbone.lm.loras.add(TRAINING)
         adapter = TaskAdapter(adapter.connector, TRAINING)
     # A reused adapter of its own trains on the new data together with what it already serves: the training
     # samples its version keeps of each data set (a shared connector's method keeps and replays in its own way).
@@ -169,7 +168,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                                  opts.seed, desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
         seconds = time.time() - start
         if adapter.lora:
-            backbone.lm.set_lora_trainable(adapter.lora, False)
+            backbone.lm.loras.set_trainable(adapter.lora, False)
         after = evaluate(backbone, adapter, test, desc="accuracy after") if test else None
         accuracy_before, accuracy_after = (before.accuracy, after.accuracy) if test else (None, None)
         correct, measured = (after.correct, _by_wording(after, test_samples, log)) if test else ([], {})
@@ -203,7 +202,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                  "eval": lambda d: _write_snapshots(d, name, test_samples, previous, "eval_dir"),
                  **({} if method else {"replay": lambda d: _write_snapshots(d, name, kept, previous, "replay_dir")})}
         if adapter.lora:
-            parts["lora"] = lambda d: backbone.lm.save_lora(adapter.lora, d)
+            parts["lora"] = lambda d: backbone.lm.loras.save(adapter.lora, d)
         if method is not None:
             parts["method"] = method.save
         written = registry.commit(card, key, parts, backbone=backbone.identity)

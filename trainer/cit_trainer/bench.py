@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
@@ -173,14 +172,14 @@ class Bench:
             for t in range(len(self.order)):
                 if owner_of[t] == len(adapters):
                     if lora:
-                        self.backbone.lm.add_lora(f"bench-{t}")
+                        self.backbone.lm.loras.add(f"bench-{t}")
                     adapters.append(TaskAdapter(self.base.clone(), f"bench-{t}" if lora else None))
                 adapter = adapters[owner_of[t]]
                 if adapter.lora:
-                    self.backbone.lm.set_lora_trainable(adapter.lora, True)
+                    self.backbone.lm.loras.set_trainable(adapter.lora, True)
                 self.fit(adapter, self.train[t], f"{name}: {self.order[t]}")
                 if adapter.lora:
-                    self.backbone.lm.set_lora_trainable(adapter.lora, False)
+                    self.backbone.lm.loras.set_trainable(adapter.lora, False)
                 if final_only and t < len(self.order) - 1:
                     continue
                 seen = sorted(set(owner_of[: t + 1]))
@@ -192,7 +191,7 @@ class Bench:
                     if j <= t:
                         routed.append(share)
                 routing.append(float(np.mean(routed)))
-            lora_params = sum(p.numel() for p in self.backbone.lm.lora_parameters(adapters[0].lora)) if lora else 0
+            lora_params = sum(p.numel() for p in self.backbone.lm.loras.parameters(adapters[0].lora)) if lora else 0
         finally:
             for adapter in adapters:
                 self.backbone.unload_adapter(adapter)

@@ -6,15 +6,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_backbone.language_model import Sampling
+from cit_backbone.sampling import Sampling
 from cit_registry.store import TaskKey
-
 from cit_registry.taskdata import Sample, Verdict, accuracy_by_template, judge
+from tqdm.auto import tqdm
 
 from .data import load_images
 from .methods import Batch, Method
@@ -45,7 +43,7 @@ class EmbeddedTask:
     def batch(self) -> Batch:
         return Batch(self.features, self.instructions, self.answers)
 
-    def joined(self, other: "EmbeddedTask") -> "EmbeddedTask":
+    def joined(self, other: EmbeddedTask) -> EmbeddedTask:
         """Both tasks' samples as one (training a reused adapter on new and replayed data alike)."""
         def cat(a, b):
             return None if a is None or b is None else np.concatenate([a, b])
@@ -99,7 +97,7 @@ def train_connector(
     task begins and ends (needs the task's key).
     """
     gen = torch.Generator().manual_seed(seed)
-    params = [*connector.parameters(), *(backbone.lm.lora_parameters(lora) if lora else [])]
+    params = [*connector.parameters(), *(backbone.lm.loras.parameters(lora) if lora else [])]
     opt = torch.optim.AdamW(params, lr=lr)
     steps = epochs * ((len(task.samples) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)

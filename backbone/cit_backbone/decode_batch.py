@@ -1,0 +1,168 @@
+"""The running batch: rows join between decode steps and leave as they finish (continuous batching). `RunningBatch`
+is what the server's engine drives; `DecodeBatch` runs it on the embedded LM, the vLLM engine's batch on a worker."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .language_model import LanguageModel, pad_left
+from .sampling import RowState, Sampling, sample_token
+
+
+class RunningBatch(Protocol):
+    """Rows decoding together. `join` prefills new rows (each with its projected visual tokens and LoRA) and
+    returns their states; every `step` advances each row by a token; a row that ended (or was `remove`d) leaves."""
+
+    def __len__(self) -> int: ...
+
+    def join(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+             loras: Sequence[str | None] | None = None) -> list[RowState]: ...
+
+    def step(self) -> None: ...
+
+    def remove(self, state: RowState) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Row:
+    state: RowState
+    sampling: Sampling
+    generator: torch.Generator | None
+    lora: str | None
+    token: int = -1  # sampled last, fed at the next step
+
+
+class DecodeBatch:
+    """Iteration-level (continuous) batching on the embedded LM: rows join between steps after a prefill of their
+    own, and leave as soon as they finish or are removed, so a slot never idles until a whole batch ends.
+
+    Keys and values are left-padded: every row's next token sits in the last column, a row that joined later
+    has masked columns on its left, and columns no row attends to any more are cut off.
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self._rows: list[_Row] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer [rows, heads, columns, dim]
+        self._mask = torch.zeros(0, 0, dtype=torch.long)        # [rows, columns]
+        self._positions = torch.zeros(0, 1, dtype=torch.long)   # [rows, 1] position of each row's last token
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @torch.inference_mode()
+    def join(self, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+             loras: Sequence[str | None] | None = None) -> list[RowState]:
+        """Prefill new rows and sample their first token; their states then advance with every `step`.
+
+        The prompt before the image (chat markup + instruction) is the same for every request with that
+        instruction: its keys and values come from the LM's prefix cache, so only the image and the text after it
+        run per row (vLLM's prefix caching, at the granularity cit's prompts have)."""
+        from transformers import DynamicCache
+
+        lm = self.lm
+        loras = list(loras) if loras is not None else [None] * len(instructions)
+        n = len(instructions)
+        prefixes = [lm.prefix(lm.prompt_ids(ins)[0], lora) for ins, lora in zip(instructions, loras)]
+        lengths = [kv[0][0].shape[2] for kv in prefixes]
+        width = max(lengths)
+        kv = [(torch.cat([pad_left(p[layer][0], width - length) for p, length in zip(prefixes, lengths)]),
+               torch.cat([pad_left(p[layer][1], width - length) for p, length in zip(prefixes, lengths)]))
+              for layer in range(len(prefixes[0]))]
+        post = lm.embed(lm.prompt_ids(instructions[0])[1])  # the same for every instruction
+        emb = torch.cat([visual, post.expand(n, -1, -1)], dim=1)
+        suffix = emb.shape[1]
+        mask = torch.ones(n, width + suffix, dtype=torch.long)
+        for i, length in enumerate(lengths):
+            mask[i, : width - length] = 0
+        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(suffix)
+        with lm.loras.rows(loras):
+            out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                           cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
+        rows = [_Row(RowState(prompt_tokens=length + suffix), s,
+                     torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)
+                for length, s, lora in zip(lengths, sampling, loras)]
+        # Transactional: a row enters the batch only once its first token is sampled; one that fails (or is done
+        # after one token) stays out, so no later step can trip over it.
+        self._sample(out.logits[:, -1, :], rows)
+        live = [i for i, r in enumerate(rows) if not r.state.finish_reason]
+        if live:
+            index = torch.tensor(live)
+            self._append([(k[index], v[index]) for k, v, *_ in out.cache], mask[index], positions[index, -1:],
+                         [rows[i] for i in live])
+        return [r.state for r in rows]
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One token for every row in the batch."""
+        if not self._rows:
+            return
+        from transformers import DynamicCache
+
+        lm = self.lm
+        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
+        positions = self._positions + 1
+        with lm.loras.rows([r.lora for r in self._rows]):
+            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows]), attention_mask=mask,
+                           position_ids=positions, cache=DynamicCache(self._kv, config=lm.model.config),
+                           use_cache=True, logits_to_keep=1)
+        # the batch changes only once the forward pass has succeeded
+        self._kv, self._mask, self._positions = [(k, v) for k, v, *_ in out.cache], mask, positions
+        self._sample(out.logits[:, -1, :], self._rows)
+        if any(r.state.finish_reason for r in self._rows):
+            self._keep([i for i, r in enumerate(self._rows) if not r.state.finish_reason])
+
+    def close(self) -> None:
+        """Nothing to release (the vLLM engine's batch has a connection to close)."""
+
+    def remove(self, state: RowState) -> None:
+        """Stop decoding a row (its client went away); its slot is free at once."""
+        self._keep([i for i, r in enumerate(self._rows) if r.state is not state])
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """The next token of every row; a row whose sampling fails (e.g. its adapter made the logits NaN) ends
+        with its own error and the others go on."""
+        for i, row in enumerate(rows):
+            try:
+                row.token = sample_token(logits[i], row.sampling, row.generator)
+                self.lm.advance(row.state, row.token, row.sampling)
+            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its request only
+                row.state.fail(exc)
+
+    def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, positions: torch.Tensor,
+                rows: list[_Row]) -> None:
+        if self._rows:  # left-pad the shorter side so the last columns line up
+            width = max(mask.shape[1], self._mask.shape[1])
+            old, new = self._mask.shape[1], mask.shape[1]
+            kv = [(torch.cat([pad_left(k0, width - old), pad_left(k1, width - new)]),
+                   torch.cat([pad_left(v0, width - old), pad_left(v1, width - new)]))
+                  for (k0, v0), (k1, v1) in zip(self._kv, kv)]
+            mask = torch.cat([pad_left(self._mask, width - old), pad_left(mask, width - new)])
+            positions = torch.cat([self._positions, positions])
+            rows = self._rows + rows
+        self._kv, self._mask, self._positions, self._rows = kv, mask, positions, rows
+
+    def _keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask[index]
+        used = mask.any(dim=0).nonzero()  # columns before the first one any row still attends to are dropped
+        start = int(used[0]) if len(used) else mask.shape[1]
+        self._mask = mask[:, start:]
+        self._kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self._kv]
+        self._positions = self._positions[index]
+        self._rows = [self._rows[i] for i in keep]
+
+
+def generate(lm: LanguageModel, visual: torch.Tensor, instructions: Sequence[str], sampling: Sequence[Sampling],
+             loras: Sequence[str | None] | None = None) -> list[RowState]:
+    """Decode a batch to its end in one call (row i through LoRA loras[i]; None or absent: the plain LM)."""
+    batch = DecodeBatch(lm)
+    states = batch.join(visual, instructions, sampling, loras)
+    while len(batch):
+        batch.step()
+    return states
