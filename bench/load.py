@@ -6,8 +6,9 @@
 
 Overload mode (--overload F): the server admits --max-requests requests, and F times as many clients send requests
 without pause; a refused client backs off as gRPC's retry policy does (--retry-backoff; 0 makes a retry storm), and
-the clients' first requests go out at once or spread over --ramp seconds. Goals: every call succeeds or is refused with RESOURCE_EXHAUSTED, each refusal within 100 ms; a
-health probe every 0.2 s (deadline 1 s) is answered SERVING throughout; resident memory within 10 %.
+the clients' first requests go out at once or spread over --ramp seconds. Goals: every call succeeds or is refused
+with RESOURCE_EXHAUSTED, each refusal within 100 ms; a health probe every 0.2 s (deadline 1 s) is answered SERVING
+throughout; resident memory within 10 %.
 
 Starts its own cit-server on the registry, warms it up at full concurrency (so caches, resident adapters and the
 allocator's pools for full batches exist before memory is first read), then sends the requests (test samples of
@@ -31,13 +32,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
-
 from cit_client import CitClient
 from cit_proto import cit_pb2_grpc
 from cit_registry.taskdata import read_jsonl
 from cit_server.process import ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 
 def rss_mib(pid: int) -> float:

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
-
 from cit_registry.store import Registry, TaskCard, TaskKey
+from safetensors.numpy import save_file
 
 
 # -- what a scenario commits

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cit_registry.router import BACKGROUND, FallBack, Router, task_similarity, verify_index
-from cit_registry.store import (DEFAULT_IMAGE_FLOOR, DEFAULT_INSTRUCTION_FLOOR, IMAGE_SLACK, INSTRUCTION_SLACK,
-                                Registry, TaskCard, TaskKey, TaskNotFound, routing_query, validate_task_id)
+from cit_registry.store import (
+    DEFAULT_IMAGE_FLOOR,
+    DEFAULT_INSTRUCTION_FLOOR,
+    IMAGE_SLACK,
+    INSTRUCTION_SLACK,
+    Registry,
+    TaskCard,
+    TaskKey,
+    TaskNotFound,
+    routing_query,
+    validate_task_id,
+)
 from safetensors.numpy import save_file
 
 rng = np.random.default_rng(0)

@@ -9,11 +9,9 @@ import threading
 
 import numpy as np
 import pytest
-
 from cit_registry import store
 from cit_registry.router import Router, verify_index
-from cit_registry.store import (BackboneMismatch, BundleError, InvalidCard, Registry, TaskCard, TaskKey,
-                                validate_task_id)
+from cit_registry.store import BackboneMismatch, BundleError, InvalidCard, Registry, TaskCard, TaskKey, validate_task_id
 
 from .test_registry import make_key, write_adapter, write_lora
 

@@ -1,8 +1,8 @@
 """Who gets in, and how the server stops: bearer tokens, TLS with client certificates made in the test, client
 deadlines that stop generation, and a graceful SIGTERM. Real cit-server processes over loopback."""
 import datetime
-import ipaddress
 import io
+import ipaddress
 import json
 import re
 import signal
@@ -12,13 +12,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
-
 from cit_backbone.embedder import TextEmbedder
 from cit_client import CitClient
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.process import ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 TOKEN = "correct-horse-battery-staple"
 ADMIN = "admin-horse-battery-staple"

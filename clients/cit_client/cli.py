@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import grpc
 import typer
@@ -21,10 +21,10 @@ _channel: dict = {}  # how to reach the server, from the options before the comm
 
 @app.callback()
 def connection(
-    token: Annotated[Optional[str], typer.Option(envvar="CIT_TOKEN", help="bearer token the server requires (prefer the environment variable)")] = None,
-    tls_ca: Annotated[Optional[Path], typer.Option(envvar="CIT_TLS_CA", help="PEM CA or self-signed certificate of a TLS server")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM client certificate, when the server asks for one")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="PEM key of --tls-cert")] = None,
+    token: Annotated[str | None, typer.Option(envvar="CIT_TOKEN", help="bearer token the server requires (prefer the environment variable)")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(envvar="CIT_TLS_CA", help="PEM CA or self-signed certificate of a TLS server")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM client certificate, when the server asks for one")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert")] = None,
 ) -> None:
     """Talk to a running cit-server."""
     _channel.update(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -50,13 +50,13 @@ def generate(
     image: Path,
     instruction: str,
     server: SERVER = DEFAULT_SERVER,
-    task: Annotated[Optional[str], typer.Option(help="skip routing and use this task")] = None,
-    max_new_tokens: Optional[int] = None,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
+    task: Annotated[str | None, typer.Option(help="skip routing and use this task")] = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     stream: Annotated[bool, typer.Option(help="print tokens as they arrive")] = False,
 ) -> None:
     """Generate an answer for IMAGE and INSTRUCTION; the server picks the task."""
@@ -93,7 +93,7 @@ def route(image: Path, instruction: str, server: SERVER = DEFAULT_SERVER, top_k:
 
 
 @app.command()
-def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[Optional[str], typer.Argument()] = None) -> None:
+def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[str | None, typer.Argument()] = None) -> None:
     """List the server's tasks, or print one task's card."""
     with _client(server) as client:
         try:
@@ -121,8 +121,8 @@ def reload_registry(server: SERVER = DEFAULT_SERVER) -> None:
 def evaluate(
     task_dirs: Annotated[list[Path], typer.Argument(help="task directories with a test.jsonl")],
     server: SERVER = DEFAULT_SERVER,
-    limit: Annotated[Optional[int], typer.Option(help="at most N test rows per task")] = None,
-    predictions: Annotated[Optional[Path], typer.Option(help="write every request, answer, verdict and route "
+    limit: Annotated[int | None, typer.Option(help="at most N test rows per task")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="write every request, answer, verdict and route "
                                                              "to this JSONL file")] = None,
 ) -> None:
     """Send every held-out test row over gRPC; report routing and answer accuracy per task, and per instruction

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-
 from cit_proto import cit_pb2, cit_pb2_grpc
 
 
@@ -46,7 +45,7 @@ class CitClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "CitClient":
+    def __enter__(self) -> CitClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .router import ROUTING_MARGIN, Router, background_questions, task_similarity, verify_index
-from .store import BundleError, Registry, RegistryLocked, TaskNotFound, migrate as migrate_registry
+from .store import BundleError, Registry, RegistryLocked, TaskNotFound
+from .store import migrate as migrate_registry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
@@ -119,7 +120,7 @@ def route(
     registry: REGISTRY = DEFAULT_REGISTRY,
     top_k: int = 5,
     routing_margin: float = ROUTING_MARGIN,
-    backbone: Annotated[Optional[Path], typer.Option(
+    backbone: Annotated[Path | None, typer.Option(
         envvar="CIT_BACKBONE", help="the checkpoint directory the server runs with (default: cit's own)")] = None,
 ) -> None:
     """Route one request offline (no server): the server's own query (Backbone.routing_query) and rule (Router.route)."""

@@ -143,7 +143,7 @@ class Router:
         self._max_centroids = max(Counter(task for task, _ in rows).values(), default=1)
 
     @classmethod
-    def build(cls, registry: Registry) -> "Router":
+    def build(cls, registry: Registry) -> Router:
         # What the keys are read against comes first: a commit landing meanwhile can make this index look stale
         # (rebuilt at the next check), never fresh.
         fingerprint, generation = registry.fingerprint(), registry.generation()
@@ -160,7 +160,7 @@ class Router:
 
     @classmethod
     def of_keys(cls, keyed: list[tuple[str, int, TaskKey]], fingerprint: list | None = None,
-                generation: int = 0) -> "Router":
+                generation: int = 0) -> Router:
         """A router over (task id, version, key) triples."""
         if not keyed:
             return cls(np.zeros((0, 0), np.float32), [], fingerprint or [], generation=generation)
@@ -169,7 +169,7 @@ class Router:
                    generation=generation, floors=np.concatenate([k.routing_floors for _, _, k in keyed]),
                    image_dim=keyed[0][2].image.shape[1])
 
-    def refreshed(self, registry: Registry, seen: tuple[list, int] | None = None) -> "Router":
+    def refreshed(self, registry: Registry, seen: tuple[list, int] | None = None) -> Router:
         """The router for the registry as it is now, reading only the keys of the task versions this one does not
         hold: a commit to a registry of 100 k tasks reads one key, not 100 k (reading them is most of a build; the
         index over the kept and the new keys is made anew, seconds at that size). `seen`: the registry's
@@ -203,7 +203,7 @@ class Router:
                       floors=np.concatenate(floors), image_dim=image_dim)
 
     @classmethod
-    def load(cls, registry: Registry, persist: bool = True, previous: "Router | None" = None) -> "Router":
+    def load(cls, registry: Registry, persist: bool = True, previous: Router | None = None) -> Router:
         """The persisted index when it matches the store, else a rebuilt one (`previous`.refreshed when a router
         is at hand, a full build otherwise), persisted when `persist` and the registry's write lock is free (the
         index is derived state: a reader never races a writer for it)."""

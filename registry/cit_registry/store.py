@@ -16,12 +16,12 @@
 
 A version is written whole into .staging, fsynced, then renamed into place and the directories that gained an
 entry are fsynced: rename is atomic, so a reader sees a complete version or none, and a version is durable once
-commit returns (power loss included: scripts/crash_states.py checks the crash states POSIX allows that differ
-from "everything kept" or "only what was fsynced kept" in one file or directory). Versions are never modified
-afterwards (migrate only adds a manifest to a version that has none); the manifest lets `verify` prove it. One writer at a time: a second gets RegistryLocked at
-once, with the holder's pid. A writer that was killed leaves at most a directory in .staging, which the next
-writer removes. Names read from a card or a bundle become paths only after a check that they stay inside
-(`_stays_inside`, `snapshots.snapshot_dir`); no path written in a card is ever opened.
+commit returns (power loss included: scripts/crash_states.py checks the crash states POSIX allows that differ from
+"everything kept" or "only what was fsynced kept" in one file or directory). Versions are never modified afterwards
+(migrate only adds a manifest to a version that has none); the manifest lets `verify` prove it. One writer at a
+time: a second gets RegistryLocked at once, with the holder's pid. A writer that was killed leaves at most a
+directory in .staging, which the next writer removes. Names read from a card or a bundle become paths only after a
+check that they stay inside (`_stays_inside`, `snapshots.snapshot_dir`); no path written in a card is ever opened.
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ class TaskKey:
     floors: np.ndarray | None = None  # [C, 2] (image, instruction); None: written before floors, defaults apply
 
     @staticmethod
-    def from_embeddings(image: np.ndarray, instruction: np.ndarray, output: np.ndarray) -> "TaskKey":
+    def from_embeddings(image: np.ndarray, instruction: np.ndarray, output: np.ndarray) -> TaskKey:
         """One centroid: the mean of the normalised per-sample embeddings, normalised again, and its floors."""
         return TaskKey(
             _unit(_unit(image).mean(0, keepdims=True)),
@@ -172,7 +172,7 @@ class TaskKey:
             np.array([[image_floor(image), instruction_floor(instruction)]], dtype=np.float32),
         )
 
-    def merged(self, other: "TaskKey") -> "TaskKey":
+    def merged(self, other: TaskKey) -> TaskKey:
         """This key with other's centroids appended: a reused task keeps routing its earlier data too."""
         return TaskKey(*(np.concatenate([a, b]) for a, b in zip(self._parts(), other._parts())),
                        np.concatenate([self.routing_floors, other.routing_floors]))
@@ -198,7 +198,7 @@ class TaskKey:
                   str(path))
 
     @staticmethod
-    def load(path: Path) -> "TaskKey":
+    def load(path: Path) -> TaskKey:
         t = load_file(str(path))
         return TaskKey(t["image"], t["instruction"], t["output"], t["counts"], t.get("floors"))
 
@@ -257,7 +257,7 @@ class TaskCard:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @staticmethod
-    def from_json(text: str) -> "TaskCard":
+    def from_json(text: str) -> TaskCard:
         """A card read from text, checked against CARD_SCHEMA (InvalidCard when it does not match)."""
         try:
             raw = json.loads(text)
@@ -266,7 +266,7 @@ class TaskCard:
         return TaskCard.from_dict(raw)
 
     @staticmethod
-    def from_dict(raw) -> "TaskCard":
+    def from_dict(raw) -> TaskCard:
         error = next(iter(sorted(_CARD_VALIDATOR.iter_errors(raw), key=lambda e: list(e.path))), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "the card"
@@ -382,7 +382,7 @@ class Registry:
         self._threads = threading.RLock()  # the flock is per process: threads of one process take turns here
 
     @classmethod
-    def open(cls, root: Path, create: bool = False) -> "Registry":
+    def open(cls, root: Path, create: bool = False) -> Registry:
         root = Path(root)
         marker = root / "registry.json"
         if not marker.exists():
@@ -454,7 +454,7 @@ class Registry:
         return [[t, self._versions(t)[-1]] for t in self.task_ids()]
 
     @contextmanager
-    def writing(self, wait_for_threads: bool = True) -> Iterator["Registry"]:
+    def writing(self, wait_for_threads: bool = True) -> Iterator[Registry]:
         """Hold the registry's write lock (re-entrant within a thread). Another process holding it: RegistryLocked
         at once; another thread of this process: wait for it (or RegistryLocked when not `wait_for_threads`).
         Orphans of killed writers are removed."""
@@ -611,7 +611,7 @@ class Registry:
                 problems.append("key floors are not one finite (image, instruction) pair per centroid")
             if record is not None and not problems:  # widths are read from the files: only when they are whole
                 problems += [f"does not fit the registry's backbone: {p}" for p in _fit_problems(record, version_shapes(path))]
-        except Exception as exc:  # any unreadable file is a finding, not a crash
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a finding, not a crash
             problems.append(f"unreadable: {exc}")
         yield from problems
 

@@ -61,7 +61,7 @@ class ServerProcess:
         self._drain.join(timeout=10)
         return "".join(self.lines)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

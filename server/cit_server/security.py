@@ -5,11 +5,9 @@ import dataclasses
 import hmac
 
 import grpc
-
 from cit_registry.store import TaskCard
 
 from .config import ServerConfig
-
 
 ADMIN_METHODS = frozenset({"ReloadRegistry"})  # RPCs that change what the server does: the admin token only
 PRIVATE_DATASET_FIELDS = ("train", "test")  # where the trainer read a data set: paths on its machine

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image
-
 from cit_backbone.images import decode_image
+from PIL import Image
 
 from .config import ServerConfig
 

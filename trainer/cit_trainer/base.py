@@ -7,16 +7,13 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
-
 from cit_registry.taskdata import Sample
+from PIL import Image
 
 from .data import base_mixture
 from .training import EmbeddedTask, evaluate, train_connector
-
 
 MIXTURE_DATA = {
     "caption": "easy-VQA training images captioned 'a <colour> <shape>', instruction 'Describe the image.'",

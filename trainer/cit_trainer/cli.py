@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
-
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD
 from cit_registry.snapshots import REPLAY_SAMPLES
+from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
@@ -55,7 +54,7 @@ def export(
 def add_task_cmd(
     data: Annotated[Path, typer.Argument(help="task directory with train.jsonl [test.jsonl], or a JSONL file")],
     registry: REGISTRY = DEFAULT_REGISTRY,
-    name: Annotated[Optional[str], typer.Option(help="task id; default: the data directory's name")] = None,
+    name: Annotated[str | None, typer.Option(help="task id; default: the data directory's name")] = None,
     threshold: Annotated[float, typer.Option(help="reuse the most similar task's adapter at this similarity or above")] = REUSE_THRESHOLD,
     image_share: Annotated[float, typer.Option(help="... and only when this share of the new training images clear that task's image floor (0: whatever the images)")] = REUSE_IMAGE_SHARE,
     method: Annotated[str, typer.Option(help="eproj (a projection per task), lora (projection + LoRA on the LM), or a method training one connector shared by all its tasks: seqft, ewc, mas, si, tir-ewc, tir-mas, tir-si, er, agem")] = "eproj",
@@ -66,9 +65,9 @@ def add_task_cmd(
     batch_size: int = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
     seed: int = 0,
-    max_train: Annotated[Optional[int], typer.Option(help="use at most N training samples")] = None,
-    max_eval: Annotated[Optional[int], typer.Option(help="evaluate on at most N test samples")] = 300,
-    backbone: Annotated[Optional[Path], typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
+    max_train: Annotated[int | None, typer.Option(help="use at most N training samples")] = None,
+    max_eval: Annotated[int | None, typer.Option(help="evaluate on at most N test samples")] = 300,
+    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
     from cit_backbone.backbone import Backbone
@@ -159,7 +158,7 @@ def routing_eval_cmd(
 @app.command("train-base")
 def train_base_cmd(
     mixture: Annotated[str, typer.Option(help="caption (the base connector) or instruct (the instruction-tuned one)")] = "caption",
-    out: Annotated[Optional[Path], typer.Option(help="where to write the connector (default: the packaged one)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write the connector (default: the packaged one)")] = None,
     samples: int = 1000,
     epochs: int = 2,
     lr: float = 1e-3,

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 from cit_registry.taskdata import Sample
+from PIL import Image, ImageDraw, ImageFont
 
 
 def load_images(samples: list[Sample]) -> list[Image.Image]:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
 from cit_registry.store import TaskKey
+from safetensors.torch import load_file, save_file
 
 IMPORTANCE_METHODS = ("ewc", "mas", "si")
 REPLAY_METHODS = ("er", "agem")
@@ -38,11 +37,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.answers)
 
-    def take(self, rows: list[int]) -> "Batch":
+    def take(self, rows: list[int]) -> Batch:
         return Batch(self.features[rows], [self.instructions[r] for r in rows], [self.answers[r] for r in rows])
 
     @staticmethod
-    def concat(batches: list["Batch"]) -> "Batch":
+    def concat(batches: list[Batch]) -> Batch:
         return Batch(torch.cat([b.features for b in batches]), [i for b in batches for i in b.instructions],
                      [a for b in batches for a in b.answers])
 
@@ -85,7 +84,7 @@ class Method:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "state.safetensors"))
         (directory / "state.json").write_text(json.dumps({"method": self.name, **meta}, indent=2) + "\n")
 
-    def load(self, directory: Path) -> "Method":
+    def load(self, directory: Path) -> Method:
         meta = json.loads((directory / "state.json").read_text())
         if meta.get("method") != self.name:
             raise ValueError(f"{directory} holds the memory of method {meta.get('method')!r}, not {self.name!r}")

@@ -24,13 +24,13 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
-
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, background_questions
 from cit_registry.store import Registry
 from cit_registry.taskdata import TEMPLATE_KINDS, read_jsonl
 from cit_server.process import ServerProcess
+
 from .add_task import AddTaskOptions, add_task
 from .data import PARAPHRASES, export_task
 from .training import embed_task
