@@ -93,7 +93,7 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_ou
             vllm.generate(LONG)
         batches = vllm.metrics.batch_size.collect()[0].samples
         # the worker dies: the next requests wait for a new one and get the same answers
-        first = vllm._worker.proc
+        first = vllm.supervisor.worker.proc
         first.kill()
         first.wait()
         assert not vllm.ready()  # health says NOT_SERVING until the supervisor's new worker is up ...
@@ -105,7 +105,7 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_ou
         while not vllm.ready() and time.monotonic() < deadline:
             time.sleep(0.5)
         again = answers(vllm)
-        assert vllm._worker.proc is not first and vllm._worker.proc.poll() is None
+        assert vllm.supervisor.worker.proc is not first and vllm.supervisor.worker.proc.poll() is None
     finally:
         vllm.close()
         for adapter in vllm.adapters.resident():
