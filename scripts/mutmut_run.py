@@ -1,7 +1,7 @@
 """mutmut over the modules that keep the registry and the request path honest, with the tests that guard them.
 
     python scripts/mutmut_run.py registry      # registry/cit_registry/store.py and router.py (minutes)
-    python scripts/mutmut_run.py engine        # server/cit_server/engine.py (an hour or more: real backbone)
+    python scripts/mutmut_run.py engine        # server/cit_server/engine.py and front.py (hours: real backbone)
 
 mutmut (3.x) mutates files under ./, src/ or source/ of the directory it runs in and imports them by the path
 below that; cit's packages live one folder deeper (registry/cit_registry). So the modules and the tests are
@@ -23,7 +23,7 @@ TARGETS = {
     "registry": (["registry/cit_registry"], ["store.py", "router.py"],
                  ["tests/test_registry.py", "tests/test_registry_hardening.py", "tests/test_registry_format.py",
                   "tests/test_registry_contents.py"]),
-    "engine": (["registry/cit_registry", "server/cit_server"], ["engine.py"],
+    "engine": (["registry/cit_registry", "server/cit_server"], ["engine.py", "front.py"],
                ["tests/test_engine.py", "tests/test_isolation.py", "tests/test_worker_lifecycle.py"]),
 }
 
