@@ -24,6 +24,9 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Decode max_new_tokens tokens whatever the model says (vLLM's ignore_eos): for benchmarks, which must fix
+    # the work per row. Stop strings still end a row.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -68,7 +71,7 @@ class RowState:
 def advance(state: RowState, token: int, params: Sampling, detokenize: Callable[[list[int]], str],
             stop_ids: Collection[int]) -> None:
     """Add a sampled token to a row: it ends on an end-of-turn token, a stop string (cut off) or its length."""
-    if token in stop_ids:
+    if token in stop_ids and not params.ignore_eos:
         state.finish_reason = "stop"
         return
     state.token_ids.append(token)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63it_proto/lm_worker.proto\x12\tcit.lm.v1\"\xbd\x01\n\tLmRequest\x12\x15\n\rprompt_embeds\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x11\n\tlora_name\x18\x03 \x01(\t\x12\x11\n\tlora_path\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"/\n\x08LmTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\r\n\x0bInfoRequest\"U\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t2|\n\x08LmWorker\x12\x37\n\x08Generate\x12\x14.cit.lm.v1.LmRequest\x1a\x13.cit.lm.v1.LmTokens0\x01\x12\x37\n\x04Info\x12\x16.cit.lm.v1.InfoRequest\x1a\x17.cit.lm.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63it_proto/lm_worker.proto\x12\tcit.lm.v1\"\xd1\x01\n\tLmRequest\x12\x15\n\rprompt_embeds\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x11\n\tlora_name\x18\x03 \x01(\t\x12\x11\n\tlora_path\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x07\n\x05_seed\"/\n\x08LmTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\r\n\x0bInfoRequest\"U\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t2|\n\x08LmWorker\x12\x37\n\x08Generate\x12\x14.cit.lm.v1.LmRequest\x1a\x13.cit.lm.v1.LmTokens0\x01\x12\x37\n\x04Info\x12\x16.cit.lm.v1.InfoRequest\x1a\x17.cit.lm.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cit_proto.lm_worker_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LMREQUEST']._serialized_start=41
-  _globals['_LMREQUEST']._serialized_end=230
-  _globals['_LMTOKENS']._serialized_start=232
-  _globals['_LMTOKENS']._serialized_end=279
-  _globals['_INFOREQUEST']._serialized_start=281
-  _globals['_INFOREQUEST']._serialized_end=294
-  _globals['_INFORESPONSE']._serialized_start=296
-  _globals['_INFORESPONSE']._serialized_end=381
-  _globals['_LMWORKER']._serialized_start=383
-  _globals['_LMWORKER']._serialized_end=507
+  _globals['_LMREQUEST']._serialized_end=250
+  _globals['_LMTOKENS']._serialized_start=252
+  _globals['_LMTOKENS']._serialized_end=299
+  _globals['_INFOREQUEST']._serialized_start=301
+  _globals['_INFOREQUEST']._serialized_end=314
+  _globals['_INFORESPONSE']._serialized_start=316
+  _globals['_INFORESPONSE']._serialized_end=401
+  _globals['_LMWORKER']._serialized_start=403
+  _globals['_LMWORKER']._serialized_end=527
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LmRequest(_message.Message):
-    __slots__ = ("prompt_embeds", "rows", "lora_name", "lora_path", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
+    __slots__ = ("prompt_embeds", "rows", "lora_name", "lora_path", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class LmRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: bytes
     rows: int
     lora_name: str
@@ -26,7 +27,8 @@ class LmRequest(_message.Message):
     top_p: float
     top_k: int
     seed: int
-    def __init__(self, prompt_embeds: _Optional[bytes] = ..., rows: _Optional[int] = ..., lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, prompt_embeds: _Optional[bytes] = ..., rows: _Optional[int] = ..., lora_name: _Optional[str] = ..., lora_path: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class LmTokens(_message.Message):
     __slots__ = ("token_ids", "finished")

@@ -71,7 +71,7 @@ class VllmBatch:
                 prompt_embeds=prompt.numpy().astype("<f4", copy=False).tobytes(), rows=prompt.shape[0],
                 lora_name=lora or "", lora_path=str(self.lora_dir(lora)) if lora else "",
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                top_k=params.top_k, seed=params.seed)
+                top_k=params.top_k, seed=params.seed, ignore_eos=params.ignore_eos)
             row = _Row(RowState(prompt_tokens=prompt.shape[0]), params, self._stub.Generate(request))
             threading.Thread(target=self._read, args=(row,), daemon=True, name="cit-vllm-reader").start()
             rows.append(row)

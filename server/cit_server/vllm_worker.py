@@ -46,7 +46,7 @@ class LmWorker(pb_grpc.LmWorkerServicer):
                                   .reshape(request.rows, self.hidden_size).copy())
         params = SamplingParams(max_tokens=request.max_new_tokens, temperature=request.temperature,
                                 top_p=request.top_p or 1.0, top_k=request.top_k,
-                                seed=request.seed if request.HasField("seed") else None,
+                                seed=request.seed if request.HasField("seed") else None, ignore_eos=request.ignore_eos,
                                 output_kind=RequestOutputKind.DELTA, detokenize=False)
         lora = None
         if request.lora_name:

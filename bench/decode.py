@@ -1,0 +1,244 @@
+"""The embedded engine's decode step against the plain library and the machine, like for like, in one run.
+
+    python bench/decode.py [--rounds 7] [--rows 8] [--tokens 32] [--threads N]
+
+Every configuration runs once per round, in an order rotated from round to round, so that whatever else the
+shared machine does falls on all of them alike; ratios are taken within a round and reported as the median and
+the range over rounds. Every row decodes exactly --tokens tokens (ignore_eos; asserted), greedily, from the same
+prompt: the chat-formatted instruction with one visual token, projected from a random image's features.
+
+Configurations (rows = --rows):
+  plain          transformers' own decode loop: model(input_ids, past_key_values) on a copy of the LM that PEFT
+                 never touched; the prefill is not timed
+  cit-base       cit's running batch (DecodeBatch.step) on an LM without LoRAs: all rows base
+  cit-base-slots the same with --rows LoRA slots injected (as a server holding LoRA tasks runs its base rows)
+  eproj-1        rows through one EProj task's projection      | eproj-n   rows through n distinct projections
+  lora-1         rows through one LoRA (in a slot)             | lora-n    rows through n distinct LoRAs
+  lora-1+base    half one LoRA, half base rows                 | lora-n+base  half distinct LoRAs, half base
+For eproj-*/lora-* the time covers projection, prefill and decode (what a request costs); for plain/cit-base the
+decode steps alone. Two bounds from the same run: matmul, PyTorch's F.linear over every weight of the LM for one
+decode step at this batch (what no engine on these kernels beats), and bandwidth, the LM's weight bytes over the
+measured read bandwidth (what no engine at all beats).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cit_backbone.adapters import TaskAdapter
+from cit_backbone.backbone import Backbone
+from cit_backbone.decode_batch import DecodeBatch
+from cit_backbone.language_model import LanguageModel
+from cit_backbone.sampling import RowState, Sampling
+
+INSTRUCTION = "Describe the image in detail."
+
+
+def cpu_flags() -> str:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second that a sum over a 384 MB tensor reads (the best of a few)."""
+    buffer = torch.ones(96 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best
+
+
+def linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every weight a decode step multiplies by: the decoder's Linear layers and the LM head (one row each)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matmul_step(weights: list[torch.Tensor], rows: int) -> float:
+    """Seconds for F.linear of a [rows, in] activation with every weight: one decode step's matmuls."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        return time.perf_counter() - start
+
+
+def plain_decode(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers' plain greedy loop: prefill `prompt` [rows, L, H], then tokens - 1 timed steps."""
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        out = model(inputs_embeds=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ids = [out.logits[:, -1].argmax(-1)]
+        start = time.perf_counter()
+        for _ in range(tokens - 1):
+            out = model(input_ids=ids[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            ids.append(out.logits[:, -1].argmax(-1))
+        elapsed = time.perf_counter() - start
+    return elapsed, torch.stack(ids, 1).tolist()
+
+
+def cit_decode(lm: LanguageModel, visual: Callable[[], torch.Tensor], loras: list[str | None], sampling: Sampling,
+               timed_prefill: bool) -> tuple[float, list[RowState]]:
+    """cit's running batch: the rows' visual tokens (`visual()`: their projections), join (prefill and first
+    token), then steps until every row is done. Timed: the steps, or with `timed_prefill` everything."""
+    batch = DecodeBatch(lm)
+    start = time.perf_counter()
+    states = batch.join(visual(), [INSTRUCTION] * len(loras), [sampling] * len(loras), loras)
+    if not timed_prefill:
+        start = time.perf_counter()
+    while len(batch):
+        batch.step()
+    return time.perf_counter() - start, states
+
+
+def random_lora(lm: LanguageModel, name: str, directory: Path, seed: int) -> Path:
+    """A LoRA with random B (a fresh one is the identity), saved in PEFT's format as a task's would be."""
+    lm.loras.add(name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.loras.parameters(name):
+            p.normal_(0, 0.02, generator=generator)
+    lm.loras.save(name, directory / name)
+    lm.loras.unload(name)
+    return directory / name
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, tokens, half = args.rows, args.tokens, args.rows // 2
+    torch.manual_seed(0)
+    load_before, cpu_before, wall_before = os.getloadavg(), time.process_time(), time.perf_counter()
+
+    backbone = Backbone()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=torch.float32).eval()
+    served = LanguageModel(backbone.lm.path)  # gets LoRA slots; backbone.lm never does
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(rows)]
+    features = backbone.encode_images(images)
+    base = TaskAdapter(backbone.base_connector())
+    projections = []
+    for i in range(rows):
+        connector = backbone.base_connector().clone()
+        with torch.no_grad():
+            connector.proj.weight.add_(torch.randn(connector.proj.weight.shape, generator=torch.Generator()
+                                                   .manual_seed(i)) * 1e-3)
+        projections.append(TaskAdapter(connector))
+    greedy = Sampling(max_new_tokens=tokens, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_dirs = [random_lora(served, f"write{i}", Path(tmp), i) for i in range(rows)]
+        served.loras.slots(rows + 1)
+        for i, directory in enumerate(lora_dirs):
+            served.loras.load(f"lora{i}", directory)
+    base_visual = Backbone.project(features, [base] * rows)
+    prompt = torch.stack(backbone.lm.prompt_embeddings(base_visual, [INSTRUCTION] * rows))
+
+    def lora_rows(names: list[str | None]) -> Callable[[], tuple[float, list[RowState]]]:
+        return lambda: cit_decode(served, lambda: Backbone.project(features, [base] * rows), names, greedy, True)
+
+    def eproj_rows(adapters: list[TaskAdapter]) -> Callable[[], tuple[float, list[RowState]]]:
+        return lambda: cit_decode(backbone.lm, lambda: Backbone.project(features, adapters), [None] * rows, greedy,
+                                  True)
+
+    configs: dict[str, Callable[[], tuple[float, list]]] = {
+        "plain": lambda: plain_decode(plain, prompt, tokens),
+        "cit-base": lambda: cit_decode(backbone.lm, lambda: base_visual, [None] * rows, greedy, False),
+        "cit-base-slots": lambda: cit_decode(served, lambda: base_visual, [None] * rows, greedy, False),
+        "eproj-1": eproj_rows([projections[0]] * rows),
+        "eproj-n": eproj_rows(projections),
+        "lora-1": lora_rows(["lora0"] * rows),
+        "lora-n": lora_rows([f"lora{i}" for i in range(rows)]),
+        "lora-1+base": lora_rows(["lora0"] * half + [None] * (rows - half)),
+        "lora-n+base": lora_rows([f"lora{i}" for i in range(half)] + [None] * (rows - half)),
+    }
+    weights = linear_weights(plain)
+    weight_bytes = sum(w.nbytes for w in weights)
+    for fn in configs.values():  # warm-up: allocator pools, the prefix cache, one-time kernel choices
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in [*configs, "matmul", "bandwidth"]}
+    outputs: dict[str, list[list[int]]] = {}
+    names = list(configs)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            elapsed, out = configs[name]()
+            ids = out if name == "plain" else [s.token_ids for s in out]
+            assert all(len(row) == tokens for row in ids), f"{name}: a row decoded other than {tokens} tokens"
+            outputs[name] = ids
+            seconds[name].append(elapsed)
+        seconds["matmul"].append(statistics.median(matmul_step(weights, rows) for _ in range(5)))
+        seconds["bandwidth"].append(weight_bytes / read_bandwidth())
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names), flush=True)
+
+    steps = tokens - 1  # plain and cit-base time the decode steps after the first token
+    step_ms = {n: [1000 * s / steps for s in seconds[n]] for n in ("plain", "cit-base", "cit-base-slots")}
+    step_ms |= {n: [1000 * s for s in seconds[n]] for n in ("matmul", "bandwidth")}
+    per_s = {n: [rows * tokens / s for s in seconds[n]] for n in names if n not in step_ms}
+
+    def ratios(a: dict, x: str, y: str) -> list[float]:
+        return [p / q for p, q in zip(a[x], a[y])]
+
+    load_after = os.getloadavg()
+    print()
+    print(f"machine: {os.cpu_count()} CPUs, flags {cpu_flags()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), LM weights {weight_bytes / 1e6:.0f} MB fp32")
+    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; this process used "
+          f"{time.process_time() - cpu_before:.0f} s of CPU in {time.perf_counter() - wall_before:.0f} s")
+    print(f"{args.rounds} rounds, {rows} rows x {tokens} tokens, greedy; median [min, max] over rounds")
+    print()
+    print(f"decode step at batch {rows} (ms)")
+    for n in ("bandwidth", "matmul", "plain", "cit-base", "cit-base-slots"):
+        print(f"  {n:<15} {summary(step_ms[n])}")
+    print("per-round ratios of step times")
+    print(f"  cit-base / plain           {summary(ratios(step_ms, 'cit-base', 'plain'))}")
+    print(f"  cit-base-slots / cit-base  {summary(ratios(step_ms, 'cit-base-slots', 'cit-base'))}")
+    print(f"  cit-base / matmul          {summary(ratios(step_ms, 'cit-base', 'matmul'))}   (goal <= 1.3)")
+    print(f"  bandwidth / cit-base       {summary(ratios(step_ms, 'bandwidth', 'cit-base'))}   (fraction of the bound)")
+    print()
+    print(f"whole requests (projection + prefill + {tokens} tokens), tokens/s")
+    for n in per_s:
+        print(f"  {n:<15} {summary(per_s[n])}")
+    print("per-round ratios of tokens/s")
+    print(f"  lora-n / lora-1            {summary(ratios(per_s, 'lora-n', 'lora-1'))}   (goal >= 0.95)")
+    print(f"  eproj-n / eproj-1          {summary(ratios(per_s, 'eproj-n', 'eproj-1'))}   (goal >= 0.98)")
+    print(f"  lora-n+base / lora-1+base  {summary(ratios(per_s, 'lora-n+base', 'lora-1+base'))}")
+    print(f"  lora-1 / eproj-1           {summary(ratios(per_s, 'lora-1', 'eproj-1'))}   (what a LoRA costs)")
+    same = outputs["plain"] == outputs["cit-base"]
+    print()
+    print(f"greedy tokens of cit-base {'equal' if same else 'DIFFER FROM'} plain transformers' on all {rows} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
