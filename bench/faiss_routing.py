@@ -18,6 +18,7 @@ import time
 
 import faiss
 import numpy as np
+
 from cit_registry.router import EXACT_SEARCH_LIMIT, Router
 from cit_registry.store import routing_query
 

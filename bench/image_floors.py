@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from cit_backbone.backbone import Backbone
 from cit_registry.store import _unit, image_floor
 from cit_registry.taskdata import read_jsonl

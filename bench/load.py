@@ -32,12 +32,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
 from cit_client import CitClient
 from cit_proto import cit_pb2_grpc
 from cit_registry.taskdata import read_jsonl
 from cit_server.process import ServerProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 
 def rss_mib(pid: int) -> float:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TEXT_DIM, TextEmbedder
 from cit_backbone.vision import FEATURE_DIM

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 from cit_registry.store import Registry
 from cit_trainer.add_task import AddTaskOptions, add_task
 from cit_trainer.data import PARAPHRASES, export_task

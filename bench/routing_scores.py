@@ -31,6 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import Router, background_questions
@@ -38,7 +40,6 @@ from cit_registry.store import routing_query
 from cit_registry.taskdata import read_jsonl
 from cit_trainer.data import PARAPHRASES, TEMPLATES, export_task, load_images
 from cit_trainer.training import embed_task
-from PIL import Image
 
 TASKS = ("fashion-mnist", "digits", "words", "easyvqa-shape", "easyvqa-color")
 NEW_QUESTIONS = {

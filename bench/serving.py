@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
@@ -37,7 +39,6 @@ from cit_server.adapter_cache import AdapterId
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 from cit_server.service import BackgroundServer
-from PIL import Image
 
 TASKS = 8
 INSTRUCTION = "Describe the image in detail."

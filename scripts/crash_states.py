@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cit_registry.store import Registry, TaskCard, TaskKey
 from safetensors.numpy import save_file
+
+from cit_registry.store import Registry, TaskCard, TaskKey
 
 
 # -- what a scenario commits

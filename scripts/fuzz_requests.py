@@ -21,6 +21,12 @@ import time
 import zlib
 
 import torch
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import AutoTokenizer
+
 from cit_backbone.conversion import converted_lm_dir
 from cit_backbone.language_model import prompt_length
 from cit_backbone.sampling import sample_token
@@ -28,11 +34,6 @@ from cit_proto import cit_pb2
 from cit_server.config import ServerConfig
 from cit_server.service import to_sampling
 from cit_server.validation import RequestLimits
-from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
-from PIL import Image
-from transformers import AutoTokenizer
 
 CONFIG = ServerConfig(registry=".", max_image_bytes=256 * 1024, max_image_pixels=1024 * 1024)
 _TOKENIZER = AutoTokenizer.from_pretrained(converted_lm_dir())

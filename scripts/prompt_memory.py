@@ -22,13 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image
+from transformers import AutoTokenizer
+
 from cit_backbone.conversion import converted_lm_dir
 from cit_backbone.language_model import PREFIX_CACHE_BYTES, prompt_length
 from cit_client import CitClient
 from cit_registry.store import Registry
 from cit_server.config import ServerConfig
-from PIL import Image
-from transformers import AutoTokenizer
 
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M: layers x (keys, values) x kv heads x head dim x fp32
 RARE = "\U0001f9ec\u9f98\u7f4e\u29d7\U0001f6f8\u0b8a"  # emoji and rare scripts: several tokens a character

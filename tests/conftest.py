@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from cit_server.process import ServerProcess
 
 # CI budget for the end-to-end registry: small, but real data, real weights, real training.

@@ -1,6 +1,7 @@
 """The server's adapter store: an LRU of task adapters with the registry on disk as the cold tier."""
 import pytest
 import torch
+
 from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_registry.store import Registry, TaskCard
 from cit_server.adapter_cache import BASE, AdapterId, AdapterStore, CacheFull

@@ -4,11 +4,12 @@ import hashlib
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from cit_registry.router import REUSE_THRESHOLD
 from cit_registry.store import Registry
 from cit_server.adapter_cache import AdapterId, AdapterStore
 from cit_trainer.add_task import AddTaskOptions, add_task
-from safetensors.torch import load_file
 
 TINY = dict(epochs=1, batch_size=8, max_train=24, max_eval=8, forgetting_samples=8)
 

@@ -4,10 +4,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.images import InvalidImage, decode_image
 from cit_backbone.sampling import Sampling
-from PIL import Image
 
 from .conftest import full_sequence_loss
 

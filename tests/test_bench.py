@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from cit_trainer.bench import Preset, metrics, run_benchmark
 
 

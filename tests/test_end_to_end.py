@@ -6,14 +6,15 @@ import json
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
 from cit_client.evaluate import dataset_owners, evaluate_dataset
 from cit_proto import cit_pb2
 from cit_registry.snapshots import REPLAY_SAMPLES
 from cit_registry.store import Registry
 from cit_registry.taskdata import read_jsonl
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 
 from .conftest import E2E_TASKS, TRAIN_SAMPLES, run_cli
 
@@ -167,9 +168,10 @@ def test_route_is_a_dry_run_with_top_k(client, task_dirs):
 
 
 def test_a_lora_task_is_in_peft_format_and_served_like_an_eproj_task(registry, client, task_dirs):
-    from cit_backbone.conversion import converted_lm_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from cit_backbone.conversion import converted_lm_dir
 
     words = Registry.open(registry).get("words")
     assert words.card.adapter_kind == "lora"

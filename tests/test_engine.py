@@ -2,6 +2,7 @@
 import time
 
 import numpy as np
+
 from cit_backbone.embedder import TEXT_DIM
 from cit_backbone.vision import FEATURE_DIM
 from cit_registry.store import Registry, TaskCard, TaskKey

@@ -5,6 +5,8 @@ of a task's projection, served through the engine."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.conversion import converted_lm_dir
@@ -13,7 +15,6 @@ from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
-from PIL import Image
 
 from .conftest import run_cli
 

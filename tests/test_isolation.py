@@ -7,11 +7,12 @@ import threading
 
 import pytest
 import torch
+from PIL import Image
+
 from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard
 from cit_server.config import ServerConfig
 from cit_server.engine import Completion, Delta, Engine, Request
-from PIL import Image
 
 from .test_engine import synthetic_key
 

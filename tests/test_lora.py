@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.conversion import converted_lm_dir
 from cit_backbone.sampling import Sampling
-from PIL import Image
-from safetensors.torch import load_file
 
 from .conftest import full_sequence_loss
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from cit_registry.store import TaskKey
 from cit_registry.taskdata import Sample
 from cit_trainer.methods import Batch, ImportanceMethod, ReplayMethod, make_method, tir_similarity

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from cit_registry.router import BACKGROUND, FallBack, Router, task_similarity, verify_index
 from cit_registry.store import (
     DEFAULT_IMAGE_FLOOR,
@@ -21,7 +23,6 @@ from cit_registry.store import (
     routing_query,
     validate_task_id,
 )
-from safetensors.numpy import save_file
 
 rng = np.random.default_rng(0)
 

@@ -7,8 +7,9 @@ import tarfile
 
 import numpy as np
 import pytest
-from cit_registry.store import BackboneMismatch, Registry, TaskCard, TaskKey, version_shapes
 from safetensors.numpy import save_file
+
+from cit_registry.store import BackboneMismatch, Registry, TaskCard, TaskKey, version_shapes
 
 from .test_registry import make_key, write_adapter
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from cit_registry.router import Router
 from cit_registry.store import FORMAT_VERSION, Registry, TaskKey
 

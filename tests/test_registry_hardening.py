@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from cit_registry import store
 from cit_registry.router import Router, verify_index
 from cit_registry.store import BackboneMismatch, BundleError, InvalidCard, Registry, TaskCard, TaskKey, validate_task_id

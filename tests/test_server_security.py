@@ -12,12 +12,13 @@ import time
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
 from cit_backbone.embedder import TextEmbedder
 from cit_client import CitClient
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.process import ServerProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 TOKEN = "correct-horse-battery-staple"
 ADMIN = "admin-horse-battery-staple"

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+
 from cit_proto import cit_pb2
 from cit_registry.taskdata import Verdict, accuracy_by_template, judge, normalise_answer, read_jsonl
 from cit_trainer.data import EXPORTERS, TEMPLATES, export_task

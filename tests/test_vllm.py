@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from PIL import Image
+
 from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 from cit_server.vllm_engine import WorkerError, default_worker_python
-from PIL import Image
 
 from .test_engine import synthetic_key
 

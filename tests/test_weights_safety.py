@@ -3,6 +3,7 @@ import os
 import pickle
 
 import pytest
+
 from cit_backbone import vision
 from cit_backbone.adapters import Connector, ConnectorConfig
 from cit_registry.store import TaskKey

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cit_registry.store import Registry
 from cit_server.process import ServerProcess
 from cit_server.vllm_engine import WorkerError, WorkerProcess

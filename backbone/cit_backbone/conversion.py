@@ -27,7 +27,7 @@ def converted_lm_dir(progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=LM_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=LM_GGUF_FILE, dtype=torch.float32)
     # The weights are dequantised to fp32 already; drop the GGUF quantizer so transformers lets us save them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as a module attribute
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return save_to_cache(model, tokenizer, target)

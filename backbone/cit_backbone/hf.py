@@ -32,7 +32,7 @@ CHATML = ("<|im_start|>", "<|im_end|>")
 
 def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
     """Images -> [B, 3, size, size]: RGB, bicubic resize to a square, CLIP normalisation."""
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
               for img in images]
     x = (np.stack(arrays) - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()

@@ -56,7 +56,7 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
 def preprocess(images: list[Image.Image]) -> np.ndarray:
     """RGB images -> float32 array [B, 3, 224, 224], TF-style scaling (x - 127) / 128 of EfficientNet-Lite."""
     arrays = [
-        np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+        np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
         for img in images
     ]
     batch = (np.stack(arrays) - 127.0) / 128.0

@@ -47,7 +47,7 @@ class LanguageModel:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         self.hidden_size: int = self.model.config.hidden_size
-        self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # type: ignore[assignment]  # one token
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._prefix_bytes: dict[tuple, int] = {}
@@ -163,7 +163,7 @@ class LanguageModel:
 
     def advance(self, state: RowState, token: int, params: Sampling) -> None:
         """Add a sampled token to a row (sampling.advance with this LM's tokenizer and end-of-turn tokens)."""
-        advance(state, token, params, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), self.stop_ids)
+        advance(state, token, params, lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)), self.stop_ids)
 
 
 def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

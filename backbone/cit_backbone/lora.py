@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,12 +27,12 @@ class LoraManager:
         self.model = model                    # the causal LM; PEFT injects the LoRA layers into it in place
         self.base_model_name = base_model_name  # written into saved configs
         self._on_change = on_change           # a LoRA's weights change (training on/off, unloaded): its name
-        self.peft = None                      # peft.PeftModel around `model`, created when the first LoRA arrives
-        self._layers: list[torch.nn.Module] = []  # PEFT's LoRA layers, found once per injection
+        self.peft: Any = None                 # peft.PeftModel around `model`, created when the first LoRA arrives
+        self._layers: list[Any] = []          # PEFT's LoRA layers, found once per injection
         self._names: dict[str, str] = {}      # LoRA name -> PEFT's adapter name
         self._counter = itertools.count()
         self._training: set[str] = set()      # LoRAs being trained: their prefixes change every step, never cached
-        self._slot_config = None              # serving: the shape of the LoRA slots (see `slots`)
+        self._slot_config: Any = None         # serving: the shape of the LoRA slots (see `slots`)
         self._slot_count = 0                  # slots wanted
         self._free_slots: list[str] = []      # injected and unused
         self._slots_made = 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+
 from cit_proto import cit_pb2, cit_pb2_grpc
 
 
@@ -64,7 +66,7 @@ class CitClient:
         seed: int | None = None,
         stop: list[str] | None = None,
     ) -> cit_pb2.GenerateRequest:
-        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                   "seed": seed}
         sampling = cit_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None}, stop=stop or [])
         return cit_pb2.GenerateRequest(image=_image_bytes(image), instruction=instruction, task_id=task_id,

@@ -137,6 +137,7 @@ def route(
         console.print(f"-> {routing.chosen.task_id} v{routing.chosen.version}")
     else:
         nearer = f" ({routing.nearer})" if routing.nearer else ""
+        assert routing.fell_back is not None  # a routing that chose no task says why
         console.print(f"-> base connector: {routing.fell_back.value}{nearer}")
     console.print(f"  {'task':<24} {'version':<5} {'score':>6}  image (floor)  instruction (floor)")
     for c in routing.candidates:

@@ -101,7 +101,7 @@ def make_index(vectors: np.ndarray, exact_limit: int = EXACT_SEARCH_LIMIT) -> fa
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     if n <= exact_limit:
-        index = faiss.IndexFlatIP(dim)
+        index: faiss.Index = faiss.IndexFlatIP(dim)
     else:
         norms = np.einsum("ij,ij->i", vectors, vectors)
         if not np.allclose(norms, norms[0], atol=1e-3):
@@ -179,14 +179,14 @@ class Router:
         fingerprint, generation = seen or (registry.fingerprint(), registry.generation())
         held: dict[tuple[str, int], list[int]] = {}
         for i, row in enumerate(self.rows):
-            held.setdefault(tuple(row), []).append(i)
+            held.setdefault((row[0], row[1]), []).append(i)
         kept = _keys_of(self.index) if self.index is not None else np.zeros((0, 0), np.float32)
         vectors, floors, rows, image_dim = [], [], [], self.image_dim
         for task_id, version in fingerprint:
             if (task_id, version) in held:
-                i = held[task_id, version]
-                vectors.append(kept[i])
-                floors.append(self.floors[i])
+                at = held[task_id, version]
+                vectors.append(kept[at])
+                floors.append(self.floors[at])
             else:
                 try:
                     key = registry.get(task_id, version).key()
@@ -271,7 +271,8 @@ class Router:
                 if i >= 0 and self.rows[i][0] not in best:
                     best[self.rows[i][0]] = (float(s), int(i))
             chosen = list(best.values())[:k]
-            keys = _flat(self.index).reconstruct_batch(np.array([i for _, i in chosen], np.int64)) if chosen else []
+            keys = _flat(self.index).reconstruct_batch(np.array([i for _, i in chosen], np.int64)) if chosen \
+                else np.zeros((0, self.index.d), np.float32)
             found = []
             for (s, i), key in zip(chosen, keys):
                 d = self.image_dim
@@ -311,7 +312,7 @@ class Router:
                     outside = background[~asks(key, background, c.instruction_floor)]
                     if len(outside):
                         others[BACKGROUND] = float((outside @ instruction).max())
-                    nearer = max(others, key=others.get, default=None)
+                    nearer = max(others, key=lambda task: others[task], default=None)
                     if nearer is None or others[nearer] < c.instruction:
                         chosen = c
                         break
@@ -369,7 +370,7 @@ def verify_index(registry: Registry) -> list[str]:
     if not np.allclose(np.array(meta["floors"], np.float32).reshape(-1, 2), built.floors) \
             or meta["image_dim"] != built.image_dim:
         return ["routing index floors differ from the task keys"]
-    if index is not None and not np.allclose(_keys_of(index), _keys_of(built.index), atol=1e-5):
+    if index is not None and built.index is not None and not np.allclose(_keys_of(index), _keys_of(built.index), atol=1e-5):
         return ["routing index keys differ from the task keys"]
     return []
 

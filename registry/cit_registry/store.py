@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 import jsonschema
 import numpy as np
@@ -174,8 +175,8 @@ class TaskKey:
 
     def merged(self, other: TaskKey) -> TaskKey:
         """This key with other's centroids appended: a reused task keeps routing its earlier data too."""
-        return TaskKey(*(np.concatenate([a, b]) for a, b in zip(self._parts(), other._parts())),
-                       np.concatenate([self.routing_floors, other.routing_floors]))
+        image, instruction, output, counts = (np.concatenate([a, b]) for a, b in zip(self._parts(), other._parts()))
+        return TaskKey(image, instruction, output, counts, np.concatenate([self.routing_floors, other.routing_floors]))
 
     @property
     def routing_vectors(self) -> np.ndarray:
@@ -479,7 +480,7 @@ class Registry:
                 yield self
             finally:
                 self._lock_depth -= 1
-                if self._lock_depth == 0:
+                if self._lock_depth == 0 and self._lock_fd is not None:
                     os.close(self._lock_fd)  # closing releases the flock
                     self._lock_fd = None
         finally:
@@ -659,8 +660,8 @@ class Registry:
                 card.decision = {**card.decision, "imported_from": {"task_id": card.task_id,
                                  "version": card.version, "bundle_sha256": sha256_file(Path(bundle))}}
                 card.task_id, card.version = target, (self._versions(target) or [0])[-1] + 1
-                parts = {p: (lambda d, p=p: shutil.copytree(src / p, d))
-                         for p in (*PARTS[card.adapter_kind], *OPTIONAL_PARTS) if (src / p).is_dir()}
+                parts = {p: _copy_from(src / p) for p in (*PARTS[card.adapter_kind], *OPTIONAL_PARTS)
+                         if (src / p).is_dir()}
                 try:
                     key = TaskKey.load(src / "key.safetensors")
                 except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a bad header
@@ -705,12 +706,20 @@ def _manifest_problems(path: Path) -> Iterator[str]:
             yield f"{rel} changed since it was written (sha256 differs)"
 
 
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """A regular member's data (the caller checked it is one: tarfile gives None for other kinds)."""
+    data = tar.extractfile(member)
+    if data is None:
+        raise tarfile.TarError(f"{member.name!r} is not a regular file")
+    return data
+
+
 def _extract_bundle(bundle: Path, into: Path) -> dict:
     """Extract only regular files named in bundle.json, each streamed to disk while its sha256 is computed and
     checked. Refused before anything is written: more members or bytes than the limits allow, sparse members."""
     try:
         with tarfile.open(bundle, "r:") as tar:
-            members = {}
+            members: dict[str, tarfile.TarInfo] = {}
             for member in tar:  # headers only: a member's data is not read here
                 if len(members) >= MAX_BUNDLE_MEMBERS:
                     _refuse_oversized(bundle, [*members.values(), member])
@@ -722,7 +731,7 @@ def _extract_bundle(bundle: Path, into: Path) -> dict:
             _refuse_oversized(bundle, list(members.values()))
             if members["bundle.json"].size > 16 * 1024 * 1024:  # read whole: a small file
                 raise BundleError(f"{bundle}: bundle.json is too large")
-            meta = json.loads(tar.extractfile(members["bundle.json"]).read())
+            meta = json.loads(_member_file(tar, members["bundle.json"]).read())
             if not isinstance(meta, dict) or meta.get("format") not in (1, BUNDLE_FORMAT) \
                     or not isinstance(meta.get("files"), dict):
                 raise BundleError(f"{bundle}: unsupported bundle format {meta.get('format') if isinstance(meta, dict) else meta!r}")
@@ -732,13 +741,13 @@ def _extract_bundle(bundle: Path, into: Path) -> dict:
             if extra:
                 raise BundleError(f"{bundle}: files not listed in bundle.json: {', '.join(sorted(extra))}")
             for rel, digest in meta["files"].items():
-                member = members.get(f"task/{rel}")
-                if member is None or not member.isfile() or not _stays_inside(rel):
+                listed = members.get(f"task/{rel}")
+                if listed is None or not listed.isfile() or not _stays_inside(rel):
                     raise BundleError(f"{bundle}: {rel!r} is missing or not a plain file inside the bundle")
                 target = into / "task" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 sha = hashlib.sha256()
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
+                with _member_file(tar, listed) as src, open(target, "wb") as dst:
                     for block in iter(lambda: src.read(1 << 20), b""):
                         sha.update(block)
                         dst.write(block)
@@ -768,6 +777,13 @@ def _refuse_oversized(bundle: Path, members: list[tarfile.TarInfo]) -> None:
     total = sum(m.size for m in members)
     if total > MAX_BUNDLE_BYTES:
         raise BundleError(f"{bundle}: its files hold {total} bytes; the limit is {MAX_BUNDLE_BYTES}")
+
+
+def _copy_from(src: Path) -> Callable[[Path], None]:
+    """A version part written as a copy of the directory `src`."""
+    def copy(target: Path) -> None:
+        shutil.copytree(src, target)
+    return copy
 
 
 def _stays_inside(rel: str) -> bool:

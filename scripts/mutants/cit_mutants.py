@@ -344,6 +344,7 @@ def _fit():
 def _fingerprint_after():
     """The index's fingerprint is read after its keys: a commit in between leaves an index that looks fresh."""
     import numpy as np
+
     from cit_registry.router import Router
 
     def build(cls, registry):
@@ -363,6 +364,7 @@ def _torn():
     import json
 
     import faiss
+
     from cit_registry import router
 
     def read_unchecked(registry):
@@ -376,6 +378,7 @@ def _torn():
 def _keys_unchecked():
     """verify never reads the keys in the index file."""
     import numpy as np
+
     from cit_registry import router
 
     _replace(router, "_keys_of", lambda index: np.zeros(1))
@@ -556,6 +559,7 @@ def _instruction_floor():
 def _no_background():
     """The background questions (what no task asks) are not weighed: nothing but other tasks can be nearer."""
     import numpy as np
+
     from cit_registry.router import Router
 
     route = Router.route
@@ -587,6 +591,7 @@ def _same_question_counts():
     """Every other task's question counts against a task, its own question asked of other images too (the router
     before the suite found tasks sharing a question blocking each other)."""
     import numpy as np
+
     from cit_registry import router
 
     _replace(router, "asks", lambda task_question, questions, floor:

@@ -160,6 +160,7 @@ class AdapterStore:
             self._heads, self._heads_of = {}, generation
         if method not in self._heads:
             head = self.registry.shared_head(method)
+            assert head is not None, f"no version of method {method!r} serves"  # this task's own version does
             self._heads[method] = AdapterId(head.task_id, head.version)
         return self._heads[method]
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TypeVar, Union
 
 import torch
+
 from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.decode_batch import RunningBatch
@@ -50,6 +51,13 @@ class Cancelled(Exception):
 
 def _never() -> bool:
     return False
+
+
+def _route_and_completion(outputs: list[Output]) -> tuple[RouteDecision, Completion]:
+    """A whole stream's first and last outputs (a stream that ended without a Completion raised instead)."""
+    route, done = outputs[0], outputs[-1]
+    assert isinstance(route, RouteDecision) and isinstance(done, Completion)
+    return route, done
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class _LoopSink:
     """A job's events, handed from the scheduler thread to an asyncio front's loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop, self.queue = loop, asyncio.Queue[Event]()
 
     def put(self, event: Event) -> None:
         try:
@@ -217,8 +225,9 @@ class Engine:
         within `timeout`, by default its start deadline)."""
         if self.config.engine == "embedded":
             return self.backbone.decode_batch()
-        batch = VllmBatch(self.supervisor.worker.target if self.supervisor else self.config.vllm_worker, self.backbone.lm,
-                          self.adapters.lora_dir)
+        target = self.supervisor.worker.target if self.supervisor else self.config.vllm_worker
+        assert target is not None  # --engine vllm: a worker this server starts, or --vllm-worker names one
+        batch = VllmBatch(target, self.backbone.lm, self.adapters.lora_dir)
         try:
             info = batch.info(timeout=timeout or WORKER_START_TIMEOUT_S)
         except Exception:
@@ -283,12 +292,10 @@ class Engine:
                 gone.set()
 
     def generate(self, request: Request, cancelled: Callable[[], bool] = _never) -> tuple[RouteDecision, Completion]:
-        outputs = list(self.stream(request, cancelled))
-        return outputs[0], outputs[-1]
+        return _route_and_completion(list(self.stream(request, cancelled)))
 
     async def agenerate(self, request: Request) -> tuple[RouteDecision, Completion]:
-        outputs = [output async for output in self.astream(request)]
-        return outputs[0], outputs[-1]
+        return _route_and_completion([output async for output in self.astream(request)])
 
     def admit(self, jobs: list[Job]) -> None:
         """embed -> route -> adapters -> prefill: new jobs join the running batch (scheduler thread). A job whose
@@ -332,8 +339,8 @@ class Engine:
         for waiting in done:
             if waiting.job.cancelled():
                 waiting.job.out.put(Stopped())
-            elif waiting.files.exception() is not None:
-                waiting.job.out.put(Failed(waiting.files.exception()))
+            elif (error := waiting.files.exception()) is not None:
+                waiting.job.out.put(Failed(error))
             else:
                 ready.append((waiting.job, waiting.embedded, waiting.adapter, waiting.files.result()))
         self._join(ready)
@@ -383,13 +390,14 @@ class Engine:
         for row in [r for r in self._running if r.job.cancelled()]:
             log.info("generation stopped after %d of at most %d tokens: the client went away",
                      len(row.state.token_ids), row.job.sampling.max_new_tokens)
+            assert self._batch is not None  # running rows have a batch: they end with it (_reset_batch)
             self._batch.remove(row.state)
             self._finish(row, Stopped())
         if self._running:
             self.metrics.batch_size.observe(len(self._running))
             try:
                 with self._model_lock:
-                    self._batch.step()  # a row that fails alone ends alone (RowState.error)
+                    self._batch.step()  # type: ignore[union-attr]  # running rows have a batch (see above)  # a row that fails alone ends alone (RowState.error)
             except Exception as exc:
                 log.exception("decode step of %d rows failed", len(self._running))
                 self._reset_batch(exc)

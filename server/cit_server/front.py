@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
+
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.sampling import Sampling
 from cit_registry.router import Candidate, FallBack, Router, background_questions
 from cit_registry.store import Registry
-from PIL import Image
 
 from .adapter_cache import BASE, AdapterId
 from .config import ServerConfig

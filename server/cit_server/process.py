@@ -30,6 +30,7 @@ class ServerProcess:
         started = threading.Event()
 
         def drain() -> None:
+            assert self.proc.stdout is not None  # started with stdout=PIPE
             for line in self.proc.stdout:
                 self.lines.append(line)
                 if not self.banner and LISTENING.search(line):
@@ -42,7 +43,9 @@ class ServerProcess:
         if not started.wait(timeout) or not self.banner:
             output = self.stop()
             raise RuntimeError(f"cit-server did not start within {timeout:.0f} s:\n{output[-8000:]}")
-        self.target = LISTENING.search(self.banner).group(1)
+        listening = LISTENING.search(self.banner)
+        assert listening is not None  # the banner is the line that matched
+        self.target = listening.group(1)
         metrics = METRICS.search(self.banner)
         self.metrics_url = f"http://{metrics.group(1)}/metrics" if metrics else None
 

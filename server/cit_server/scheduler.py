@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
 
-from cit_backbone.sampling import Sampling
 from PIL import Image
+
+from cit_backbone.sampling import Sampling
 
 if TYPE_CHECKING:
     from .front import RouteDecision
@@ -72,7 +73,7 @@ class Routed:
 class Failed:
     """The job ended with an error of its own (bad task, cache full, a row that failed); other jobs go on."""
 
-    error: Exception
+    error: BaseException
 
 
 @dataclass(frozen=True)

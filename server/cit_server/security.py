@@ -5,6 +5,7 @@ import dataclasses
 import hmac
 
 import grpc
+
 from cit_registry.store import TaskCard
 
 from .config import ServerConfig
@@ -76,6 +77,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS from PEM files; with a client CA, clients must present a certificate it signed."""
     if config.tls_cert is None:
         return None
+    assert config.tls_key is not None  # ServerConfig asks for both files or neither
     ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
                                        root_certificates=ca, require_client_auth=ca is not None)

@@ -14,13 +14,14 @@ import threading
 from collections.abc import Callable
 
 import grpc
-from cit_backbone.sampling import Sampling
-from cit_proto import cit_pb2, cit_pb2_grpc
-from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from cit_backbone.sampling import Sampling
+from cit_proto import cit_pb2, cit_pb2_grpc
+from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
 
 from .adapter_cache import CacheFull
 from .config import ServerConfig
@@ -140,7 +141,7 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
     return cit_pb2.RouteDecision(
         task_id=d.adapter.task_id, version=d.adapter.version, score=finite(d.score),
         fell_back=d.fell_back is not None, forced=d.forced, margin=d.margin,
-        fell_back_because=cit_pb2.FallBack.Value(f"FALL_BACK_{d.fell_back.name}") if d.fell_back else 0,
+        fell_back_because=f"FALL_BACK_{d.fell_back.name}" if d.fell_back else "FALL_BACK_NONE",
         nearer=d.nearer or "",
         candidates=[cit_pb2.Candidate(task_id=c.task_id, version=c.version, score=c.score,
                                       image_similarity=c.image, instruction_similarity=c.instruction,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cit_backbone.images import decode_image
 from PIL import Image
+
+from cit_backbone.images import decode_image
 
 from .config import ServerConfig
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import torch
+
 from cit_backbone.language_model import LanguageModel
 from cit_backbone.sampling import RowState, Sampling
 from cit_proto import lm_worker_pb2 as pb
@@ -152,6 +153,7 @@ class WorkerProcess:
         lines: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
         def drain() -> None:  # reads all its output, for as long as it runs, so its pipe never fills
+            assert self.proc.stdout is not None  # started with stdout=PIPE
             for line in iter(self.proc.stdout.readline, b""):
                 lines.put(line)
             lines.put(b"")

@@ -15,6 +15,7 @@ import uuid
 
 import grpc
 import numpy as np
+
 from cit_proto import lm_worker_pb2 as pb
 from cit_proto import lm_worker_pb2_grpc as pb_grpc
 

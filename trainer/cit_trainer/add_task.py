@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
@@ -111,12 +112,13 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     similar = best is not None and sims[best]["score"] >= opts.threshold
     reuse = similar and inside >= opts.image_share
 
-    previous = registry.get(best) if reuse else None
+    previous = registry.get(best) if reuse and best is not None else None
     if previous is not None:
-        target_id, version, key = best, previous.version + 1, previous.key().merged(key)
+        target_id, version, key = previous.task_id, previous.version + 1, previous.key().merged(key)
         datasets = list(previous.card.datasets)
     else:
         if name in sims:
+            assert best is not None  # sims holds a task at least
             why = _why_not(sims, name, inside, opts) if name == best else \
                 f"the most similar task is {best!r}, {sims[best]['score']:.3f}"
             raise ValueError(f"task {name!r} exists, but this data is not similar enough to reuse it ({why}); "
@@ -145,7 +147,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     else:
         kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
     if previous is not None:
-        log(f"reusing task {best!r} (similarity {sims[best]['score']:.3f} >= {opts.threshold}, {inside:.0%} of "
+        log(f"reusing task {best!r} (similarity {sims[previous.task_id]['score']:.3f} >= {opts.threshold}, {inside:.0%} of "
             f"the images inside its image floor); its {kind} adapter is trained further as version {version}")
     else:
         why = _why_not(sims, best, inside, opts) if best else "the registry is empty"
@@ -170,8 +172,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         if adapter.lora:
             backbone.lm.loras.set_trainable(adapter.lora, False)
         after = evaluate(backbone, adapter, test, desc="accuracy after") if test else None
-        accuracy_before, accuracy_after = (before.accuracy, after.accuracy) if test else (None, None)
-        correct, measured = (after.correct, _by_wording(after, test_samples, log)) if test else ([], {})
+        accuracy_before, accuracy_after = (before.accuracy, after.accuracy) if before and after else (None, None)
+        correct, measured = (after.correct, _by_wording(after, test_samples, log)) if after else ([], {})
         datasets.append({
             "name": name, "train": str(train_file.resolve()), "test": str(test_file.resolve()) if test_file else None,
             "samples": len(train_samples), "accuracy_after": accuracy_after, **measured,
@@ -201,8 +203,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         parts = {"adapter": adapter.connector.save,
                  "eval": lambda d: _write_snapshots(d, name, test_samples, previous, "eval_dir"),
                  **({} if method else {"replay": lambda d: _write_snapshots(d, name, kept, previous, "replay_dir")})}
-        if adapter.lora:
-            parts["lora"] = lambda d: backbone.lm.loras.save(adapter.lora, d)
+        if (lora := adapter.lora) is not None:
+            parts["lora"] = lambda d: backbone.lm.loras.save(lora, d)
         if method is not None:
             parts["method"] = method.save
         written = registry.commit(card, key, parts, backbone=backbone.identity)

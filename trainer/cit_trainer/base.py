@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_registry.taskdata import Sample
-from PIL import Image
 
 from .data import base_mixture
 from .training import EmbeddedTask, evaluate, train_connector

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
@@ -191,7 +192,10 @@ class Bench:
                     if j <= t:
                         routed.append(share)
                 routing.append(float(np.mean(routed)))
-            lora_params = sum(p.numel() for p in self.backbone.lm.loras.parameters(adapters[0].lora)) if lora else 0
+            lora_params = 0
+            if lora:  # every task's adapter carries a LoRA of the same shape
+                assert adapters[0].lora is not None
+                lora_params = sum(p.numel() for p in self.backbone.lm.loras.parameters(adapters[0].lora))
         finally:
             for adapter in adapters:
                 self.backbone.unload_adapter(adapter)
@@ -216,6 +220,7 @@ class Bench:
         requests routed to the task's own adapter: over the rows asked with held-out wordings where the test file
         marks them (a training wording's cosine to its own key is near 1 by construction)."""
         test = self.test[j]
+        assert test.instruction is not None  # test sets are embedded with their instructions
         query = self.backbone.routing_query(test.features, test.instruction)
         routings = router.route(query, self.background)
         routed_to = [int(r.chosen.task_id) if r.chosen else -1 for r in routings]  # -1: the base connector answers
@@ -301,7 +306,8 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     if not starts or any(s not in STARTING_CONNECTORS for s in starts):
         raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
     bench = Bench(out, order, preset, seed, log)
-    results, sweep = [], []
+    results: list[MethodResult] = []
+    sweep: list[dict] = []
     for start in starts:
         bench.use_start(start)
         results += [bench.run(m) for m in methods]

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD
 from cit_registry.snapshots import REPLAY_SAMPLES
-from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables

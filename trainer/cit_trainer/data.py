@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cit_registry.taskdata import Sample
 from PIL import Image, ImageDraw, ImageFont
+
+from cit_registry.taskdata import Sample
 
 
 def load_images(samples: list[Sample]) -> list[Image.Image]:

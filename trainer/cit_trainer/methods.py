@@ -12,11 +12,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
-from cit_registry.store import TaskKey
 from safetensors.torch import load_file, save_file
+
+from cit_registry.store import TaskKey
 
 IMPORTANCE_METHODS = ("ewc", "mas", "si")
 REPLAY_METHODS = ("er", "agem")
@@ -51,7 +53,7 @@ class Method:
 
     name = "seqft"
 
-    def begin_task(self, connector: torch.nn.Module, key: TaskKey) -> None:
+    def begin_task(self, connector: torch.nn.Module, key: TaskKey | None) -> None:
         """Called before training on a task whose key is `key`."""
 
     def replay(self, batch_size: int, generator: torch.Generator) -> Batch | None:
@@ -68,7 +70,7 @@ class Method:
     def after_step(self, connector: torch.nn.Module) -> None:
         """Called after each optimiser step (SI's path integral)."""
 
-    def end_task(self, connector: torch.nn.Module, key: TaskKey, data: Batch, loss_fn) -> None:
+    def end_task(self, connector: torch.nn.Module, key: TaskKey | None, data: Batch, loss_fn) -> None:
         """Called after training on a task: remember what later tasks must not destroy."""
 
     # -- memory across add-task runs: tensors in safetensors, the rest in JSON (nothing pickled)
@@ -94,6 +96,13 @@ class Method:
 
 def _params(connector: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in connector.named_parameters() if p.requires_grad}
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """A trainable parameter's gradient after a backward pass (every one gets one: the loss uses them all)."""
+    if p.grad is None:
+        raise RuntimeError("a trainable connector parameter got no gradient")
+    return p.grad
 
 
 # ------------------------------------------------------------------------------------------ importance methods
@@ -147,7 +156,7 @@ class ImportanceMethod(Method):
         self.scaled: dict[str, torch.Tensor] = {}      # Ω as used for the current task
         self._path: dict[str, torch.Tensor] = {}       # SI: running -g·Δθ
         self._start: dict[str, torch.Tensor] = {}
-        self._before: dict[str, torch.Tensor] = {}
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SI: (θ, g) before the step
 
     def begin_task(self, connector, key) -> None:
         params = _params(connector)
@@ -164,7 +173,7 @@ class ImportanceMethod(Method):
             return None
         params = _params(connector)
         total = sum((self.scaled[n] * (params[n] - self.anchor[n]).pow(2)).sum() for n in self.scaled)
-        return self.strength * total
+        return self.strength * cast(torch.Tensor, total)
 
     def adjust_gradient(self, connector, loss_fn, generator) -> None:
         if self.kind == "si":  # remember θ and g before the step: the path integral needs both
@@ -197,7 +206,7 @@ class ImportanceMethod(Method):
                 logits = loss_fn(rows, logits=True)
                 logits.pow(2).sum(-1).mean().backward()
             for n, p in params.items():
-                g = p.grad.detach()
+                g = _grad(p).detach()
                 total[n] += g.pow(2) if self.kind == "ewc" else g.abs()
             count += 1
         connector.zero_grad()
@@ -269,10 +278,10 @@ class ReplayMethod(Method):
         if reference is None:
             return
         params = list(_params(connector).values())
-        grads = [p.grad.detach().clone() for p in params]
+        grads = [_grad(p).detach().clone() for p in params]
         connector.zero_grad()
         loss_fn(reference).backward()
-        ref = [p.grad.detach().clone() for p in params]
+        ref = [_grad(p).detach().clone() for p in params]
         dot = sum((g * r).sum() for g, r in zip(grads, ref))
         ref_sq = sum((r * r).sum() for r in ref)
         if dot < 0:  # the step would raise the buffer's loss: remove that component

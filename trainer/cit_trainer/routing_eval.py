@@ -24,9 +24,10 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, background_questions
+from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, Routing, background_questions
 from cit_registry.store import Registry
 from cit_registry.taskdata import TEMPLATE_KINDS, read_jsonl
 from cit_server.process import ServerProcess
@@ -124,6 +125,12 @@ def _exported(out: Path, name: str, opts: SuiteOptions, seed: int) -> Path:
     return task_dir
 
 
+def _fell_back(routing: Routing) -> str:
+    """Why a routing that chose no task fell back, as the report names it."""
+    assert routing.fell_back is not None  # a routing chooses a task or says why not
+    return routing.fell_back.name.lower()
+
+
 def _quiet(*args, **kwargs) -> None:  # add-task's own log lines: the suite reports its steps itself
     pass
 
@@ -197,9 +204,10 @@ def leave_one_out(registry: Registry, opts: SuiteOptions, work: Path, backbone: 
     out = {}
     for name in opts.tasks:
         test = embed_task(backbone, embedder, read_jsonl(work / "tasks" / name / "test.jsonl"), f"{name} test")
+        assert test.instruction is not None  # embedded with its instructions
         queries = backbone.routing_query(test.features, test.instruction)
         routings = Router.of_keys([k for k in keyed if k[0] != name]).route(queries, background)
-        outcomes = Counter(r.fell_back.name.lower() if r.fell_back else f"-> {r.chosen.task_id}" for r in routings)
+        outcomes = Counter(f"-> {r.chosen.task_id}" if r.chosen else _fell_back(r) for r in routings)
         out[name] = {"requests": len(routings), "fell_back": sum(r.chosen is None for r in routings) / len(routings),
                      "outcomes": dict(outcomes.most_common())}
     return out

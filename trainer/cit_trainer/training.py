@@ -6,13 +6,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.sampling import Sampling
 from cit_registry.store import TaskKey
 from cit_registry.taskdata import Sample, Verdict, accuracy_by_template, judge
-from tqdm.auto import tqdm
 
 from .data import load_images
 from .methods import Batch, Method
@@ -49,7 +50,7 @@ class EmbeddedTask:
             return None if a is None or b is None else np.concatenate([a, b])
         return EmbeddedTask(self.samples + other.samples, torch.cat([self.features, other.features]),
                             cat(self.instruction, other.instruction), cat(self.output, other.output),
-                            None if self.image is None else torch.cat([self.image, other.image]))
+                            None if self.image is None or other.image is None else torch.cat([self.image, other.image]))
 
     def key(self) -> TaskKey:
         assert self.instruction is not None and self.output is not None, "no text embeddings: no key"
