@@ -8,7 +8,7 @@ the range over rounds. Every row decodes exactly --tokens tokens (ignore_eos; as
 prompt: the chat-formatted instruction with one visual token, projected from a random image's features.
 
 Configurations (rows = --rows):
-  plain          transformers' own decode loop: model(input_ids, past_key_values) on a copy of the LM that PEFT
+  plain          transformers' own decode loop: model(input_ids, cache) on a copy of the LM that PEFT
                  never touched; the prefill is not timed
   cit-base       cit's running batch (DecodeBatch.step) on an LM without LoRAs: all rows base
   cit-base-slots the same with --rows LoRA slots injected (as a server holding LoRA tasks runs its base rows)
@@ -86,11 +86,11 @@ def plain_decode(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[
 
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        out = model(inputs_embeds=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(inputs_embeds=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         ids = [out.logits[:, -1].argmax(-1)]
         start = time.perf_counter()
         for _ in range(tokens - 1):
-            out = model(input_ids=ids[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[-1][:, None], cache=cache, use_cache=True, logits_to_keep=1)
             ids.append(out.logits[:, -1].argmax(-1))
         elapsed = time.perf_counter() - start
     return elapsed, torch.stack(ids, 1).tolist()
