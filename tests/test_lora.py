@@ -35,6 +35,37 @@ def features(backbone):
     return backbone.encode_images([Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)])
 
 
+def test_rows_of_different_slot_loras_and_base_rows_match_each_lora_alone(tmp_path, lm_with_lora):
+    """Rows whose LoRAs all sit in slots run batched (one gather and two batched matmuls per layer, not PEFT's loop
+    over the adapters): each row must equal its LoRA run alone through PEFT, and a base row the plain LM."""
+    lm = lm_with_lora
+    for name in ("alpha", "beta"):
+        lm.loras.save(name, tmp_path / name)
+    lm.loras.slots(3)
+    lm.loras.load("alpha-slot", tmp_path / "alpha")
+    lm.loras.load("beta-slot", tmp_path / "beta")
+    try:
+        assert all(lm.loras.adapter_name(n).startswith("slot") for n in ("alpha-slot", "beta-slot"))
+        ids = torch.tensor([lm.encode("<|im_start|>user\nWhat is in the image?<|im_end|>\n")] * 4)
+        rows, alone = ["alpha-slot", None, "beta-slot", "alpha-slot"], ["alpha", None, "beta", "alpha"]
+        with torch.inference_mode():
+            with lm.loras.rows(rows):
+                mixed = lm.model(input_ids=ids).logits
+            with lm.loras.rows(["beta-slot"] * 2):  # no base row among them
+                every = lm.model(input_ids=ids[:2]).logits
+            own = {}
+            for name in ("alpha", None, "beta"):
+                with lm.loras.rows([name]):
+                    own[name] = lm.model(input_ids=ids[:1]).logits
+        for i, name in enumerate(alone):
+            torch.testing.assert_close(mixed[i : i + 1], own[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(every, own["beta"].expand(2, -1, -1), rtol=1e-4, atol=1e-4)
+        assert (own["alpha"] - own["beta"]).abs().max() > 1e-2  # the two LoRAs do differ
+    finally:
+        lm.loras.unload("alpha-slot")
+        lm.loras.unload("beta-slot")
+
+
 def test_lora_directory_loads_with_plain_peft(tmp_path, lm_with_lora):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

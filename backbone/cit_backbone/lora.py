@@ -11,7 +11,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class LoraManager:
         self._free_slots: list[str] = []      # injected and unused
         self._slots_made = 0
         self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._stacks: list[SlotStack] = []    # per LoRA layer: every slot's A and B in one tensor (batched rows)
 
     def _config(self, rank: int, alpha: int, targets: Sequence[str]):
         from peft import LoraConfig
@@ -94,6 +95,7 @@ class LoraManager:
                 self._free_slots.append(f"slot{i}")
             self._slots_made = self._slot_count
             self._settle()
+            self._stack_slots()
         if not self._free_slots:
             return False
         internal = self._free_slots.pop()  # the most recently freed first
@@ -108,6 +110,24 @@ class LoraManager:
                 params[key].copy_(value)
         self._names[name] = internal
         return True
+
+    def _stack_slots(self) -> None:
+        """Each LoRA layer's slot weights as one tensor per matrix, [slots, r, in] and [slots, out, r], whose rows
+        the slots' own parameters become views of: a LoRA copied into its slot is in the stack at once, and a batch
+        of rows through different slot LoRAs runs as one gather and two batched matmuls per layer (the S-LoRA /
+        Punica way) instead of PEFT's loop over the adapters in the batch."""
+        self._stacks = []
+        for layer in self._layers:
+            if "slot0" not in layer.lora_A:
+                continue
+            stacks = []
+            for matrices in (layer.lora_A, layer.lora_B):
+                stack = torch.stack([matrices[f"slot{i}"].weight.detach() for i in range(self._slots_made)])
+                for i in range(self._slots_made):
+                    matrices[f"slot{i}"].weight = torch.nn.Parameter(stack[i], requires_grad=False)
+                stacks.append(stack)
+            self._stacks.append(SlotStack(layer, stacks[0], stacks[1], float(layer.scaling["slot0"])))
+        self._slot_params.clear()  # the parameters were replaced by views: look them up again
 
     def _slot_parameters(self, internal: str) -> dict[str, torch.nn.Parameter]:
         """A slot's parameters by the names they have in a saved LoRA (PEFT's names without the adapter's)."""
@@ -203,7 +223,35 @@ class LoraManager:
             if any(loras):
                 raise ValueError(f"no LoRA is loaded, but rows ask for {sorted({n for n in loras if n})}")
             return nullcontext()
-        return self._adapter_names([self.adapter_name(n) if n else BASE_ROWS for n in loras])
+        internal = [self.adapter_name(n) if n else BASE_ROWS for n in loras]
+        if self._stacks and any(loras) and all(n == BASE_ROWS or n.startswith("slot") for n in internal):
+            return self._batched([int(n[4:]) if n != BASE_ROWS else -1 for n in internal])
+        return self._adapter_names(internal)
+
+    @contextmanager
+    def _batched(self, slot_of_row: list[int]) -> Iterator[None]:
+        """Rows whose LoRAs all sit in slots: PEFT computes the base layer only (every row named BASE_ROWS), and a
+        hook adds each row's LoRA from the slot stacks, for all LoRA rows of a layer at once."""
+        slots = torch.tensor(slot_of_row)
+        lora_rows = (slots >= 0).nonzero().squeeze(1)
+        every = len(lora_rows) == len(slots)  # no base row: no rows to pick out or put back
+        slots = slots[lora_rows]
+
+        def add_loras(stack: SlotStack):
+            def hook(module, args, output):
+                x = args[0] if every else args[0][lora_rows]
+                a, b = stack.a[slots], stack.b[slots]  # [rows, r, in], [rows, out, r]
+                delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * stack.scaling
+                return output + delta if every else output.index_add(0, lora_rows, delta)
+            return hook
+
+        handles = [stack.layer.register_forward_hook(add_loras(stack)) for stack in self._stacks]
+        with self._adapter_names([BASE_ROWS] * len(slot_of_row)):
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     @contextmanager
     def _adapter_names(self, names: list[str]) -> Iterator[None]:
@@ -220,6 +268,16 @@ class LoraManager:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@dataclass(frozen=True)
+class SlotStack:
+    """One LoRA layer's slots: A [slots, r, in], B [slots, out, r] and the scaling they share (one shape)."""
+
+    layer: torch.nn.Module
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
 
 
 def only_safetensors(directory: Path) -> None:
