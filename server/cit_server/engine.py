@@ -42,6 +42,7 @@ from .vllm_engine import (
 log = logging.getLogger("cit.server")
 EXTERNAL_WORKER_RETRY_S = 2.0  # how long the scheduler waits for a --vllm-worker it reconnects to
 T = TypeVar("T")
+# the in-process API: an Engine takes Requests (front.py owns them) and streams Outputs
 __all__ = ["Cancelled", "Completion", "Delta", "Engine", "Output", "Request", "RouteDecision"]
 
 
