@@ -241,6 +241,8 @@ class Engine:
         return batch
 
     def close(self) -> None:
+        if self.supervisor is not None:  # a worker dying while the running rows drain is not started again
+            self.supervisor.retire()
         self.front.close()
         self.scheduler.close()
         if self._batch is not None:

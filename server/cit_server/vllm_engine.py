@@ -221,8 +221,12 @@ class WorkerSupervisor:
                 continue
             self._ready.set()
 
-    def close(self) -> None:
+    def retire(self) -> None:
+        """Start no new worker from now on (the server is stopping); the current one keeps serving its rows."""
         self._closing.set()
+
+    def close(self) -> None:
+        self.retire()
         self._thread.join(timeout=WORKER_START_TIMEOUT_S)  # it may be starting a worker: that one too
         self.worker.stop()
 

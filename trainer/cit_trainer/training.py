@@ -48,6 +48,8 @@ class EmbeddedTask:
         """Both tasks' samples as one (training a reused adapter on new and replayed data alike)."""
         def cat(a, b):
             return None if a is None or b is None else np.concatenate([a, b])
+        if self.image is not None and other.image is None:  # as before the typing pass: an error, not a silent drop
+            raise ValueError("only one of the joined tasks has its routing image features")
         return EmbeddedTask(self.samples + other.samples, torch.cat([self.features, other.features]),
                             cat(self.instruction, other.instruction), cat(self.output, other.output),
                             None if self.image is None or other.image is None else torch.cat([self.image, other.image]))
