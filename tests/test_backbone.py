@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from cit_backbone.adapters import Connector, TaskAdapter
+from cit_backbone.decode_batch import KvSlab
 from cit_backbone.images import InvalidImage, decode_image
 from cit_backbone.sampling import Sampling
 
@@ -45,8 +46,11 @@ def test_per_row_connectors_in_one_batch_match_single_rows(backbone, features):
     assert batch[0].token_ids != batch[1].token_ids or batch[0].text != batch[1].text
 
 
-def test_rows_join_and_leave_a_running_batch_and_answer_as_alone(backbone, features):
-    """Continuous batching: a row that joins mid-decode, or runs beside one that leaves, answers as it would alone."""
+@pytest.mark.parametrize("spare", [KvSlab.SPARE, 1])
+def test_rows_join_and_leave_a_running_batch_and_answer_as_alone(backbone, features, spare, monkeypatch):
+    """Continuous batching: a row that joins mid-decode, or runs beside one that leaves, answers as it would alone
+    (also when the keys and values outgrow their buffer at every step)."""
+    monkeypatch.setattr(KvSlab, "SPARE", spare)
     base = backbone.base_connector()
     other = base.clone()
     with torch.no_grad():
