@@ -85,7 +85,9 @@ def registry(tmp_path_factory, task_dirs) -> Path:
 @pytest.fixture(scope="session")
 def server(registry):
     # Two resident adapters for three tasks: every test over gRPC also exercises eviction and reload.
-    srv = ServerProcess(registry, "--adapter-cache-size", "2", "--max-batch-size", "2", "--metrics-port", "0")
+    # The OpenAI HTTP API on the same engine (tests/test_openai_api.py).
+    srv = ServerProcess(registry, "--adapter-cache-size", "2", "--max-batch-size", "2", "--metrics-port", "0",
+                        "--http-port", "0")
     yield srv
     srv.stop()
 

@@ -1,5 +1,6 @@
 """Who gets in, and how the server stops: bearer tokens, TLS with client certificates made in the test, client
 deadlines that stop generation, and a graceful SIGTERM. Real cit-server processes over loopback."""
+import asyncio
 import datetime
 import io
 import ipaddress
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from cit_backbone.embedder import TextEmbedder
-from cit_client import CitClient
+from cit_client import AsyncCitClient, CitClient
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.process import ServerProcess
 
@@ -136,6 +137,70 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
         assert json.loads(c.get_task("added").card_json)["datasets"][0]["train"].startswith("/data")
     with client(TOKEN) as c:  # where the trainer's data lies is for operators only
         assert json.loads(c.get_task("added").card_json)["datasets"] == [{"name": "shades"}]
+
+
+def test_the_async_client_does_what_the_sync_one_does_with_the_same_options(secure_server, pki):
+    """AsyncCitClient over TLS with a client certificate and the token: every RPC answers as CitClient's does, a
+    stream's deltas add up to the unary answer, and the server's statuses arrive as AioRpcError."""
+    options = {"tls_ca": pki / "ca.pem", "tls_cert": pki / "client.pem", "tls_key": pki / "client.key"}
+    with CitClient(secure_server.target, token=ADMIN, **options) as sync:
+        expected = sync.generate(png(), "What colour is this?", max_new_tokens=6)
+        tasks = [t.task_id for t in sync.list_tasks()]
+
+    async def run():
+        async with AsyncCitClient(secure_server.target, token=TOKEN, **options) as c:
+            answer = await c.generate(png(), "What colour is this?", max_new_tokens=6)
+            assert (answer.text, answer.route) == (expected.text, expected.route)
+            streamed = [m async for m in c.generate_stream(png(), "What colour is this?", max_new_tokens=6)]
+            assert streamed[0].HasField("route") and streamed[-1].finish_reason == expected.finish_reason
+            assert "".join(m.delta for m in streamed) == expected.text
+            assert "".join([d async for d in c.stream_text(png(), "What colour is this?", max_new_tokens=6)]) \
+                == expected.text
+            assert (await c.route(png(), "What colour is this?", top_k=3)).route.fell_back == expected.route.fell_back
+            assert [t.task_id for t in await c.list_tasks()] == tasks
+            for task in tasks:
+                assert (await c.get_task(task)).task.task_id == task
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.get_task("no-such-task")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.reload_registry()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
+        async with AsyncCitClient(secure_server.target, token=ADMIN, **options) as admin:
+            assert (await admin.reload_registry()).tasks == len(tasks)
+        async with AsyncCitClient(secure_server.target, token="wrong-" + TOKEN, **options) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [m async for m in c.generate_stream(png(), "What is this?")]
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(run())
+
+
+def test_cancelling_an_async_stream_stops_its_generation_on_the_server(secure_server, pki):
+    """The client cancels after the first delta (by `cancel()` and by leaving stream_text's loop): the server
+    stops decoding that row at once, long before its 400 tokens."""
+    async def run():
+        async with AsyncCitClient(secure_server.target, token=TOKEN, tls_ca=pki / "ca.pem",
+                                  tls_cert=pki / "client.pem", tls_key=pki / "client.key") as c:
+            stream = c.generate_stream(png(), STORY, max_new_tokens=400)
+            messages = aiter(stream)
+            await anext(messages)  # the route
+            await anext(messages)  # a first delta: the row is decoding
+            stream.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await anext(messages)
+            async for _ in c.stream_text(png(), STORY, max_new_tokens=400):
+                break  # leaving the loop cancels the call
+
+    stopped_before = len(re.findall(r"generation stopped after", "".join(secure_server.lines)))
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stops = re.findall(r"generation stopped after (\d+) of at most 400 tokens", "".join(secure_server.lines))
+        if len(stops) >= stopped_before + 2:
+            break
+        time.sleep(0.2)
+    assert len(stops) == stopped_before + 2 and all(int(n) < 100 for n in stops[stopped_before:]), stops
 
 
 def test_no_client_certificate_or_plaintext_does_not_get_in(secure_server, pki):

@@ -1,4 +1,4 @@
-"""Clients of cit-server: a synchronous Python client and the `cit` CLI. No torch import."""
-from .client import CitClient, fell_back_reason
+"""Clients of cit-server: Python clients (synchronous and asyncio) and the `cit` CLI. No torch import."""
+from .client import AsyncCitClient, CitClient, fell_back_reason, generate_request
 
-__all__ = ["CitClient", "fell_back_reason"]
+__all__ = ["AsyncCitClient", "CitClient", "fell_back_reason", "generate_request"]

@@ -1,8 +1,9 @@
-"""A synchronous Python client for cit-server."""
+"""Python clients for cit-server: `CitClient` (synchronous) and `AsyncCitClient` (asyncio, on grpc.aio), with the
+same methods, options and errors (grpc.RpcError / grpc.aio.AioRpcError carrying the server's status)."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,40 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def _credentials(tls_ca: str | Path | None, tls_cert: str | Path | None,
+                 tls_key: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when a CA or a client certificate is given, else None (a plaintext channel)."""
+    if tls_ca is None and tls_cert is None:
+        return None
+    read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
+def generate_request(
+    image: bytes | str | Path,
+    instruction: str,
+    task_id: str | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> cit_pb2.GenerateRequest:
+    """A GenerateRequest: the image as bytes or a file path, task_id to skip routing, sampling left unset where
+    None (the server's defaults apply)."""
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                              "top_k": top_k, "seed": seed}
+    sampling = cit_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None}, stop=stop or [])
+    return cit_pb2.GenerateRequest(image=_image_bytes(image), instruction=instruction, task_id=task_id,
+                                   sampling=sampling)
+
+
 class CitClient:
     """CitClient("127.0.0.1:50051").generate("cat.png", "What is this?") -> GenerateResponse.
 
@@ -28,14 +63,14 @@ class CitClient:
     certificate must chain to, which switches the channel to TLS; tls_cert/tls_key: this client's certificate.
     """
 
+    request = staticmethod(generate_request)
+
     def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024,
                  token: str | None = None, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        if tls_ca is not None or tls_cert is not None:
-            read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
-            credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        if credentials is not None:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
@@ -52,25 +87,6 @@ class CitClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @staticmethod
-    def request(
-        image: bytes | str | Path,
-        instruction: str,
-        task_id: str | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-    ) -> cit_pb2.GenerateRequest:
-        params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                  "seed": seed}
-        sampling = cit_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None}, stop=stop or [])
-        return cit_pb2.GenerateRequest(image=_image_bytes(image), instruction=instruction, task_id=task_id,
-                                       sampling=sampling)
 
     def generate(self, image: bytes | str | Path, instruction: str, task_id: str | None = None, **sampling) -> cit_pb2.GenerateResponse:
         return self.stub.Generate(self.request(image, instruction, task_id, **sampling), timeout=self.timeout)
@@ -92,6 +108,86 @@ class CitClient:
     def reload_registry(self) -> cit_pb2.ReloadRegistryResponse:
         """Admin (the admin token): the server reads its registry now."""
         return self.stub.ReloadRegistry(cit_pb2.ReloadRegistryRequest(), timeout=self.timeout)
+
+
+class AsyncCitClient:
+    """The asyncio client: the same constructor options and methods as CitClient, awaited.
+
+        async with AsyncCitClient("127.0.0.1:50051") as client:
+            response = await client.generate("cat.png", "What is this?")
+            stream = client.generate_stream("cat.png", "Describe it.", max_new_tokens=64)
+            async for message in stream:     # the route first, then text deltas, then finish_reason
+                ...
+            stream.cancel()                  # or leave the loop early: the server stops generating for it
+
+    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop).
+    """
+
+    request = staticmethod(generate_request)
+
+    def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024,
+                 token: str | None = None, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None) -> None:
+        options = _channel_options(max_message_bytes)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        # per call rather than an interceptor: grpc.aio's interceptors are fixed per channel type and add a task per call
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+        self.stub = cit_pb2_grpc.CitStub(self.channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncCitClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def generate(self, image: bytes | str | Path, instruction: str, task_id: str | None = None,
+                       **sampling) -> cit_pb2.GenerateResponse:
+        return await self.stub.Generate(self.request(image, instruction, task_id, **sampling), timeout=self.timeout,
+                                        metadata=self._metadata)
+
+    def generate_stream(self, image: bytes | str | Path, instruction: str, task_id: str | None = None,
+                        **sampling) -> grpc.aio.UnaryStreamCall:
+        """An async iterator of GenerateStreamResponse that is also the call: `.cancel()` ends it, and the server
+        frees the request's slot in the running batch."""
+        call: grpc.aio.UnaryStreamCall = self.stub.GenerateStream(
+            self.request(image, instruction, task_id, **sampling), timeout=self.timeout, metadata=self._metadata)
+        return call
+
+    async def stream_text(self, image: bytes | str | Path, instruction: str, task_id: str | None = None,
+                          **sampling) -> AsyncIterator[str]:
+        """Only the text deltas of generate_stream; leaving the loop early cancels the call."""
+        call = self.generate_stream(image, instruction, task_id, **sampling)
+        try:
+            async for message in call:
+                if message.delta:
+                    yield message.delta
+        finally:
+            call.cancel()
+
+    async def route(self, image: bytes | str | Path, instruction: str, top_k: int = 5) -> cit_pb2.RouteResponse:
+        return await self.stub.Route(cit_pb2.RouteRequest(image=_image_bytes(image), instruction=instruction,
+                                                          top_k=top_k), timeout=self.timeout, metadata=self._metadata)
+
+    async def list_tasks(self) -> list[cit_pb2.TaskSummary]:
+        response = await self.stub.ListTasks(cit_pb2.ListTasksRequest(), timeout=self.timeout, metadata=self._metadata)
+        return list(response.tasks)
+
+    async def get_task(self, task_id: str) -> cit_pb2.GetTaskResponse:
+        return await self.stub.GetTask(cit_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout,
+                                       metadata=self._metadata)
+
+    async def reload_registry(self) -> cit_pb2.ReloadRegistryResponse:
+        """Admin (the admin token): the server reads its registry now."""
+        return await self.stub.ReloadRegistry(cit_pb2.ReloadRegistryRequest(), timeout=self.timeout,
+                                              metadata=self._metadata)
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",

@@ -25,6 +25,7 @@ def serve(
     registry: Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")] = Path("cit-registry"),
     host: Annotated[str, typer.Option(help="address gRPC listens on")] = _default("host"),
     port: Annotated[int, typer.Option(help="0 picks a free port")] = _default("port"),
+    http_port: Annotated[int | None, typer.Option(help="also serve the OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models, GET /health) on --host at this port (0: a free port); same engine, tokens, TLS and limits as gRPC")] = None,
     routing_margin: Annotated[float, typer.Option(help="a request routes to a task when its image and instruction clear the task's own floors by this much (and no other known question is nearer); else the base connector answers. Higher: fewer wrong routes, more fall-backs")] = _default("routing_margin"),
     adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = _default("adapter_cache_size"),
     adapter_cache_bytes: Annotated[int | None, typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
@@ -82,20 +83,30 @@ async def _serve(engine, config) -> None:
 
     server = CitServer(engine, config)
     await server.start()
+    http = None
+    if config.http_port is not None:
+        from .openai_api import HttpServer
+
+        http = HttpServer(engine, config, server.auth)
+        await http.start()
     metrics = (f", metrics on {config.metrics_host}:{engine.metrics.serve(config.metrics_host, config.metrics_port)}"
                if config.metrics_port is not None else "")
     security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls_cert
                 else "plaintext") + (", bearer token" if config.auth_token else "") + \
         (", admin token" if config.admin_token else "")
+    openai = f", OpenAI HTTP API on {config.host}:{http.port}" if http is not None else ""
     typer.echo(f"cit-server listening on {config.host}:{server.port} ({len(engine.front.router())} tasks, "
-               f"{security}{metrics})")
+               f"{security}{metrics}{openai})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: in-flight requests have %.0f s", config.grace_seconds)
-    await server.stop(config.grace_seconds)
+    if http is not None:
+        await asyncio.gather(server.stop(config.grace_seconds), http.stop())
+    else:
+        await server.stop(config.grace_seconds)
 
 
 if __name__ == "__main__":

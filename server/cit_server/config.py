@@ -13,6 +13,7 @@ class ServerConfig:
     registry: Path
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None       # set: the OpenAI-compatible HTTP API on host:http_port too (0: a free port)
     routing_margin: float = ROUTING_MARGIN  # how far above each of its task's floors a request must be to route
     default_max_new_tokens: int = 32
     max_instruction_chars: int = 2000
@@ -56,8 +57,9 @@ class ServerConfig:
             raise ValueError("batch_window_ms must be >= 0 and max_requests >= 1")
         if self.max_prompt_tokens < 8 or self.prefix_cache_bytes < 0:
             raise ValueError("max_prompt_tokens must be >= 8 and prefix_cache_bytes >= 0")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range")
+        for name, port in (("port", self.port), ("http_port", self.http_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} {port} is out of range")
         for name, token in (("auth", self.auth_token), ("admin", self.admin_token)):
             if token is not None and len(token) < 16:
                 raise ValueError(f"the {name} token must have at least 16 characters")

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import TypeVar, Union
@@ -281,7 +281,7 @@ class Engine:
                     continue
                 yield from reader.read(event)
 
-    async def astream(self, request: Request) -> AsyncIterator[Output]:
+    async def astream(self, request: Request) -> AsyncGenerator[Output, None]:
         """`stream` for asyncio fronts: the same outputs, admission and limits; decoding runs on a front thread.
         A caller that stops iterating (its client went away) stops the generation at the next step."""
         with self.admission.slot():

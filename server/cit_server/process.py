@@ -13,12 +13,14 @@ from pathlib import Path
 
 LISTENING = re.compile(r"listening on ([\d.]+:\d+)")
 METRICS = re.compile(r"metrics on ([\d.]+:\d+)")
+HTTP = re.compile(r"OpenAI HTTP API on ([\d.]+:\d+)")
 
 
 class ServerProcess:
     """`cit-server --registry REGISTRY --port 0 ARGS...`, started and waited for (up to `timeout` seconds) until it
     says where it listens. `target` is its gRPC address, `banner` that line, `metrics_url` its Prometheus page
-    (None unless the banner names one). A context manager: leaving it stops the server."""
+    (None unless the banner names one), `http_address` its OpenAI HTTP API's HOST:PORT (None without
+    --http-port). A context manager: leaving it stops the server."""
 
     def __init__(self, registry: Path, *args: str, env: dict | None = None, timeout: float = 300.0) -> None:
         self.proc = subprocess.Popen(
@@ -48,6 +50,8 @@ class ServerProcess:
         self.target = listening.group(1)
         metrics = METRICS.search(self.banner)
         self.metrics_url = f"http://{metrics.group(1)}/metrics" if metrics else None
+        http = HTTP.search(self.banner)
+        self.http_address = http.group(1) if http else None  # the OpenAI API's HOST:PORT (--http-port)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -28,25 +28,28 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         """Whether a call's metadata holds the admin token."""
         return _holds(dict(metadata or ()).get("authorization"), self._admin)
 
+    def denied(self, given: str | None, admin: bool) -> str | None:
+        """Why a call with the `authorization` value `given` is refused (None: let in), for an admin RPC or not.
+        Every front door (gRPC here, the OpenAI HTTP API) asks this."""
+        accepted = self._admin if admin else self._user
+        if accepted is None or _holds(given, accepted):
+            return None
+        if admin and not accepted:
+            return "admin RPCs are off: start the server with --admin-token (or CIT_ADMIN_TOKEN)"
+        if given is None:
+            return "missing bearer token: send 'authorization: Bearer <token>'"
+        return "wrong bearer token" + (" (this RPC needs the admin token)" if admin else "")
+
     async def intercept_service(self, continuation, details):
         if not details.method.startswith(self._prefix):
             return await continuation(details)
         admin = details.method[len(self._prefix):] in ADMIN_METHODS
-        accepted = self._admin if admin else self._user
-        if accepted is None:
-            return await continuation(details)
-        given = dict(details.invocation_metadata).get("authorization")
-        if _holds(given, accepted):
+        message = self.denied(dict(details.invocation_metadata).get("authorization"), admin)
+        if message is None:
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None
-        if admin and not accepted:
-            message = "admin RPCs are off: start the server with --admin-token (or CIT_ADMIN_TOKEN)"
-        elif given is None:
-            message = "missing bearer token: send metadata 'authorization: Bearer <token>'"
-        else:
-            message = "wrong bearer token" + (" (this RPC needs the admin token)" if admin else "")
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -36,7 +36,7 @@ MAX_ROUTE_CANDIDATES = 50
 HEALTH_POLL_S = 0.25  # how often health follows the engine's readiness (a vLLM worker being restarted)
 
 
-def _status_of(exc: Exception) -> grpc.StatusCode:
+def status_of(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, Cancelled):
         return grpc.StatusCode.CANCELLED
     if isinstance(exc, (Overloaded, CacheFull)):
@@ -92,7 +92,7 @@ def _abort_on_error(method: Callable) -> Callable:
     INTERNAL with a log line."""
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: Exception):
-        code = _status_of(exc)
+        code = status_of(exc)
         self.engine.metrics.requests.labels(method.__name__, code.name).inc()
         if code == grpc.StatusCode.INTERNAL:
             log.error("internal error in %s", method.__name__, exc_info=exc)
@@ -227,7 +227,7 @@ class CitServer:
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes)]
         self.engine, self.config = engine, config
-        auth = TokenAuth(config, SERVICE_NAME)
+        self.auth = auth = TokenAuth(config, SERVICE_NAME)
         self.server = grpc.aio.server(options=options, interceptors=[auth])
         add_servicer(CitServicer(engine, auth), self.server)
         self.health = health.aio.HealthServicer()
