@@ -111,6 +111,8 @@ def test_pinned_tasks_load_at_start_and_stay(tmp_path, backbone):
     store.get(b)
     store.get(c)  # evicts b, the least recent unpinned one; a is older but pinned
     assert store.resident() == [a, c] and store.misses == 3
+    # what ListTasks and GET /v1/models report for each task
+    assert [store.residency(x) for x in (a, b, c)] == ["pinned", "cold", "resident"]
 
 
 def test_pinning_keeps_only_the_newest_version_so_retrains_while_serving_never_fill_the_cache(tmp_path, backbone):

@@ -229,7 +229,7 @@ def test_evicted_adapters_reload_transparently_and_metrics_count_it(client, serv
     assert metric(server, "cit_adapter_cache_misses_total") >= 4
 
 
-def test_metrics_count_requests_errors_latency_tokens_and_routes(client, server, task_dirs):
+def test_metrics_count_requests_errors_latency_tokens_and_routes_per_task(client, server, task_dirs):
     ok = metric(server, "cit_requests_total", absent=0.0, method="Generate", status="OK")
     bad = metric(server, "cit_requests_total", absent=0.0, method="Generate", status="INVALID_ARGUMENT")
     tokens = metric(server, "cit_generated_tokens_total")
@@ -243,17 +243,27 @@ def test_metrics_count_requests_errors_latency_tokens_and_routes(client, server,
     assert metric(server, "cit_requests_total", method="Generate", status="OK") == ok + 2
     assert metric(server, "cit_requests_total", method="Generate", status="INVALID_ARGUMENT") == bad + 1
     assert metric(server, "cit_generated_tokens_total") >= tokens + r.completion_tokens + 1
-    assert metric(server, "cit_routed_total", task="digits") >= 1
+    served = {"task": "digits", "version": str(r.route.version)}
+    assert metric(server, "cit_task_requests_total", outcome="ok", **served) >= 1
+    assert metric(server, "cit_task_latency_seconds_count", **served) >= 1
+    assert metric(server, "cit_task_generated_tokens_total", **served) >= r.completion_tokens
+    assert metric(server, "cit_task_requests_total", task="base", version="", outcome="ok") >= 1  # the fall-back
     reason = cit_pb2.FallBack.Name(fell.route.fell_back_because).removeprefix("FALL_BACK_").lower()
     assert fell.route.fell_back and metric(server, "cit_fell_back_total", reason=reason) >= 1
+    assert metric(server, "cit_task_fell_back_total", task=fell.route.candidates[0].task_id, reason=reason) >= 1
     for phase in ("queue", "route", "first_token", "total"):
         assert metric(server, "cit_latency_seconds_count", phase=phase) >= 2, phase
     assert 1 <= metric(server, "cit_adapter_cache_resident") <= 2
 
 
-def test_list_and_get_task(client):
+def test_list_and_get_task(client, task_dirs):
+    sample = first_test_sample(task_dirs, "digits")
+    client.generate(sample.image, sample.instruction, task_id="digits", max_new_tokens=1)
     tasks = {t.task_id: t for t in client.list_tasks()}
     assert set(tasks) == set(E2E_TASKS) and tasks["fashion-mnist"].version == 2
+    # two resident adapters for three tasks: the one just used is resident, at least one other is cold
+    residency = {name: cit_pb2.Residency.Name(t.residency) for name, t in tasks.items()}
+    assert residency["digits"] == "RESIDENCY_RESIDENT" and "RESIDENCY_COLD" in residency.values(), residency
     card = json.loads(client.get_task("digits").card_json)
     assert card["task_id"] == "digits" and card["adapter_kind"] == "eproj"
 

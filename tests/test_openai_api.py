@@ -117,8 +117,9 @@ def test_the_async_sdk_runs_requests_concurrently_with_the_same_answers(sdk, bas
 
 
 def test_models_lists_auto_and_every_task(sdk, client):
-    ids = [m.id for m in sdk.models.list()]
-    assert ids[0] == "auto" and sorted(ids[1:]) == sorted(t.task_id for t in client.list_tasks())
+    models = sdk.models.list().data
+    assert models[0].id == "auto" and sorted(m.id for m in models[1:]) == sorted(t.task_id for t in client.list_tasks())
+    assert {m.model_extra["cit"]["residency"] for m in models[1:]} <= {"cold", "resident", "pinned"}
 
 
 def _chat(**body):

@@ -9,6 +9,8 @@ from typing import Annotated
 import grpc
 import typer
 
+from cit_proto import cit_pb2
+
 from .client import CitClient, fell_back_reason
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -101,7 +103,9 @@ def tasks(server: SERVER = DEFAULT_SERVER, task: Annotated[str | None, typer.Arg
                 typer.echo(json.dumps(json.loads(client.get_task(task).card_json), indent=2))
                 return
             for t in client.list_tasks():
-                typer.echo(f"{t.task_id:<24} v{t.version:<4} {t.adapter_kind:<6} {t.decision:<9} {t.created_at}")
+                residency = cit_pb2.Residency.Name(t.residency).removeprefix("RESIDENCY_").lower()
+                typer.echo(f"{t.task_id:<24} v{t.version:<4} {t.adapter_kind:<6} {t.decision:<9} {residency:<9} "
+                           f"{t.created_at}")
         except grpc.RpcError as exc:
             _fail(exc)
 

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63it_proto/cit.proto\x12\x06\x63it.v1\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x81\x01\n\x0fGenerateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x14\n\x07task_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.cit.v1.SamplingParamsB\n\n\x08_task_id\"\xa6\x01\n\tCandidate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x18\n\x10image_similarity\x18\x04 \x01(\x02\x12\x1e\n\x16instruction_similarity\x18\x05 \x01(\x02\x12\x13\n\x0bimage_floor\x18\x06 \x01(\x02\x12\x19\n\x11instruction_floor\x18\x07 \x01(\x02\"\xd7\x01\n\rRouteDecision\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\tfell_back\x18\x04 \x01(\x08\x12\x0e\n\x06\x66orced\x18\x05 \x01(\x08\x12%\n\ncandidates\x18\x06 \x03(\x0b\x32\x11.cit.v1.Candidate\x12\x0e\n\x06margin\x18\x07 \x01(\x02\x12+\n\x11\x66\x65ll_back_because\x18\x08 \x01(\x0e\x32\x10.cit.v1.FallBack\x12\x0e\n\x06nearer\x18\t \x01(\t\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x05route\x18\x02 \x01(\x0b\x32\x15.cit.v1.RouteDecision\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"\x96\x01\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12$\n\x05route\x18\x02 \x01(\x0b\x32\x15.cit.v1.RouteDecision\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"A\n\x0cRouteRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"5\n\rRouteResponse\x12$\n\x05route\x18\x01 \x01(\x0b\x32\x15.cit.v1.RouteDecision\"~\n\x0bTaskSummary\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x64\x61pter_kind\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x11\n\tcentroids\x18\x06 \x01(\r\"\x12\n\x10ListTasksRequest\"7\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.cit.v1.TaskSummary\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"G\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.cit.v1.TaskSummary\x12\x11\n\tcard_json\x18\x02 \x01(\t\"\x17\n\x15ReloadRegistryRequest\"8\n\x16ReloadRegistryResponse\x12\r\n\x05tasks\x18\x01 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08*\x99\x01\n\x08\x46\x61llBack\x12\x12\n\x0e\x46\x41LL_BACK_NONE\x10\x00\x12\x16\n\x12\x46\x41LL_BACK_NO_TASKS\x10\x01\x12\x1a\n\x16\x46\x41LL_BACK_IMAGE_UNLIKE\x10\x02\x12 \n\x1c\x46\x41LL_BACK_INSTRUCTION_UNLIKE\x10\x03\x12#\n\x1f\x46\x41LL_BACK_NEARER_OTHER_QUESTION\x10\x04\x32\x96\x03\n\x03\x43it\x12=\n\x08Generate\x12\x17.cit.v1.GenerateRequest\x1a\x18.cit.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.cit.v1.GenerateRequest\x1a\x1e.cit.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Route\x12\x14.cit.v1.RouteRequest\x1a\x15.cit.v1.RouteResponse\x12@\n\tListTasks\x12\x18.cit.v1.ListTasksRequest\x1a\x19.cit.v1.ListTasksResponse\x12:\n\x07GetTask\x12\x16.cit.v1.GetTaskRequest\x1a\x17.cit.v1.GetTaskResponse\x12O\n\x0eReloadRegistry\x12\x1d.cit.v1.ReloadRegistryRequest\x1a\x1e.cit.v1.ReloadRegistryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63it_proto/cit.proto\x12\x06\x63it.v1\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x81\x01\n\x0fGenerateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x14\n\x07task_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.cit.v1.SamplingParamsB\n\n\x08_task_id\"\xa6\x01\n\tCandidate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x18\n\x10image_similarity\x18\x04 \x01(\x02\x12\x1e\n\x16instruction_similarity\x18\x05 \x01(\x02\x12\x13\n\x0bimage_floor\x18\x06 \x01(\x02\x12\x19\n\x11instruction_floor\x18\x07 \x01(\x02\"\xd7\x01\n\rRouteDecision\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x11\n\tfell_back\x18\x04 \x01(\x08\x12\x0e\n\x06\x66orced\x18\x05 \x01(\x08\x12%\n\ncandidates\x18\x06 \x03(\x0b\x32\x11.cit.v1.Candidate\x12\x0e\n\x06margin\x18\x07 \x01(\x02\x12+\n\x11\x66\x65ll_back_because\x18\x08 \x01(\x0e\x32\x10.cit.v1.FallBack\x12\x0e\n\x06nearer\x18\t \x01(\t\"\x8f\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x05route\x18\x02 \x01(\x0b\x32\x15.cit.v1.RouteDecision\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"\x96\x01\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12$\n\x05route\x18\x02 \x01(\x0b\x32\x15.cit.v1.RouteDecision\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"A\n\x0cRouteRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"5\n\rRouteResponse\x12$\n\x05route\x18\x01 \x01(\x0b\x32\x15.cit.v1.RouteDecision\"\xa4\x01\n\x0bTaskSummary\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x64\x61pter_kind\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\t\x12\x11\n\tcentroids\x18\x06 \x01(\r\x12$\n\tresidency\x18\x07 \x01(\x0e\x32\x11.cit.v1.Residency\"\x12\n\x10ListTasksRequest\"7\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.cit.v1.TaskSummary\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"G\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.cit.v1.TaskSummary\x12\x11\n\tcard_json\x18\x02 \x01(\t\"\x17\n\x15ReloadRegistryRequest\"8\n\x16ReloadRegistryResponse\x12\r\n\x05tasks\x18\x01 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08*\x99\x01\n\x08\x46\x61llBack\x12\x12\n\x0e\x46\x41LL_BACK_NONE\x10\x00\x12\x16\n\x12\x46\x41LL_BACK_NO_TASKS\x10\x01\x12\x1a\n\x16\x46\x41LL_BACK_IMAGE_UNLIKE\x10\x02\x12 \n\x1c\x46\x41LL_BACK_INSTRUCTION_UNLIKE\x10\x03\x12#\n\x1f\x46\x41LL_BACK_NEARER_OTHER_QUESTION\x10\x04*h\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESIDENCY_COLD\x10\x01\x12\x16\n\x12RESIDENCY_RESIDENT\x10\x02\x12\x14\n\x10RESIDENCY_PINNED\x10\x03\x32\x96\x03\n\x03\x43it\x12=\n\x08Generate\x12\x17.cit.v1.GenerateRequest\x1a\x18.cit.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.cit.v1.GenerateRequest\x1a\x1e.cit.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Route\x12\x14.cit.v1.RouteRequest\x1a\x15.cit.v1.RouteResponse\x12@\n\tListTasks\x12\x18.cit.v1.ListTasksRequest\x1a\x19.cit.v1.ListTasksResponse\x12:\n\x07GetTask\x12\x16.cit.v1.GetTaskRequest\x1a\x17.cit.v1.GetTaskResponse\x12O\n\x0eReloadRegistry\x12\x1d.cit.v1.ReloadRegistryRequest\x1a\x1e.cit.v1.ReloadRegistryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cit_proto.cit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACK']._serialized_start=1579
-  _globals['_FALLBACK']._serialized_end=1732
+  _globals['_FALLBACK']._serialized_start=1618
+  _globals['_FALLBACK']._serialized_end=1771
+  _globals['_RESIDENCY']._serialized_start=1773
+  _globals['_RESIDENCY']._serialized_end=1877
   _globals['_SAMPLINGPARAMS']._serialized_start=32
   _globals['_SAMPLINGPARAMS']._serialized_end=240
   _globals['_GENERATEREQUEST']._serialized_start=243
@@ -49,20 +51,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_end=1125
   _globals['_ROUTERESPONSE']._serialized_start=1127
   _globals['_ROUTERESPONSE']._serialized_end=1180
-  _globals['_TASKSUMMARY']._serialized_start=1182
-  _globals['_TASKSUMMARY']._serialized_end=1308
-  _globals['_LISTTASKSREQUEST']._serialized_start=1310
-  _globals['_LISTTASKSREQUEST']._serialized_end=1328
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1330
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1385
-  _globals['_GETTASKREQUEST']._serialized_start=1387
-  _globals['_GETTASKREQUEST']._serialized_end=1420
-  _globals['_GETTASKRESPONSE']._serialized_start=1422
-  _globals['_GETTASKRESPONSE']._serialized_end=1493
-  _globals['_RELOADREGISTRYREQUEST']._serialized_start=1495
-  _globals['_RELOADREGISTRYREQUEST']._serialized_end=1518
-  _globals['_RELOADREGISTRYRESPONSE']._serialized_start=1520
-  _globals['_RELOADREGISTRYRESPONSE']._serialized_end=1576
-  _globals['_CIT']._serialized_start=1735
-  _globals['_CIT']._serialized_end=2141
+  _globals['_TASKSUMMARY']._serialized_start=1183
+  _globals['_TASKSUMMARY']._serialized_end=1347
+  _globals['_LISTTASKSREQUEST']._serialized_start=1349
+  _globals['_LISTTASKSREQUEST']._serialized_end=1367
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1369
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1424
+  _globals['_GETTASKREQUEST']._serialized_start=1426
+  _globals['_GETTASKREQUEST']._serialized_end=1459
+  _globals['_GETTASKRESPONSE']._serialized_start=1461
+  _globals['_GETTASKRESPONSE']._serialized_end=1532
+  _globals['_RELOADREGISTRYREQUEST']._serialized_start=1534
+  _globals['_RELOADREGISTRYREQUEST']._serialized_end=1557
+  _globals['_RELOADREGISTRYRESPONSE']._serialized_start=1559
+  _globals['_RELOADREGISTRYRESPONSE']._serialized_end=1615
+  _globals['_CIT']._serialized_start=1880
+  _globals['_CIT']._serialized_end=2286
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,22 @@ class FallBack(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FALL_BACK_IMAGE_UNLIKE: _ClassVar[FallBack]
     FALL_BACK_INSTRUCTION_UNLIKE: _ClassVar[FallBack]
     FALL_BACK_NEARER_OTHER_QUESTION: _ClassVar[FallBack]
+
+class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESIDENCY_UNSPECIFIED: _ClassVar[Residency]
+    RESIDENCY_COLD: _ClassVar[Residency]
+    RESIDENCY_RESIDENT: _ClassVar[Residency]
+    RESIDENCY_PINNED: _ClassVar[Residency]
 FALL_BACK_NONE: FallBack
 FALL_BACK_NO_TASKS: FallBack
 FALL_BACK_IMAGE_UNLIKE: FallBack
 FALL_BACK_INSTRUCTION_UNLIKE: FallBack
 FALL_BACK_NEARER_OTHER_QUESTION: FallBack
+RESIDENCY_UNSPECIFIED: Residency
+RESIDENCY_COLD: Residency
+RESIDENCY_RESIDENT: Residency
+RESIDENCY_PINNED: Residency
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -133,20 +144,22 @@ class RouteResponse(_message.Message):
     def __init__(self, route: _Optional[_Union[RouteDecision, _Mapping]] = ...) -> None: ...
 
 class TaskSummary(_message.Message):
-    __slots__ = ("task_id", "version", "adapter_kind", "decision", "created_at", "centroids")
+    __slots__ = ("task_id", "version", "adapter_kind", "decision", "created_at", "centroids", "residency")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_KIND_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     adapter_kind: str
     decision: str
     created_at: str
     centroids: int
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., adapter_kind: _Optional[str] = ..., decision: _Optional[str] = ..., created_at: _Optional[str] = ..., centroids: _Optional[int] = ...) -> None: ...
+    residency: Residency
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., adapter_kind: _Optional[str] = ..., decision: _Optional[str] = ..., created_at: _Optional[str] = ..., centroids: _Optional[int] = ..., residency: _Optional[_Union[Residency, str]] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()

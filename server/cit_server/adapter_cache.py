@@ -181,6 +181,15 @@ class AdapterStore:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
+    def residency(self, adapter: AdapterId) -> str:
+        """"pinned", "resident" or "cold": where the adapter serving a task version is now (registry reads: call it
+        off the event loop)."""
+        served = self.serving(adapter)
+        if self._is_pinned(served):
+            return "pinned"
+        with self._lock:
+            return "resident" if served in self._resident else "cold"
+
     def resident(self) -> list[AdapterId]:
         with self._lock:
             return list(self._resident)

@@ -43,6 +43,7 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port)")] = None,
+    metrics_top_tasks: Annotated[int, typer.Option(help="the busiest tasks get per-task metrics (requests, latency, tokens, fall-backs by task and version); the rest count as 'other'")] = _default("metrics_top_tasks"),
     metrics_host: Annotated[str, typer.Option(help="address the unauthenticated metrics listen on (loopback unless you mean it)")] = _default("metrics_host"),
     grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = _default("grace_seconds"),
     backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,

@@ -36,6 +36,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # set: clients must present a certificate this CA signed
     metrics_host: str = "127.0.0.1"   # the metrics carry no auth: loopback unless an operator says otherwise
     metrics_port: int | None = None    # set: Prometheus metrics at http://metrics_host:metrics_port/metrics
+    metrics_top_tasks: int = 20        # tasks with per-task series (the busiest); the others count as "other"
     grace_seconds: float = 10.0        # on SIGTERM: in-flight requests get this long to finish
     engine: str = "embedded"           # "vllm": the LM decodes in a vLLM worker process (vllm_engine.py)
     vllm_worker: str | None = None     # HOST:PORT of a running worker; unset: the server starts its own
@@ -74,6 +75,8 @@ class ServerConfig:
                 raise FileNotFoundError(f"no such file: {path}")
         if self.engine not in ("embedded", "vllm"):
             raise ValueError(f"engine must be 'embedded' or 'vllm', got {self.engine!r}")
+        if not 0 <= self.metrics_top_tasks <= 1000:
+            raise ValueError("metrics_top_tasks must be in 0..1000 (each task adds a dozen series)")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
 

@@ -115,18 +115,29 @@ class _LoopSink:
 
 
 class _Reader:
-    """Turns one job's events into what a front sends: the route, text deltas, and the completion."""
+    """Turns one job's events into what a front sends: the route, text deltas, and the completion; and counts the
+    job in the per-task metrics once it ends (ok, error, or cancelled: `abandoned`)."""
 
     def __init__(self, engine: Engine, job: Job) -> None:
         self.metrics, self.job = engine.metrics, job
         self.sent, self.first, self.done = 0, True, False
+        self.task: tuple[str, str] | None = None  # (task, version) labels once routed
+        self.ended = False
 
     def read(self, event: Event) -> list[Output]:
         if isinstance(event, Routed):
-            return [event.decision]
+            decision = event.decision
+            self.task = self.metrics.task_label(decision.adapter.task_id, decision.adapter.version)
+            if decision.fell_back is not None:
+                nearest = decision.candidates[0].task_id if decision.candidates else ""
+                self.metrics.task_fell_back.labels(self.metrics.top_tasks.peek(nearest),
+                                                   decision.fell_back.name.lower()).inc()
+            return [decision]
         if isinstance(event, Failed):
+            self._end("error")
             raise event.error
         if isinstance(event, Stopped):
+            self._end("cancelled")
             raise Cancelled("the client cancelled the request or its deadline passed")
         if self.first:
             self.metrics.latency.labels("first_token").observe(time.monotonic() - self.job.submitted)
@@ -134,11 +145,25 @@ class _Reader:
         delta, self.sent = event.stable_text[self.sent:], len(event.stable_text)
         out: list[Output] = [Delta(delta)] if delta else []
         if event.finish_reason:
-            self.metrics.latency.labels("total").observe(time.monotonic() - self.job.submitted)
+            total = time.monotonic() - self.job.submitted
+            self.metrics.latency.labels("total").observe(total)
             self.metrics.tokens.inc(event.completion_tokens)
+            if self.task is not None:
+                self.metrics.task_latency.labels(*self.task).observe(total)
+                self.metrics.task_tokens.labels(*self.task).inc(event.completion_tokens)
+            self._end("ok")
             out.append(Completion(event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens))
             self.done = True
         return out
+
+    def abandoned(self) -> None:
+        """The front stopped reading before the end (its client went away)."""
+        self._end("cancelled")
+
+    def _end(self, outcome: str) -> None:
+        if self.task is not None and not self.ended:
+            self.metrics.task_requests.labels(*self.task, outcome).inc()
+        self.ended = True
 
 
 class Engine:
@@ -150,7 +175,7 @@ class Engine:
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_backbone()
-        self.metrics = Metrics(self.adapters)
+        self.metrics = Metrics(self.adapters, config.metrics_top_tasks)
         self.admission = Admission(config.max_requests)
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
         self.front = Front(config, self.registry, self.backbone, embedder or TextEmbedder(),
@@ -272,20 +297,24 @@ class Engine:
         with self.admission.slot():
             events: queue.SimpleQueue[Event] = queue.SimpleQueue()
             reader = _Reader(self, self.submit(request, events, cancelled))
-            while not reader.done:
-                try:
-                    event = events.get(timeout=1.0)
-                except queue.Empty:
-                    if cancelled():  # gone while queued or running: the scheduler drops the job at its next look
-                        raise Cancelled("the client cancelled the request or its deadline passed") from None
-                    continue
-                yield from reader.read(event)
+            try:
+                while not reader.done:
+                    try:
+                        event = events.get(timeout=1.0)
+                    except queue.Empty:
+                        if cancelled():  # gone while queued or running: the scheduler drops the job at its next look
+                            raise Cancelled("the client cancelled the request or its deadline passed") from None
+                        continue
+                    yield from reader.read(event)
+            finally:
+                reader.abandoned()  # counted as cancelled unless it ended otherwise
 
     async def astream(self, request: Request) -> AsyncGenerator[Output, None]:
         """`stream` for asyncio fronts: the same outputs, admission and limits; decoding runs on a front thread.
         A caller that stops iterating (its client went away) stops the generation at the next step."""
         with self.admission.slot():
             sink, gone = _LoopSink(asyncio.get_running_loop()), threading.Event()
+            reader: _Reader | None = None
             try:
                 reader = _Reader(self, await self.call(self.submit, request, sink, gone.is_set))
                 while not reader.done:
@@ -293,6 +322,8 @@ class Engine:
                         yield output
             finally:
                 gone.set()
+                if reader is not None:
+                    reader.abandoned()  # counted as cancelled unless it ended otherwise
 
     def generate(self, request: Request, cancelled: Callable[[], bool] = _never) -> tuple[RouteDecision, Completion]:
         return _route_and_completion(list(self.stream(request, cancelled)))
@@ -323,7 +354,6 @@ class Engine:
                     continue
                 job.out.put(Routed(decision))
                 self.metrics.latency.labels("route").observe(time.monotonic() - start)
-                self.metrics.routed.labels(decision.adapter.task_id).inc()
                 if decision.fell_back is not None:
                     self.metrics.fell_back.labels(decision.fell_back.name.lower()).inc()
                 if reading is None:
@@ -434,3 +464,7 @@ class Engine:
 
     def task(self, task_id: str) -> TaskVersion:
         return self.registry.get(task_id)
+
+    def residency(self, task: TaskVersion) -> str:
+        """Where the adapter serving `task` is now: "pinned", "resident" or "cold" (reads the registry)."""
+        return self.adapters.residency(AdapterId(task.task_id, task.version))

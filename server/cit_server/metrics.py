@@ -1,6 +1,9 @@
 """Prometheus metrics of one server (prometheus-client, own registry): requests and errors by status, latency by
-phase, tokens, routing, batch sizes, and the adapter cache."""
+phase, tokens, routing, batch sizes, the adapter cache, and the same per task for the busiest tasks."""
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,8 +35,57 @@ class _AdapterCacheCollector(Collector):
         yield size
 
 
+OTHER = "other"  # the task label of every task outside the top N by traffic
+BASE = "base"    # the task label of requests the base connector answered
+
+
+class TopTasks:
+    """Which tasks get a label of their own: the `top_n` busiest by requests, in bounded memory and series.
+
+    Request counts are kept by Space-Saving (Metwally et al., 2005) in 4 x top_n counters, whatever the number of
+    tasks. A task takes a label when the label set has room or when its count passes 1.5 x that of the least busy
+    labelled task, which then gives its label up (`on_drop`: its series are removed; its traffic counts under
+    OTHER from then on, as a new task's does until it gets a label). So at most top_n tasks have series at a time.
+    """
+
+    def __init__(self, top_n: int, on_drop: Callable[[str], None]) -> None:
+        self.top_n, self.capacity, self.on_drop = top_n, max(4 * top_n, 16), on_drop
+        self.counts: dict[str, int] = {}
+        self.labelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def peek(self, task: str) -> str:
+        """The label `task` has now, without counting a request."""
+        return task if task in self.labelled else OTHER if task else "none"
+
+    def label(self, task: str) -> str:
+        """Count one request of `task` and return the label it is counted under."""
+        if self.top_n == 0:
+            return OTHER
+        with self._lock:
+            if task in self.counts:
+                self.counts[task] += 1
+            elif len(self.counts) < self.capacity:
+                self.counts[task] = 1
+            else:  # Space-Saving: the new task takes over the smallest counter (an upper bound of its count)
+                smallest = min(self.counts, key=self.counts.__getitem__)
+                self.counts[task] = self.counts.pop(smallest) + 1
+            if task in self.labelled:
+                return task
+            if len(self.labelled) < self.top_n:
+                self.labelled.add(task)
+                return task
+            weakest = min(self.labelled, key=lambda t: self.counts.get(t, 0))
+            if self.counts[task] <= 1.5 * self.counts.get(weakest, 0):
+                return OTHER
+            self.labelled.discard(weakest)
+            self.labelled.add(task)
+        self.on_drop(weakest)
+        return task
+
+
 class Metrics:
-    def __init__(self, store: AdapterStore) -> None:
+    def __init__(self, store: AdapterStore, top_tasks: int = 20) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("cit_requests", "RPCs answered, by method and gRPC status", ["method", "status"],
@@ -42,14 +94,35 @@ class Metrics:
                                  "starts), route (embed + FAISS), first_token, total", ["phase"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("cit_generated_tokens", "tokens generated", registry=r)
-        self.routed = Counter("cit_routed", "generations by the task that served them ('' = base connector)",
-                              ["task"], registry=r)
         self.fell_back = Counter("cit_fell_back", "generations that named no task and that no task's floors "
                                  "admitted (answered by the base connector), by reason", ["reason"], registry=r)
+        # Per task, for the busiest --metrics-top-tasks tasks ("other" for the rest, "base" for the base connector)
+        labels = ["task", "version"]
+        self.task_requests = Counter("cit_task_requests", "generations by the task (and version) that served them "
+                                     "and how they ended (ok, error, cancelled)", [*labels, "outcome"], registry=r)
+        self.task_latency = Histogram("cit_task_latency_seconds", "time to the whole answer, by serving task",
+                                      labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.task_tokens = Counter("cit_task_generated_tokens", "tokens generated, by serving task", labels,
+                                   registry=r)
+        self.task_fell_back = Counter("cit_task_fell_back", "generations answered by the base connector, by the "
+                                      "nearest task they fell back from and the reason", ["task", "reason"], registry=r)
+        self.top_tasks = TopTasks(top_tasks, self._drop_task)
         self.batch_size = Histogram("cit_batch_size", "requests decoded together, observed at every decode step",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
         self.running = Gauge("cit_running_rows", "requests in the running batch (decoded together)", registry=r)
         r.register(_AdapterCacheCollector(store))
+
+    def task_label(self, task_id: str, version: int) -> tuple[str, str]:
+        """The (task, version) labels a request served by that task version counts under (BASE: no task)."""
+        if not task_id:
+            return BASE, ""
+        task = self.top_tasks.label(task_id)
+        return (task, str(version)) if task != OTHER else (OTHER, "")
+
+    def _drop_task(self, task: str) -> None:
+        """A task left the top N: its series go (Prometheus keeps what it scraped)."""
+        for metric in (self.task_requests, self.task_latency, self.task_tokens, self.task_fell_back):
+            metric.remove_by_labels({"task": task})
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 picks a free one)."""

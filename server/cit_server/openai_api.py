@@ -242,11 +242,12 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
     async def models(http: HttpRequest) -> JSONResponse:
         authorise(http)
         with engine.admission.slot():
-            tasks = await engine.call(engine.tasks)
+            tasks = await engine.call(lambda: [(t, engine.residency(t)) for t in engine.tasks()])
         created = int(time.time())
         data = [{"id": AUTO, "object": "model", "created": created, "owned_by": "cit"}]
         data += [{"id": t.task_id, "object": "model", "created": created, "owned_by": "cit",
-                  "cit": {"version": t.version, "adapter_kind": t.card.adapter_kind}} for t in tasks]
+                  "cit": {"version": t.version, "adapter_kind": t.card.adapter_kind, "residency": residency}}
+                 for t, residency in tasks]
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")

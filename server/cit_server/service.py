@@ -150,8 +150,9 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
     )
 
 
-def to_summary_pb(t: TaskVersion) -> cit_pb2.TaskSummary:
-    """A task's summary (reads its key file's header: call it off the event loop)."""
+def to_summary_pb(t: TaskVersion, residency: str) -> cit_pb2.TaskSummary:
+    """A task's summary (reads its key file's header: call it off the event loop); `residency` as
+    Engine.residency says."""
     try:
         centroids = t.centroids()
     except Exception:  # noqa: BLE001 - a damaged key is verify's finding; the listing goes on
@@ -160,6 +161,7 @@ def to_summary_pb(t: TaskVersion) -> cit_pb2.TaskSummary:
     return cit_pb2.TaskSummary(
         task_id=t.task_id, version=t.version, adapter_kind=t.card.adapter_kind,
         decision=t.card.decision.get("action", ""), created_at=t.card.created_at, centroids=centroids,
+        residency=f"RESIDENCY_{residency.upper()}",
     )
 
 
@@ -203,13 +205,15 @@ class CitServicer(cit_pb2_grpc.CitServicer):
     @_abort_on_error
     async def ListTasks(self, request, context):
         with self.engine.admission.slot():
-            summaries = await self.engine.call(lambda: [to_summary_pb(t) for t in self.engine.tasks()])
+            summaries = await self.engine.call(
+                lambda: [to_summary_pb(t, self.engine.residency(t)) for t in self.engine.tasks()])
             return cit_pb2.ListTasksResponse(tasks=summaries)
 
     @_abort_on_error
     async def GetTask(self, request, context):
         with self.engine.admission.slot():
-            task, summary = await self.engine.call(lambda: (t := self.engine.task(request.task_id), to_summary_pb(t)))
+            task, summary = await self.engine.call(
+                lambda: (t := self.engine.task(request.task_id), to_summary_pb(t, self.engine.residency(t))))
         # What the trainer read its data from (paths on its machine) is for operators: the admin token only.
         card = task.card if self.auth.is_admin(context.invocation_metadata()) else public_card(task.card)
         return cit_pb2.GetTaskResponse(task=summary, card_json=card.to_json())
