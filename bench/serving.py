@@ -1,38 +1,52 @@
-"""Serving benchmarks: each prints a ratio measured in this one run (this machine is shared and noisy; compare
-only numbers from the same run).
+"""The serving path, like for like, in interleaved rounds: what routing costs on a real request, time to first
+token against the plain library pipeline, gRPC against in-process, and the embedded engine against cit's vLLM path.
 
-    python bench/serving.py [--tokens 16] [--repeats 3]
+    python bench/serving.py [--rounds 7] [--vllm]
 
-Builds a throw-away registry of 8 tasks on the real backbone (projections perturbed from the base connector,
-every other one with a random LoRA: speed does not depend on what they learnt) and measures:
-  1. routing overhead: instruction embedding + FAISS as a share of one end-to-end request of --tokens tokens
-     (goal <= 2 %; the image features routing uses are computed for generation anyway);
-  2. mixed adapters: tokens/s of 8 requests on 8 tasks in one batch vs 8 on one task (goal >= 0.9);
-  3. server vs in-process: tokens/s of 8 concurrent requests over gRPC vs one batched generate (goal >= 0.85);
-  4. concurrency scaling: tokens/s over gRPC at concurrency 1, 4, 8, 16;
-  5. cold adapter load (EProj and LoRA) as a share of one request (goal <= 5 %), and the part of it running rows
-     wait for (the files are read on the adapter store's loader thread);
-  7. with --vllm: tokens/s of 8 concurrent mixed-task requests through the engine on vLLM vs embedded (needs
-     vLLM's environment, scripts/setup_vllm.sh).
+A throw-away registry of 8 tasks on the real backbone (projections perturbed from the base connector, every other
+one with a random LoRA; speed does not depend on what they learnt), keyed on the requests' own images and one
+instruction per task, so a request with no task_id routes to the task it would be forced to. A cit server runs
+in this process (BackgroundServer: the real gRPC path, the engine's scheduler and batch). Every configuration
+runs once per round in an order rotated from round to round; ratios are taken within a round and reported as
+median [min, max] over rounds. Sampled at temperature 1 with a seed, so a routed request and the same request
+forced generate the same tokens (asserted) and rows rarely end early; token counts are asserted equal where
+compared.
+
+Configurations:
+  routed / forced    8 requests one after another over gRPC, 2 tokens each (real answers are 1-3 tokens), with no
+                     task_id (embed the instruction, FAISS, floors) / with the task_id the router picks
+  ttft-cit           time to the first streamed token over gRPC at concurrency 1 (an EProj task, resident)
+  ttft-plain         the plain pipeline for the same request, called directly: decode the PNG, vision tower,
+                     the task's projection, one prefill of the whole prompt by transformers (an untouched LM copy),
+                     argmax
+  grpc-8 / inproc-8  8 requests on 8 tasks at once, 16 tokens: over gRPC / one batched backbone.generate
+  embedded-8 / vllm-8  (--vllm) 8 concurrent requests on 8 tasks, 16 tokens, through the engine (Engine.generate
+                     from 8 threads): embedded / on cit's vLLM worker (a second engine with its own backbone)
+After the rounds: tokens/s over gRPC at concurrency 1, 4, 8, 16, and the cold load of an EProj and a LoRA adapter
+(medians of 5).
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.sampling import Sampling
+from cit_client import CitClient
 from cit_registry.router import Router
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.adapter_cache import AdapterId
@@ -41,34 +55,25 @@ from cit_server.engine import Engine, Request
 from cit_server.service import BackgroundServer
 
 TASKS = 8
-INSTRUCTION = "Describe the image in detail."
+INSTRUCTIONS = [f"Task {i}: describe what the picture number {i} shows." for i in range(TASKS)]
 
 
-def best_of(repeats: int, fn) -> float:
-    """The fastest of several timed runs: the least disturbed by other work on the machine."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def summary(values: list[float], unit: str = "") -> str:
+    return f"{statistics.median(values):.3f}{unit} [{min(values):.3f}, {max(values):.3f}]"
 
 
-def mean_batch(engine: Engine) -> float:
-    """Mean batch size so far, from the server's own cit_batch_size histogram."""
-    sample = engine.metrics.registry.get_sample_value
-    return sample("cit_batch_size_sum") / max(sample("cit_batch_size_count"), 1)
-
-
-def build_registry(root: Path, backbone: Backbone, embedder: TextEmbedder) -> Registry:
+def build_registry(root: Path, backbone: Backbone, embedder: TextEmbedder, images: list[Image.Image]) -> Registry:
+    """Task i: a projection near the base connector (a random LoRA on odd i), keyed on image i (four slightly
+    jittered copies of its features) and INSTRUCTIONS[i]."""
     reg = Registry.open(root, create=True)
     rng = np.random.default_rng(0)
+    features = backbone.routing_features(backbone.encode_images(images[:TASKS])).numpy()
     for i in range(TASKS):
         connector = backbone.base_connector().clone()
         with torch.no_grad():
             connector.proj.weight.add_(torch.from_numpy(rng.normal(0, 1e-3, connector.proj.weight.shape).astype(np.float32)))
-        image = rng.random((4, 1280)).astype(np.float32)
-        key = TaskKey.from_embeddings(image, embedder.embed([f"task {i} instruction"] * 4), rng.normal(size=(4, 384)))
+        image = features[i] + rng.normal(0, 1e-3, (4, features.shape[1])).astype(np.float32)
+        key = TaskKey.from_embeddings(image, embedder.embed([INSTRUCTIONS[i]] * 4), rng.normal(size=(4, 384)))
         parts = {"adapter": connector.save}
         if i % 2:
             backbone.lm.loras.add("bench")
@@ -84,138 +89,161 @@ def build_registry(root: Path, backbone: Backbone, embedder: TextEmbedder) -> Re
     return reg
 
 
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vllm", action="store_true", help="also run 7: the vLLM engine vs the embedded one")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--vllm", action="store_true", help="also cit's vLLM worker path (.venv-vllm)")
     args = parser.parse_args()
     torch.manual_seed(0)
     backbone, embedder = Backbone(), TextEmbedder()
     rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(16)]
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(TASKS)]
     png = []
     for img in images:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         png.append(buf.getvalue())
-    # min_new_tokens is not a knob here: a high temperature keeps rows from ending early, so every row generates
-    # --tokens tokens and tokens/s compares like with like.
-    sampling = Sampling(max_new_tokens=args.tokens, temperature=1.0, seed=0)
+    from transformers import AutoModelForCausalLM
+
+    plain_lm = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=torch.float32).eval()
+    sampled: dict = {"temperature": 1.0, "seed": 0}  # the client's keyword arguments; Sampling's below
 
     with tempfile.TemporaryDirectory() as tmp:
-        reg = build_registry(Path(tmp) / "reg", backbone, embedder)
+        reg = build_registry(Path(tmp) / "reg", backbone, embedder, images)
         config = ServerConfig(registry=reg.root, adapter_cache_size=TASKS + 1, max_batch_size=8)
         engine = Engine(config, backbone, embedder)
         ids = [AdapterId(f"task{i}", 1) for i in range(TASKS)]
-        adapters = [engine.adapters.get(a) for a in ids]  # resident: batches compare compute, not loading
-        request = Request(png[0], INSTRUCTION, sampling, task_id="task1")
-
-        # 1. routing overhead: what routing adds to a request. The image features it uses are the ones generation
-        # needs anyway (computed once per request), so they count in the request, not in the overhead.
-        image = Image.open(io.BytesIO(png[0]))
-        vision = best_of(args.repeats * 3, lambda: backbone.encode_images([image]))
-        query = engine.front.embed(png[0], INSTRUCTION).query
-        instruction = best_of(args.repeats * 3, lambda: embedder.embed([INSTRUCTION]))
-        search = best_of(args.repeats * 3, lambda: engine.front.router().search(query, 5))
-        cached = best_of(args.repeats * 3, lambda: engine.front.instruction_embeddings([INSTRUCTION]))
-        end_to_end = best_of(args.repeats, lambda: engine.generate(request))
-        print(f"1. routing overhead: instruction embedding {instruction * 1000:.1f} ms (a repeated instruction: "
-              f"{cached * 1000:.2f} ms from the cache) + FAISS {search * 1000:.2f} ms of a {args.tokens}-token request "
-              f"{end_to_end * 1000:.0f} ms = {(instruction + search) / end_to_end:.1%} for a new instruction, "
-              f"{(cached + search) / end_to_end:.1%} for a repeated one (goal <= 2 %); the vision tower's "
-              f"{vision * 1000:.1f} ms serve routing and generation alike (counted as routing too: "
-              f"{(vision + instruction + search) / end_to_end:.1%})")
-
-        # 2. mixed adapters in one batch
-        features = backbone.encode_images(images[:8])
-
-        def batch_tokens_per_s(rows: list[TaskAdapter]) -> float:
-            states: list = []
-            t = best_of(args.repeats, lambda: states.__setitem__(slice(None), backbone.generate(
-                features, rows, [INSTRUCTION] * 8, [sampling] * 8)))
-            return sum(len(s.token_ids) for s in states) / t
-        mixed = batch_tokens_per_s(adapters)
-        lora_only, eproj_only = batch_tokens_per_s([adapters[1]] * 8), batch_tokens_per_s([adapters[0]] * 8)
-        print(f"2. mixed adapters: 8 tasks in one batch {mixed:.1f} tokens/s vs one LoRA task {lora_only:.1f} "
-              f"tokens/s = {mixed / lora_only:.2f}, vs one EProj task {eproj_only:.1f} tokens/s = "
-              f"{mixed / eproj_only:.2f} (goal >= 0.9)")
-
-        # 3 and 4. over gRPC vs in-process
+        adapters = [engine.adapters.get(a) for a in ids]  # resident: rounds compare compute, not loading
         server = BackgroundServer(engine, config)
-        port = server.port
-        from cit_client import CitClient
-
-        def grpc_tokens_per_s(concurrency: int) -> float:
-            with CitClient(f"127.0.0.1:{port}") as client:
-                def one(i: int) -> int:
-                    return client.generate(png[i % 16], INSTRUCTION, task_id=f"task{i % TASKS}",
-                                           max_new_tokens=args.tokens, temperature=1.0, seed=0).completion_tokens
-                with ThreadPoolExecutor(concurrency) as pool:
-                    list(pool.map(one, range(concurrency)))  # warm-up
-                    best = 0.0
-                    for _ in range(args.repeats):
-                        start = time.perf_counter()
-                        tokens = sum(pool.map(one, range(concurrency)))
-                        best = max(best, tokens / (time.perf_counter() - start))
-                return best
-        over_grpc = grpc_tokens_per_s(8)
-        print(f"3. server vs in-process: 8 concurrent requests over gRPC {over_grpc:.1f} tokens/s vs one batched "
-              f"generate {mixed:.1f} tokens/s = {over_grpc / mixed:.2f} (goal >= 0.85)")
-        scaling = {c: grpc_tokens_per_s(c) for c in (1, 4, 8, 16)}
-        print("4. concurrency scaling over gRPC: " + ", ".join(f"{c}: {v:.1f} tokens/s" for c, v in scaling.items())
-              + f" (batches so far: mean size {mean_batch(engine):.1f})")
-        server.stop()
-
-        # 5. cold adapter load: all of it, and the part running rows wait for (the read is on the loader thread)
-        def cold(adapter: AdapterId) -> tuple[float, float]:
-            def load():
-                engine.adapters.get(adapter)
-                engine.adapters.evict(adapter)
-            files = []
-
-            def install():
-                engine.adapters.acquire(adapter, files.pop())
-                engine.adapters.release(adapter)
-                engine.adapters.evict(adapter)
-            best_install = float("inf")
-            for _ in range(args.repeats):
-                files.append(engine.adapters.prefetch(adapter).result())
-                best_install = min(best_install, best_of(1, install))
-            return best_of(args.repeats, load), best_install
-        for a in ids[:2]:
-            engine.adapters.evict(a)
-        (eproj, eproj_wait), (lora, lora_wait) = cold(ids[0]), cold(ids[1])
-        print(f"5. cold adapter load: EProj {eproj * 1000:.1f} ms = {eproj / end_to_end:.1%}, LoRA {lora * 1000:.1f} ms "
-              f"= {lora / end_to_end:.1%} of a {args.tokens}-token request (goal <= 5 %); running rows wait only "
-              f"for putting it in place after the loader thread read it: EProj {eproj_wait * 1000:.2f} ms, "
-              f"LoRA {lora_wait * 1000:.2f} ms")
-
-        # 7. the vLLM engine vs the embedded one, through the same request path
-        def engine_tokens_per_s(e: Engine) -> float:
-            requests = [Request(png[i], INSTRUCTION, sampling, task_id=f"task{i}") for i in range(TASKS)]
-            with ThreadPoolExecutor(TASKS) as pool:
-                list(pool.map(e.generate, requests))  # warm-up (and, on vLLM, its LoRAs loaded)
-                best = 0.0
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    tokens = sum(c.completion_tokens for _, c in pool.map(e.generate, requests))
-                    best = max(best, tokens / (time.perf_counter() - start))
-            return best
-        embedded = engine_tokens_per_s(engine) if args.vllm else 0.0
-        engine.close()
+        client = CitClient(f"127.0.0.1:{server.port}", timeout=600)
+        routes = [client.route(png[i], INSTRUCTIONS[i]).route for i in range(TASKS)]
+        assert all(r.task_id == f"task{i}" and not r.fell_back for i, r in enumerate(routes)), routes
+        on_vllm = None
         if args.vllm:
-            for a in engine.adapters.resident():  # their LoRAs leave the shared LM before the next engine loads them
-                engine.adapters.evict(a)
-            from dataclasses import replace
+            on_vllm = Engine(replace(config, engine="vllm"), Backbone(), embedder)
+        pool = ThreadPoolExecutor(16)
 
-            on_vllm = Engine(replace(config, engine="vllm"), backbone, embedder)
-            try:
-                vllm = engine_tokens_per_s(on_vllm)
-            finally:
-                on_vllm.close()
-            print(f"7. vLLM vs embedded engine: 8 concurrent requests on 8 tasks {vllm:.1f} tokens/s vs "
-                  f"{embedded:.1f} tokens/s = {vllm / embedded:.2f}")
+        def sequential(routed: bool) -> tuple[int, ...]:
+            return tuple(client.generate(png[i], INSTRUCTIONS[i], None if routed else f"task{i}", max_new_tokens=2,
+                                         **sampled).completion_tokens for i in range(TASKS))
+
+        def ttft_cit() -> float:
+            start, first = time.perf_counter(), None
+            for message in client.generate_stream(png[0], INSTRUCTIONS[0], "task0", max_new_tokens=1):
+                if first is None and (message.delta or message.finish_reason):
+                    first = time.perf_counter() - start
+            assert first is not None  # a stream ends with its finish_reason
+            return first
+
+        def ttft_plain() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                features = backbone.encode_images([Image.open(io.BytesIO(png[0])).convert("RGB")])
+                visual = adapters[0].connector(features)
+                prompt = backbone.lm.prompt_embeddings(visual, [INSTRUCTIONS[0]])[0]
+                int(plain_lm(inputs_embeds=prompt[None]).logits[0, -1].argmax())
+            return time.perf_counter() - start
+
+        def grpc_8() -> int:
+            return sum(pool.map(lambda i: client.generate(png[i], INSTRUCTIONS[i], f"task{i}", max_new_tokens=16,
+                                                          **sampled).completion_tokens, range(TASKS)))
+
+        features = backbone.encode_images(images)
+
+        def inproc_8() -> int:
+            states = backbone.generate(features, adapters, INSTRUCTIONS, [Sampling(max_new_tokens=16, temperature=1.0, seed=0)] * 8)
+            return sum(len(s.token_ids) for s in states)
+
+        def through(e: Engine) -> Callable[[], int]:
+            requests = [Request(png[i], INSTRUCTIONS[i], Sampling(max_new_tokens=16, temperature=1.0, seed=0), f"task{i}")
+                        for i in range(TASKS)]
+            return lambda: sum(c.completion_tokens for _, c in pool.map(e.generate, requests))
+
+        configs: dict[str, Callable[[], object]] = {
+            "routed": lambda: sequential(True), "forced": lambda: sequential(False),
+            "ttft-cit": ttft_cit, "ttft-plain": ttft_plain, "grpc-8": grpc_8, "inproc-8": inproc_8}
+        if on_vllm is not None:
+            configs |= {"embedded-8": through(engine), "vllm-8": through(on_vllm)}
+        for fn in configs.values():  # warm-up: first calls, caches, the vLLM worker's LoRAs
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        outputs: dict[str, list[object]] = {name: [] for name in configs}
+        names = list(configs)
+        load = os.getloadavg()[0]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                seconds, out = timed(configs[name])
+                if name.startswith("ttft"):
+                    seconds = float(out)  # type: ignore[arg-type]  # ttft functions return their own time
+                times[name].append(seconds)
+                outputs[name].append(out)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in order), flush=True)
+        assert outputs["routed"] == outputs["forced"], "a routed request generated other tokens than forced"
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+
+        def ratio(a: str, b: str, per: Callable[[str, int], float] = lambda n, r: times[n][r]) -> list[float]:
+            return [per(a, r) / per(b, r) for r in range(args.rounds)]
+
+        def tokens_per_s(name: str, r: int) -> float:
+            return float(outputs[name][r]) / times[name][r]  # type: ignore[arg-type]  # token counts
+
+        print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); load "
+              f"average (1 min) {load:.2f} before, {os.getloadavg()[0]:.2f} after; this process used {cpu:.0f} s of "
+              f"CPU in {wall:.0f} s")
+        print(f"{args.rounds} rounds; median [min, max] over rounds\n")
+        print("seconds per configuration")
+        for name in names:
+            print(f"  {name:<12} {summary(times[name])}")
+        print("per-round ratios")
+        overhead = [x - 1 for x in ratio("routed", "forced")]
+        print(f"  routed / forced - 1        {summary([100 * x for x in overhead], ' %')}   (routing overhead on "
+              f"2-token requests over gRPC; goal <= 2 %)")
+        print(f"  ttft cit / plain pipeline  {summary(ratio('ttft-cit', 'ttft-plain'))}   (goal <= 1.2)")
+        print(f"  grpc-8 / inproc-8          {summary(ratio('grpc-8', 'inproc-8', tokens_per_s))}   (tokens/s: what the "
+              f"server adds to one batched generate)")
+        if on_vllm is not None:
+            print(f"  embedded-8 / vllm-8        {summary(ratio('embedded-8', 'vllm-8', tokens_per_s))}   (tokens/s "
+                  f"through the engine; goal >= 1.5)")
+
+        print("\nafter the rounds (medians of 5):")
+        for concurrency in (1, 4, 8, 16):
+            rates = []
+            def one(i: int) -> int:
+                return client.generate(png[i % TASKS], INSTRUCTIONS[i % TASKS], f"task{i % TASKS}", max_new_tokens=16,
+                                       **sampled).completion_tokens
+            for _ in range(5):
+                start = time.perf_counter()
+                tokens = sum(pool.map(one, range(concurrency)))
+                rates.append(tokens / (time.perf_counter() - start))
+            print(f"  gRPC at concurrency {concurrency:>2}: {statistics.median(rates):.1f} tokens/s "
+                  f"[{min(rates):.1f}, {max(rates):.1f}]")
+        client.close()
+        server.stop()
+        for adapter, kind in ((ids[0], "EProj"), (ids[1], "LoRA")):
+            whole, wait = [], []
+            for _ in range(5):
+                engine.adapters.evict(adapter)
+                whole.append(timed(lambda: engine.adapters.get(adapter))[0])  # noqa: B023 - called at once
+                engine.adapters.evict(adapter)
+                files = engine.adapters.prefetch(adapter)
+                assert files is not None  # evicted: it is read from the registry
+                ready = files.result()
+                wait.append(timed(lambda: engine.adapters.acquire(adapter, ready))[0])  # noqa: B023
+                engine.adapters.release(adapter)
+            print(f"  cold {kind} adapter: {1000 * statistics.median(whole):.1f} ms to load, of which running rows wait "
+                  f"{1000 * statistics.median(wait):.2f} ms (putting it in place after the loader thread read it)")
+        pool.shutdown()
+        engine.close()
+        if on_vllm is not None:
+            on_vllm.close()
     return 0
 
 
