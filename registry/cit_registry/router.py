@@ -132,6 +132,7 @@ class Router:
                  exact_limit: int = EXACT_SEARCH_LIMIT, generation: int = 0, floors: np.ndarray | None = None,
                  image_dim: int = 0) -> None:
         self.rows = rows  # index row -> (task id, version)
+        self._served = {task: version for task, version in rows}  # task id -> the version this index routes to
         self.fingerprint = fingerprint
         self.generation = generation  # the registry's generation when its keys were read
         self.index = make_index(vectors, exact_limit) if len(vectors) else None
@@ -252,7 +253,11 @@ class Router:
                 old.unlink(missing_ok=True)
 
     def __len__(self) -> int:
-        return len({r[0] for r in self.rows})
+        return len(self._served)
+
+    def version_of(self, task_id: str) -> int | None:
+        """The version of `task_id` this index routes to (None: not in the index), without I/O."""
+        return self._served.get(task_id)
 
     def _search(self, queries: np.ndarray, k: int) -> list[list[tuple[Candidate, np.ndarray]]]:
         """Top-k tasks per query row, best score first (a task's best centroid counts), each with the instruction

@@ -116,12 +116,18 @@ class Front:
 
     def route(self, embedded: Embedded, task_id: str | None = None, k: int = 5) -> RouteDecision:
         margin = self.config.routing_margin
-        routing = self.router().route(embedded.query, self._background, margin, k)[0]
+        router = self.router()
+        routing = router.route(embedded.query, self._background, margin, k)[0]
         candidates = routing.candidates
         if task_id is not None:
-            task = self.registry.get(task_id)  # TaskNotFound -> NOT_FOUND
+            # the version the index serves, as routing would pick it (no registry read on the scheduler thread:
+            # reading and checking a card there cost a forced request more than routing one); a task the index
+            # lacks (its key unreadable, or committed since the last refresh) is looked up in the registry
+            version = router.version_of(task_id)
+            if version is None:
+                version = self.registry.get(task_id).version  # TaskNotFound -> NOT_FOUND
             score = next((c.score for c in candidates if c.task_id == task_id), float("nan"))
-            return RouteDecision(AdapterId(task.task_id, task.version), score, None, True, margin, candidates)
+            return RouteDecision(AdapterId(task_id, version), score, None, True, margin, candidates)
         chosen = routing.chosen
         if chosen is None:
             best = candidates[0].score if candidates else float("nan")
