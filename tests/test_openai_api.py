@@ -155,6 +155,7 @@ BAD_REQUESTS = {
     "penalty": (_chat(presence_penalty=0.5), 400, "presence_penalty", "only 0"),
     "history": ({"model": "auto", "messages": [*messages(png(), "What?"), {"role": "assistant", "content": "red"},
                                                *messages(png(), "And now?")]}, 400, "messages[1].role", "not supported"),
+    "seed over 64 bits": (_chat(seed=1 << 70), 400, "seed", "64-bit"),
     "stop not strings": (_chat(stop=[1, 2]), 400, "stop", "stop"),
     "stream_options without stream": (_chat(stream_options={"include_usage": True}), 400, "stream_options", "stream: true"),
     "instruction too long": ({"model": "auto", "messages": messages(png(), "x" * 5000)}, 400, None, "instruction"),

@@ -188,6 +188,8 @@ def _sampling(body: dict, default_max_new_tokens: int) -> Sampling:
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
         raise _invalid("stop: a string or a list of strings", "stop")
     seed = _typed(body, "seed", int, None)
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):
+        raise _invalid("seed: a 64-bit integer", "seed")
     if seed is not None and seed < 0:
         seed &= (1 << 64) - 1  # OpenAI allows negative seeds; cit's are unsigned 64-bit
     try:
