@@ -197,9 +197,10 @@ def test_a_system_message_is_accepted_and_not_used(sdk, client, task_dirs):
     assert raw.headers["x-cit-system-message"] == "ignored"
 
 
-def test_http_and_grpc_share_admission_and_a_dropped_http_stream_stops_generating(tmp_path):
+def test_http_and_grpc_share_admission_and_a_client_that_hangs_up_stops_generating(tmp_path):
     """One engine behind both doors: with --max-requests 2 held by two gRPC streams an HTTP request is refused at
-    once (429); a client that drops an HTTP stream frees its row; health over HTTP answers throughout."""
+    once (429); a client that drops an HTTP stream, or hangs up on a unary request, frees its row; health over
+    HTTP answers throughout."""
     registry = Registry.open(tmp_path / "reg", create=True).root
     srv = ServerProcess(registry, "--max-requests", "2", "--max-batch-size", "2", "--adapter-cache-size", "2",
                         "--http-port", "0")
@@ -213,6 +214,7 @@ def test_http_and_grpc_share_admission_and_a_dropped_http_stream_stops_generatin
             refused = httpx.post(f"{url}/v1/chat/completions", json=_chat(max_tokens=2), timeout=60)
             assert refused.status_code == 429 and time.monotonic() - t0 < 1.0, refused.text
             assert refused.json()["error"]["type"] == "rate_limit_error"
+            assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 429  # it reads the registry: admitted too
             assert httpx.get(f"{url}/health", timeout=1).status_code == 200
             for stream in streams:
                 stream.cancel()
@@ -240,6 +242,18 @@ def test_http_and_grpc_share_admission_and_a_dropped_http_stream_stops_generatin
                 break
             time.sleep(0.2)
         assert len(stops) == before + 1 and int(stops[-1]) < 100, stops
+
+        # a unary request whose client hangs up (here: its read timeout) stops generating too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={"model": "auto", "messages": messages(png(), STORY),
+                                                           "max_tokens": 400}, timeout=httpx.Timeout(60, read=1.5))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stops = re.findall(r"generation stopped after (\d+) of at most 400", "".join(srv.lines))
+            if len(stops) > before + 1:
+                break
+            time.sleep(0.2)
+        assert len(stops) == before + 2 and int(stops[-1]) < 100, stops
     finally:
         srv.stop()
 

@@ -19,9 +19,9 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -37,6 +37,8 @@ from .security import TokenAuth
 from .service import status_of
 
 log = logging.getLogger("cit.server")
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25  # how often a unary request looks whether its client is still there
 AUTO = "auto"  # the model name that lets cit route; any other names a task (routing skipped)
 # What an OpenAI client may send that cit cannot honour: refused naming the field, never silently dropped.
 UNSUPPORTED = {
@@ -52,7 +54,7 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.INTERNAL: 500,
 }
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+ERROR_TYPE = {499: "client_closed_request", 400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
 
 
@@ -242,9 +244,12 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
 
     @app.get("/v1/models")
     async def models(http: HttpRequest) -> JSONResponse:
-        authorise(http)
-        with engine.admission.slot():
-            tasks = await engine.call(lambda: [(t, engine.residency(t)) for t in engine.tasks()])
+        try:
+            authorise(http)
+            with engine.admission.slot():  # it reads the registry: it counts as a request (as ListTasks does)
+                tasks = await engine.call(lambda: [(t, engine.residency(t)) for t in engine.tasks()])
+        except Exception as exc:  # noqa: BLE001 - every error gets a status
+            return _api_error(exc).response()
         created = int(time.time())
         data = [{"id": AUTO, "object": "model", "created": created, "owned_by": "cit"}]
         data += [{"id": t.task_id, "object": "model", "created": created, "owned_by": "cit",
@@ -270,7 +275,7 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
             return StreamingResponse(_events(outputs, decision, chat, completion_id, created, count),
                                      media_type="text/event-stream", headers=headers)
         try:
-            done = [o async for o in outputs if isinstance(o, Completion)][-1]
+            done = await _unless_disconnected(http, _completion(outputs))
         except Exception as exc:  # noqa: BLE001
             error = _api_error(exc)
             count(_code_name(error.status))
@@ -283,6 +288,25 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
             "usage": _usage(done), "cit_route": route_json(decision)}, headers=headers)
 
     return app
+
+
+async def _completion(outputs: AsyncIterator) -> Completion:
+    return [o async for o in outputs if isinstance(o, Completion)][-1]
+
+
+async def _unless_disconnected(http: HttpRequest, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it when the client hangs up: a unary request whose caller is gone frees its row at
+    the next decode step instead of generating to the end (a stream's is cancelled by Starlette itself)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ApiError(499, "the client closed the connection")
 
 
 async def _json_body(http: HttpRequest, limit: int) -> Any:
