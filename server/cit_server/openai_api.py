@@ -391,7 +391,8 @@ class HttpServer:
     """The OpenAI HTTP API on the running event loop (the gRPC server's), listening at config.host:http_port."""
 
     def __init__(self, engine: Engine, config: ServerConfig, auth: TokenAuth) -> None:
-        self.socket = socket.create_server((config.host, config.http_port or 0), reuse_port=False)
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # --host may be an IPv6 address
+        self.socket = socket.create_server((config.host, config.http_port or 0), family=family)
         self.port: int = self.socket.getsockname()[1]
         self._server = _Uvicorn(uvicorn.Config(
             create_app(engine, config, auth), log_level="warning", access_log=False, lifespan="off",
