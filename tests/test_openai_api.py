@@ -155,6 +155,7 @@ BAD_REQUESTS = {
     "penalty": (_chat(presence_penalty=0.5), 400, "presence_penalty", "only 0"),
     "history": ({"model": "auto", "messages": [*messages(png(), "What?"), {"role": "assistant", "content": "red"},
                                                *messages(png(), "And now?")]}, 400, "messages[1].role", "not supported"),
+    "temperature with 400 digits": (_chat(temperature=10**400), 400, None, "out of range"),
     "seed over 64 bits": (_chat(seed=1 << 70), 400, "seed", "64-bit"),
     "stop not strings": (_chat(stop=[1, 2]), 400, "stop", "stop"),
     "stream_options without stream": (_chat(stream_options={"include_usage": True}), 400, "stream_options", "stream: true"),
@@ -178,6 +179,8 @@ def test_bodies_that_are_not_json_or_too_large_are_refused(bare):
     url = f"http://{bare.http_address}/v1/chat/completions"
     r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"[" * 200_000, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
 
     def chunks():  # no content-length: the limit holds for a chunked body too
         for _ in range(40):

@@ -42,9 +42,29 @@ def test_series_are_bounded_by_top_n_plus_other_and_base():
     rng = random.Random(1)
     for i in range(2_000):
         task = f"task-{min(int(rng.expovariate(0.3)), 50)}" if i % 10 else ""
-        labels = metrics.task_label(task, 1)
+        metrics.count_task(task)
+        labels = metrics.task_labels(task, 1)
         metrics.task_requests.labels(*labels, "ok").inc()
         metrics.task_tokens.labels(*labels).inc(3)
     tasks = {sample.labels["task"] for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
              if family.name.startswith("cit_task_") for sample in family.samples}
     assert BASE in tasks and OTHER in tasks and len(tasks - {BASE, OTHER}) <= 3, tasks
+
+
+def test_a_request_that_ends_after_its_task_lost_its_label_counts_as_other():
+    """A long request routed while its task was labelled, ending after another task took the label: no series of
+    the unlabelled task comes back."""
+    metrics = Metrics(_Store(), top_tasks=1)
+    metrics.count_task("a")
+    assert metrics.task_labels("a", 1) == ("a", "1")
+    for _ in range(3):
+        metrics.count_task("b")  # b takes a's label
+    assert metrics.task_labels("a", 1) == (OTHER, "")  # what the long request of a is counted under now
+
+
+def test_counters_of_labelled_tasks_are_never_taken_over():
+    top = TopTasks(2, lambda task: None)
+    top.label("a"), top.label("b")
+    for i in range(100):  # one-off tasks fill and churn the other counters
+        top.label(f"once-{i}")
+    assert top.labelled == {"a", "b"} and top.counts["a"] == top.counts["b"] == 1

@@ -118,7 +118,8 @@ class AsyncCitClient:
             stream = client.generate_stream("cat.png", "Describe it.", max_new_tokens=64)
             async for message in stream:     # the route first, then text deltas, then finish_reason
                 ...
-            stream.cancel()                  # or leave the loop early: the server stops generating for it
+            stream.cancel()                  # to stop early (leaving the loop alone does not cancel the call;
+                                             # stream_text's loop does)
 
     Create it inside the event loop that uses it (grpc.aio binds a channel to its loop).
     """

@@ -121,13 +121,14 @@ class _Reader:
     def __init__(self, engine: Engine, job: Job) -> None:
         self.metrics, self.job = engine.metrics, job
         self.sent, self.first, self.done = 0, True, False
-        self.task: tuple[str, str] | None = None  # (task, version) labels once routed
+        self.served: tuple[str, int] | None = None  # (task id, version) once routed
         self.ended = False
 
     def read(self, event: Event) -> list[Output]:
         if isinstance(event, Routed):
             decision = event.decision
-            self.task = self.metrics.task_label(decision.adapter.task_id, decision.adapter.version)
+            self.served = (decision.adapter.task_id, decision.adapter.version)
+            self.metrics.count_task(decision.adapter.task_id)
             if decision.fell_back is not None:
                 nearest = decision.candidates[0].task_id if decision.candidates else ""
                 self.metrics.task_fell_back.labels(self.metrics.top_tasks.peek(nearest),
@@ -148,9 +149,10 @@ class _Reader:
             total = time.monotonic() - self.job.submitted
             self.metrics.latency.labels("total").observe(total)
             self.metrics.tokens.inc(event.completion_tokens)
-            if self.task is not None:
-                self.metrics.task_latency.labels(*self.task).observe(total)
-                self.metrics.task_tokens.labels(*self.task).inc(event.completion_tokens)
+            if self.served is not None:
+                labels = self.metrics.task_labels(*self.served)
+                self.metrics.task_latency.labels(*labels).observe(total)
+                self.metrics.task_tokens.labels(*labels).inc(event.completion_tokens)
             self._end("ok")
             out.append(Completion(event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens))
             self.done = True
@@ -161,8 +163,8 @@ class _Reader:
         self._end("cancelled")
 
     def _end(self, outcome: str) -> None:
-        if self.task is not None and not self.ended:
-            self.metrics.task_requests.labels(*self.task, outcome).inc()
+        if self.served is not None and not self.ended:
+            self.metrics.task_requests.labels(*self.metrics.task_labels(*self.served), outcome).inc()
         self.ended = True
 
 

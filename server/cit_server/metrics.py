@@ -43,14 +43,16 @@ class TopTasks:
     """Which tasks get a label of their own: the `top_n` busiest by requests, in bounded memory and series.
 
     Request counts are kept by Space-Saving (Metwally et al., 2005) in 4 x top_n counters, whatever the number of
-    tasks. A task takes a label when the label set has room or when its count passes 1.5 x that of the least busy
-    labelled task, which then gives its label up (`on_drop`: its series are removed; its traffic counts under
-    OTHER from then on, as a new task's does until it gets a label). So at most top_n tasks have series at a time.
+    tasks. A task takes a label when the label set has room or when its guaranteed count (less what its counter
+    may have inherited) passes 1.5 x that of the least busy labelled task, which then gives its label up
+    (`on_drop`: its series are removed; its traffic counts under OTHER from then on, as a new task's does until it
+    gets a label). Labelled tasks keep their counters. So at most top_n tasks have series at a time.
     """
 
     def __init__(self, top_n: int, on_drop: Callable[[str], None]) -> None:
         self.top_n, self.capacity, self.on_drop = top_n, max(4 * top_n, 16), on_drop
         self.counts: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # per counted task: how much of its count it may have inherited
         self.labelled: set[str] = set()
         self._lock = threading.Lock()
 
@@ -66,22 +68,25 @@ class TopTasks:
             if task in self.counts:
                 self.counts[task] += 1
             elif len(self.counts) < self.capacity:
-                self.counts[task] = 1
-            else:  # Space-Saving: the new task takes over the smallest counter (an upper bound of its count)
-                smallest = min(self.counts, key=self.counts.__getitem__)
-                self.counts[task] = self.counts.pop(smallest) + 1
+                self.counts[task], self.errors[task] = 1, 0
+            else:  # Space-Saving: the new task takes over the smallest counter, never a labelled task's; what it
+                # inherits is its possible overcount (its count is an upper bound, count - error a lower one)
+                smallest = min((t for t in self.counts if t not in self.labelled), key=self.counts.__getitem__)
+                inherited = self.counts.pop(smallest)
+                del self.errors[smallest]
+                self.counts[task], self.errors[task] = inherited + 1, inherited
             if task in self.labelled:
                 return task
             if len(self.labelled) < self.top_n:
                 self.labelled.add(task)
                 return task
             weakest = min(self.labelled, key=lambda t: self.counts.get(t, 0))
-            if self.counts[task] <= 1.5 * self.counts.get(weakest, 0):
-                return OTHER
+            if self.counts[task] - self.errors[task] <= 1.5 * self.counts.get(weakest, 0):
+                return OTHER  # a label changes hands only on traffic the newcomer surely had
             self.labelled.discard(weakest)
             self.labelled.add(task)
-        self.on_drop(weakest)
-        return task
+            self.on_drop(weakest)  # under the lock: no other thread labels `weakest` again before its series go
+            return task
 
 
 class Metrics:
@@ -112,11 +117,17 @@ class Metrics:
         self.running = Gauge("cit_running_rows", "requests in the running batch (decoded together)", registry=r)
         r.register(_AdapterCacheCollector(store))
 
-    def task_label(self, task_id: str, version: int) -> tuple[str, str]:
-        """The (task, version) labels a request served by that task version counts under (BASE: no task)."""
+    def count_task(self, task_id: str) -> None:
+        """One request routed to (or forced onto) `task_id` ("": the base connector), for the busiest-task ranking."""
+        if task_id:
+            self.top_tasks.label(task_id)
+
+    def task_labels(self, task_id: str, version: int) -> tuple[str, str]:
+        """The (task, version) labels a request of that task version counts under now: asked when it is counted,
+        not when it was routed, so a task that lost its label meanwhile adds to OTHER, not to removed series."""
         if not task_id:
             return BASE, ""
-        task = self.top_tasks.label(task_id)
+        task = self.top_tasks.peek(task_id)
         return (task, str(version)) if task != OTHER else (OTHER, "")
 
     def _drop_task(self, task: str) -> None:

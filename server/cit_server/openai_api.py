@@ -28,6 +28,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from cit_backbone.sampling import Sampling
 
@@ -197,6 +199,8 @@ def _sampling(body: dict, default_max_new_tokens: int) -> Sampling:
     try:
         return Sampling(max_new_tokens=tokens, temperature=float(_typed(body, "temperature", number, 0.0)),
                         top_p=float(_typed(body, "top_p", number, 1.0)), seed=seed, stop=tuple(stop or ()))
+    except OverflowError:  # float() of an integer with hundreds of digits
+        raise _invalid("a sampling value is out of range (temperature, top_p)") from None
     except ValueError as exc:  # Sampling's message names its own field: say which of the request's it was
         tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         param = next((field for own, field in (("max_new_tokens", tokens_field), ("temperature", "temperature"),
@@ -272,8 +276,11 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
         headers = route_headers(decision, chat.ignored_system)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
+            # the background task closes the engine's stream however the response ends, also when the client
+            # left before its first byte (then _events never starts, and its own finally never runs)
             return StreamingResponse(_events(outputs, decision, chat, completion_id, created, count),
-                                     media_type="text/event-stream", headers=headers)
+                                     media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(outputs.aclose))
         try:
             done = await _unless_disconnected(http, _completion(outputs))
         except Exception as exc:  # noqa: BLE001
@@ -298,15 +305,18 @@ async def _unless_disconnected(http: HttpRequest, work: Coroutine[Any, Any, T]) 
     """Await `work`, cancelling it when the client hangs up: a unary request whose caller is gone frees its row at
     the next decode step instead of generating to the end (a stream's is cancelled by Starlette itself)."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await http.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ApiError(499, "the client closed the connection")
+    finally:  # the client left, or this handler was cancelled (e.g. at the end of a graceful shutdown)
+        if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise ApiError(499, "the client closed the connection")
 
 
 async def _json_body(http: HttpRequest, limit: int) -> Any:
@@ -315,14 +325,19 @@ async def _json_body(http: HttpRequest, limit: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is over {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in http.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the body is over {limit} bytes", code="request_too_large")
+    try:
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the body is over {limit} bytes", code="request_too_large")
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection while sending the body") from None
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _invalid(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise _invalid("the body is not JSON cit reads: nested too deeply") from None
 
 
 def _api_error(exc: Exception) -> ApiError:
@@ -370,6 +385,9 @@ async def _events(outputs: AsyncGenerator, decision: RouteDecision, chat: ChatRe
                 if chat.include_usage:
                     yield chunk([], usage=_usage(output))
         count("OK")
+    except asyncio.CancelledError:  # the client went away (Starlette cancels the response)
+        count("CANCELLED")
+        raise
     except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
         error = _api_error(exc)
         count(_code_name(error.status))
@@ -391,8 +409,9 @@ class HttpServer:
     """The OpenAI HTTP API on the running event loop (the gRPC server's), listening at config.host:http_port."""
 
     def __init__(self, engine: Engine, config: ServerConfig, auth: TokenAuth) -> None:
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # --host may be an IPv6 address
-        self.socket = socket.create_server((config.host, config.http_port or 0), family=family)
+        host = config.host.strip("[]")  # gRPC takes an IPv6 address in brackets ("[::]"), sockets without
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, config.http_port or 0), family=family)
         self.port: int = self.socket.getsockname()[1]
         self._server = _Uvicorn(uvicorn.Config(
             create_app(engine, config, auth), log_level="warning", access_log=False, lifespan="off",
