@@ -22,17 +22,17 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-
-
-def _credentials(tls_ca: str | Path | None, tls_cert: str | Path | None,
-                 tls_key: str | Path | None) -> grpc.ChannelCredentials | None:
-    """TLS credentials when a CA or a client certificate is given, else None (a plaintext channel)."""
+def _open_channel(grpc_module: Any, target: str, max_message_bytes: int, tls_ca: str | Path | None,
+                  tls_cert: str | Path | None, tls_key: str | Path | None) -> Any:
+    """A channel of `grpc_module` (grpc or grpc.aio, which open channels alike): TLS when a CA or a client
+    certificate is given, else plaintext."""
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes)]
     if tls_ca is None and tls_cert is None:
-        return None
+        return grpc_module.insecure_channel(target, options=options)
     read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
-    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+    credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+    return grpc_module.secure_channel(target, credentials, options=options)
 
 
 def generate_request(
@@ -68,12 +68,7 @@ class CitClient:
     def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024,
                  token: str | None = None, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None) -> None:
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        if credentials is not None:
-            self.channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = _open_channel(grpc, target, max_message_bytes, tls_ca, tls_cert, tls_key)
         if token is not None:
             self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = cit_pb2_grpc.CitStub(self.channel)
@@ -129,12 +124,7 @@ class AsyncCitClient:
     def __init__(self, target: str, timeout: float | None = 120.0, max_message_bytes: int = 9 * 1024 * 1024,
                  token: str | None = None, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None) -> None:
-        options = _channel_options(max_message_bytes)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        if credentials is not None:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel: grpc.aio.Channel = _open_channel(grpc.aio, target, max_message_bytes, tls_ca, tls_cert, tls_key)
         # per call rather than an interceptor: grpc.aio's interceptors are fixed per channel type and add a task per call
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
         self.stub = cit_pb2_grpc.CitStub(self.channel)

@@ -122,7 +122,7 @@ def _typed(body: dict, name: str, kind: type | tuple[type, ...], default: Any, p
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # JSON true is no number
         raise _invalid(f"{param or name}: expected {getattr(kind, '__name__', 'a number')}", param or name)
     return value
 
@@ -233,6 +233,11 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
     def count(code: str) -> None:
         engine.metrics.requests.labels("ChatCompletions", code).inc()
 
+    def failed(exc: Exception) -> JSONResponse:
+        error = _api_error(exc)
+        count(_code_name(error.status))
+        return error.response()
+
     def authorise(http: HttpRequest) -> None:
         denied = auth.denied(http.headers.get("authorization"), admin=False)
         if denied is not None:
@@ -270,23 +275,19 @@ def create_app(engine: Engine, config: ServerConfig, auth: TokenAuth) -> FastAPI
             decision = await anext(outputs)  # routing and admission errors come here, before any byte is sent
             assert isinstance(decision, RouteDecision)  # a stream starts with its route
         except Exception as exc:  # noqa: BLE001 - every error gets a status
-            error = _api_error(exc)
-            count(_code_name(error.status))
-            return error.response()
+            return failed(exc)
         headers = route_headers(decision, chat.ignored_system)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             # the background task closes the engine's stream however the response ends, also when the client
-            # left before its first byte (then _events never starts, and its own finally never runs)
+            # left before its first byte (then _events never starts): the engine drops its row at the next step
             return StreamingResponse(_events(outputs, decision, chat, completion_id, created, count),
                                      media_type="text/event-stream", headers=headers,
                                      background=BackgroundTask(outputs.aclose))
         try:
             done = await _unless_disconnected(http, _completion(outputs))
         except Exception as exc:  # noqa: BLE001
-            error = _api_error(exc)
-            count(_code_name(error.status))
-            return error.response()
+            return failed(exc)
         count("OK")
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
@@ -364,7 +365,7 @@ async def _events(outputs: AsyncGenerator, decision: RouteDecision, chat: ChatRe
                   created: int, count: Callable[[str], None]) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: a role chunk (with cit_route), content chunks, a chunk with the
     finish_reason, a usage chunk when asked, then [DONE]. A failure after the first byte is an error event. A
-    client that disconnects cancels this generator, and with it the generation (at the next decode step)."""
+    client that disconnects cancels this generator; the response's background task then closes `outputs`."""
     def event(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
@@ -392,8 +393,6 @@ async def _events(outputs: AsyncGenerator, decision: RouteDecision, chat: ChatRe
         error = _api_error(exc)
         count(_code_name(error.status))
         yield event(error.payload())
-    finally:
-        await outputs.aclose()  # a client that went away: the engine drops its row at the next step
     yield "data: [DONE]\n\n"
 
 
