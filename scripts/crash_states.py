@@ -8,7 +8,8 @@ each file, its content at its last fsync or its newest content, and of each dire
 fsync or its newest ones (what POSIX promises: nothing is durable before its fsync). At every point of the trace the
 checker builds the crash states that differ from "everything kept" or "only what was fsynced kept" in one file or
 directory, and opens each as a registry. Each must be the registry before the commit or after it, `verify` clean;
-the generation counter never runs ahead of the versions, a version never lands without its backbone record, and once
+the generation counter never runs ahead of the versions or the history (whose line says who committed), a version
+never lands without its backbone record, and once
 commit has returned, every state is the registry after it.
 
 Scenarios: the first commit into an empty registry (it records the backbone), a new task in a
@@ -200,6 +201,7 @@ class State:
     fingerprint: list
     generation: int
     meta: dict
+    history: list  # (action, task, version) of each line
 
 
 def read_state(root: Path) -> State | str:
@@ -209,7 +211,8 @@ def read_state(root: Path) -> State | str:
         problems = list(reg.verify())
         if problems:
             return f"verify: {problems[0]}"
-        return State(reg.fingerprint(), reg.generation(), reg.meta())
+        return State(reg.fingerprint(), reg.generation(), reg.meta(),
+                     [(c.action.value, c.task, c.version) for c in reg.history()])
     except Exception as exc:  # noqa: BLE001 - any failure to open is a finding
         return f"does not open: {type(exc).__name__}: {exc}"
 
@@ -219,11 +222,13 @@ def violation(state: State | str, old: State, new: State, returned: bool) -> str
         return state
     if returned and state != new:
         return "commit had returned, but the state is not the registry after it"
-    for part in ("fingerprint", "generation", "meta"):
+    for part in ("fingerprint", "generation", "meta", "history"):
         if getattr(state, part) not in (getattr(old, part), getattr(new, part)):
             return f"its {part} is neither the old one nor the new one"
     if state.generation == new.generation != old.generation and state.fingerprint != new.fingerprint:
         return "the generation counter ran ahead of the versions"
+    if state.generation == new.generation != old.generation and state.history != new.history:
+        return "the generation counter ran ahead of the history"
     if state.fingerprint == new.fingerprint != old.fingerprint and state.meta != new.meta:
         return "a version landed without its backbone record"
     return None

@@ -36,7 +36,7 @@ def adapter(path):
 print("ready", flush=True)
 while True:
     task = f"t{rng.integers(0, 8)}"
-    version = (reg._versions(task) or [0])[-1] + 1
+    version = (reg.versions(task) or [0])[-1] + 1
     key = TaskKey.from_embeddings(rng.normal(size=(4, 8)), rng.normal(size=(4, 4)), rng.normal(size=(4, 4)))
     reg.commit(TaskCard(task, version, "eproj", {"action": "expanded"}), key, {"adapter": adapter})
 """

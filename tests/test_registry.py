@@ -500,7 +500,7 @@ def test_a_reader_never_sees_a_torn_version_while_a_writer_commits(tmp_path):
     seen = set()
     while True:
         finished = writer.poll() is not None  # read once more after the writer ends
-        for t in reg.latest():
+        for t in reg.serving():
             seen.add(t.version)
             manifest = json.loads((t.path / "manifest.json").read_text())["files"]
             for rel, digest in manifest.items():

@@ -33,7 +33,7 @@ def write_eval(path, files=("samples.jsonl", "images/00000.png")):
 
 
 def commit(reg, task, kind="eproj", version=None, backbone=None, **parts):
-    version = version or (reg._versions(task) or [0])[-1] + 1
+    version = version or (reg.versions(task) or [0])[-1] + 1
     return reg.commit(TaskCard(task, version, kind, {"action": "expanded"}), make_key(),
                       {"adapter": write_adapter, **parts}, backbone=backbone)
 

@@ -18,7 +18,7 @@ from .test_registry import make_key, write_adapter, write_lora
 
 
 def add(reg, task_id, key=None, version=None, **card):
-    version = version or (reg._versions(task_id) or [0])[-1] + 1
+    version = version or (reg.versions(task_id) or [0])[-1] + 1
     return reg.commit(TaskCard(task_id, version, "eproj", {"action": "expanded"}, **card), key or make_key(),
                       {"adapter": write_adapter})
 
@@ -167,7 +167,7 @@ def test_a_damaged_card_on_disk_leaves_its_task_out_and_verify_says_so(tmp_path)
     card = json.loads((damaged.path / "task.json").read_text())
     card["metrics"] = {"accuracy_after": "high"}
     (damaged.path / "task.json").write_text(json.dumps(card))
-    assert [t.task_id for t in reg.latest()] == ["alpha"]  # ListTasks and routing go on for the others
+    assert [t.task_id for t in reg.serving()] == ["alpha"]  # ListTasks and routing go on for the others
     problems = list(reg.verify())
     assert any("beta v1" in p and "schema" in p for p in problems), problems
 
@@ -189,12 +189,12 @@ def test_the_index_is_labelled_with_what_was_read_before_its_keys(tmp_path):
     """A commit landing while the index is built makes it look stale (rebuilt), never fresh without the task."""
     reg = Registry.open(tmp_path / "reg", create=True)
     add(reg, "alpha")
-    latest = reg.latest
-    racing = lambda: (latest(), add(reg, "beta"))[0]  # noqa: E731 - a commit lands just after the keys are read
-    reg.latest = racing
+    serving = reg.serving
+    racing = lambda: (serving(), add(reg, "beta"))[0]  # noqa: E731 - a commit lands just after the keys are read
+    reg.serving = racing
     with reg.writing():
         Router.build(reg).save(reg)
-    reg.latest = latest
+    reg.serving = serving
     assert len(Router.load(reg)) == 2, "the index claims to be fresh but misses the task committed meanwhile"
 
 
@@ -253,7 +253,7 @@ def test_concurrent_readers_see_generation_and_versions_move_together(tmp_path):
         reader = Registry.open(reg.root)
         while not done.is_set():
             g = reader.generation()
-            seen.append((g, sum(len(reader._versions(t)) for t in reader.task_ids())))
+            seen.append((g, sum(len(reader.versions(t)) for t in reader.task_ids())))
     thread = threading.Thread(target=read)
     thread.start()
     for _ in range(20):
@@ -272,7 +272,7 @@ def test_a_card_or_key_damaged_on_disk_in_any_way_leaves_only_its_own_task_out(t
     card = json.loads((gamma.path / "task.json").read_text())
     (gamma.path / "task.json").write_text(json.dumps({**card, "task_id": "Not A Task Id"}))
     (delta.path / "key.safetensors").write_bytes(b"garbage")
-    assert [t.task_id for t in reg.latest()] == ["alpha", "delta"]
+    assert [t.task_id for t in reg.serving()] == ["alpha", "delta"]
     assert [r[0] for r in Router.build(reg).rows] == ["alpha"]  # delta's key cannot be read: not routed
     assert {p.split(":")[0] for p in reg.verify()} == {"beta v1", "gamma v1", "delta v1"}
 

@@ -149,7 +149,7 @@ class Router:
         # (rebuilt at the next check), never fresh.
         fingerprint, generation = registry.fingerprint(), registry.generation()
         keyed = []
-        for task in registry.latest():
+        for task in registry.serving():
             try:
                 key = task.key()
                 key.routing_floors  # noqa: B018 - a key whose floors cannot be read is damaged too

@@ -2,7 +2,9 @@
 
     <root>/registry.json                         format, and the backbone its tasks fit (recorded at the first
                                                  commit: identity, widths of keys, projections and LoRAs)
-    <root>/generation                            a counter bumped by every commit: change detection is one read
+    <root>/generation                            a counter bumped by every change: change detection is one read
+    <root>/history.jsonl                         every change, one JSON line each: which version of each task
+                                                 serves follows from it (lifecycle.py)
     <root>/tasks/<task_id>/v0001/task.json       the task card of version 1
                                /key.safetensors  the task key (centroids)
                                /adapter/         the projection: adapter_config.json + adapter_model.safetensors
@@ -12,7 +14,9 @@
                                /manifest.json    sha256 of every other file of the version
     <root>/index/                                derived routing index (see router.py)
     <root>/.staging/                             versions being written
-    <root>/.lock                                 held (flock) by the one process writing
+    <root>/.lock                                 held (flock) by the one process writing versions
+    <root>/.history.lock                         held (flock) briefly by whoever appends to the history: a task
+                                                 can be retired or rolled back while add-task trains
 
 A version is written whole into .staging, fsynced, then renamed into place and the directories that gained an
 entry are fsynced: rename is atomic, so a reader sees a complete version or none, and a version is durable once
@@ -49,8 +53,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from .lifecycle import HISTORY, Action, Change, Lifecycle, append_change, history_problems, read_history
+
 log = logging.getLogger("cit.registry")
-FORMAT_VERSION = 2  # 2: registry.json records the backbone; the generation counter (migrate: cit-registry migrate)
+# 2: registry.json records the backbone; the generation counter. 3: history.jsonl decides which version serves
+# (a format-2 reader would serve retired tasks and candidates). Older formats: `cit-registry migrate`.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 GENERATION = "generation"
 BUNDLE_FORMAT = 2   # 2: bundle.json carries its registry's backbone record; format 1 bundles still import
@@ -238,6 +246,9 @@ CARD_SCHEMA = {
                            "accuracy_after": NUMBER, "eval_correct": {"type": "string", "pattern": "^[01]*$"},
                            "train": {"type": ["string", "null"]}, "test": {"type": ["string", "null"]}}}},
         "created_at": {"type": "string"},
+        # a version committed behind a forgetting gate: {"max_forgetting", "forgetting" (points), "passed"}
+        "gate": {"type": "object", "properties": {"passed": {"type": "boolean"}, "max_forgetting": NUMBER,
+                                                  "forgetting": NUMBER}},
     },
 }
 _CARD_VALIDATOR = jsonschema.Draft202012Validator(CARD_SCHEMA)
@@ -255,6 +266,7 @@ class TaskCard:
     metrics: dict = field(default_factory=dict)        # accuracy before/after, earlier tasks re-measured
     training: dict = field(default_factory=dict)       # method, hyper-parameters, wall time
     datasets: list = field(default_factory=list)       # every data set this task's adapter was trained on
+    gate: dict = field(default_factory=dict)           # add-task --max-forgetting: failed -> a candidate
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @staticmethod
@@ -318,6 +330,11 @@ class TaskVersion:
         return self.path / "replay"
 
     @property
+    def candidate(self) -> bool:
+        """Committed behind a forgetting gate it did not pass: it serves only once promoted."""
+        return bool(self.card.gate) and not self.card.gate.get("passed", False)
+
+    @property
     def shared_method(self) -> str | None:
         """The shared-connector method whose lineage this version belongs to (None: the task owns its adapter)."""
         return self.card.training.get("method") if self.card.adapter_kind == "shared" else None
@@ -375,12 +392,35 @@ def _record_of(shapes: dict, identity: str | None) -> dict:
     return {"identity": identity, **shapes}
 
 
+@dataclass(frozen=True)
+class Collected:
+    """What gc removed (or would remove): versions per task, and their bytes."""
+
+    removed: dict[str, tuple[int, ...]]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """Where a task stands: its versions on disk and which of them serves."""
+
+    task_id: str
+    versions: tuple[int, ...]
+    serving: int | None         # None: retired, or no version may serve (only candidates)
+    retired: bool
+    rolled_back: bool           # a rollback chose the serving version (a newer one exists)
+    candidates: tuple[int, ...]  # committed behind a forgetting gate, neither promoted nor rejected
+
+
 class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock_fd: int | None = None
         self._lock_depth = 0
         self._threads = threading.RLock()  # the flock is per process: threads of one process take turns here
+        self._history_threads = threading.Lock()
+        self._candidates: dict[tuple[str, int], bool] = {}  # a version's card never changes: read once
+        self._lifecycle: tuple[tuple, Lifecycle] | None = None  # (the history file's stat, its fold)
 
     @classmethod
     def open(cls, root: Path, create: bool = False) -> Registry:
@@ -393,8 +433,8 @@ class Registry:
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps({"format": FORMAT_VERSION, "backbone": None}, indent=2) + "\n")
         fmt = json.loads(marker.read_text()).get("format")
-        if fmt == 1:
-            raise ValueError(f"registry {root} has format 1 (written by an older cit); this cit reads format "
+        if fmt in (1, 2):
+            raise ValueError(f"registry {root} has format {fmt} (written by an older cit); this cit reads format "
                              f"{FORMAT_VERSION}: upgrade it with `cit-registry migrate --registry {root}`")
         if fmt != FORMAT_VERSION:
             raise ValueError(f"registry {root} has format {fmt}; this cit reads format {FORMAT_VERSION}")
@@ -423,36 +463,172 @@ class Registry:
     def task_ids(self) -> list[str]:
         if not self.tasks_dir.exists():
             return []
-        return sorted(p.name for p in self.tasks_dir.iterdir() if p.is_dir() and self._versions(p.name))
+        return sorted(p.name for p in self.tasks_dir.iterdir() if p.is_dir() and self.versions(p.name))
 
-    def _versions(self, task_id: str) -> list[int]:
+    def versions(self, task_id: str) -> list[int]:
+        """The versions of a task on disk, oldest first."""
         d = self.tasks_dir / task_id
-        if not d.is_dir():
+        if not TASK_ID.fullmatch(task_id) or not d.is_dir():
             return []
         return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_DIR.fullmatch(p.name)))
 
     def get(self, task_id: str, version: int | None = None) -> TaskVersion:
-        versions = self._versions(task_id) if TASK_ID.fullmatch(task_id) else []
+        """A version of a task; `version` None: the one that serves (TaskNotFound says why none does)."""
+        versions = self.versions(task_id)
         if not versions or (version is not None and version not in versions):
             raise TaskNotFound(f"no task {task_id!r}" + (f" version {version}" if version else "") + " in the registry")
-        version = version or versions[-1]
+        if version is None:
+            version = self.serving_version(task_id)
+            if version is None:
+                status = self.status(task_id)
+                raise TaskNotFound(
+                    f"task {task_id!r} is retired (`cit-registry restore {task_id}` brings it back)" if status.retired
+                    else f"task {task_id!r} has no serving version: v{', v'.join(map(str, status.candidates))} "
+                         f"await promotion (`cit-registry promote {task_id}`)")
         path = self.tasks_dir / task_id / f"v{version:04d}"
         return TaskVersion(TaskCard.from_json((path / "task.json").read_text()), path)
 
-    def latest(self) -> list[TaskVersion]:
-        """The newest version of every task: what the router serves. A version whose card cannot be read is left
-        out (and logged; `verify` reports it): one damaged task never breaks the others."""
+    def newest(self, task_id: str) -> TaskVersion:
+        """The newest version on disk, whether it serves or not."""
+        versions = self.versions(task_id)
+        if not versions:
+            raise TaskNotFound(f"no task {task_id!r} in the registry")
+        return self.get(task_id, versions[-1])
+
+    def serving(self) -> list[TaskVersion]:
+        """The serving version of every task that has one: what the router routes to. A version whose card cannot
+        be read is left out (and logged; `verify` reports it): one damaged task never breaks the others."""
         out = []
         for task_id in self.task_ids():
             try:
-                out.append(self.get(task_id))
+                if self.serving_version(task_id) is not None:
+                    out.append(self.get(task_id))
             except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not the schema
-                log.warning("task %s is left out: its newest version cannot be read (%s)", task_id, exc)
+                log.warning("task %s is left out: its serving version cannot be read (%s)", task_id, exc)
         return out
 
     def fingerprint(self) -> list[list]:
-        """(task id, version) of every served task: the routing index is stale when this changes."""
-        return [[t, self._versions(t)[-1]] for t in self.task_ids()]
+        """(task id, serving version) of every served task: the routing index is stale when this changes."""
+        return [[t, v] for t in self.task_ids() if (v := self.serving_version(t)) is not None]
+
+    # -- the lifecycle (lifecycle.py): which version serves
+    def lifecycle(self) -> Lifecycle:
+        """The history folded, re-read only when the history file changed."""
+        try:
+            st = (self.root / HISTORY).stat()
+            seen: tuple = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            seen = ()
+        cached = self._lifecycle
+        if cached is None or cached[0] != seen:
+            cached = self._lifecycle = (seen, Lifecycle.of(read_history(self.root)))
+        return cached[1]
+
+    def history(self) -> list[Change]:
+        return read_history(self.root)
+
+    def is_candidate(self, task_id: str, version: int) -> bool:
+        """Whether a version was committed behind a forgetting gate it did not pass (its card's gate; unreadable
+        cards count as none: the version is left out elsewhere)."""
+        key = (task_id, version)
+        if key not in self._candidates:
+            try:
+                gate = json.loads((self.tasks_dir / task_id / f"v{version:04d}" / "task.json").read_text()).get("gate")
+            except (OSError, ValueError):
+                return False
+            self._candidates[key] = isinstance(gate, dict) and bool(gate) and not gate.get("passed", False)
+        return self._candidates[key]
+
+    def serving_version(self, task_id: str, retired_too: bool = False) -> int | None:
+        """The version of a task that serves (see lifecycle.py); `retired_too`: the one that would if restored."""
+        return self.lifecycle().serving(task_id, self.versions(task_id),
+                                        lambda v: self.is_candidate(task_id, v), retired_too)
+
+    def status(self, task_id: str) -> TaskStatus:
+        versions = self.versions(task_id)
+        if not versions:
+            raise TaskNotFound(f"no task {task_id!r} in the registry")
+        life, serving = self.lifecycle(), self.serving_version(task_id, retired_too=True)
+        state = life.state(task_id)
+        pending = tuple(v for v in versions if self.is_candidate(task_id, v)
+                        and v not in state.promoted and v not in state.rejected)
+        return TaskStatus(task_id, tuple(versions), None if state.retired else serving, state.retired,
+                          state.rollback is not None and serving == state.rollback[0], pending)
+
+    @contextmanager
+    def _history_lock(self) -> Iterator[None]:
+        """The lock every history append and generation bump holds: short, so it is waited for (unlike the write
+        lock, which add-task holds while it trains)."""
+        with self._history_threads:
+            fd = os.open(self.root / ".history.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _record(self, change: Change) -> Change:
+        """One change: its history line, durable, then the generation bump that tells readers. The caller holds
+        the history lock."""
+        append_change(self.root, change)
+        self._bump_generation()
+        return change
+
+    # -- lifecycle changes: each is one history line (None: nothing to change)
+    def retire(self, task_id: str, who: str | None = None) -> Change | None:
+        """Take a task out of routing (nothing is deleted; restore brings it back)."""
+        with self._history_lock():
+            if self.status(task_id).retired:
+                return None
+            return self._record(Change(Action.RETIRE, task_id, self.serving_version(task_id), **_who(who)))
+
+    def restore(self, task_id: str, who: str | None = None) -> Change | None:
+        with self._history_lock():
+            if not self.status(task_id).retired:
+                return None
+            return self._record(Change(Action.RESTORE, task_id, self.serving_version(task_id, retired_too=True),
+                                       **_who(who)))
+
+    def rollback(self, task_id: str, to: int | None, who: str | None = None) -> Change | None:
+        """Serve version `to` of a task (None: its newest again) until a newer version is committed or promoted."""
+        with self._history_lock():
+            status, may_serve = self.status(task_id), self._may_serve(task_id)
+            if to is not None and to not in status.versions:
+                raise TaskNotFound(f"task {task_id!r} has no version {to} (versions: "
+                                   f"{', '.join(map(str, status.versions))})")
+            if to is not None and not may_serve(to):
+                raise ValueError(f"{task_id} v{to} is a candidate that was not promoted: promote it instead")
+            current = self.serving_version(task_id, retired_too=True)
+            newest = max((v for v in status.versions if may_serve(v)), default=None)
+            if (newest if to is None else to) == current:
+                return None
+            return self._record(Change(Action.ROLLBACK, task_id, to, {"from": current, "newest": newest},
+                                       **_who(who)))
+
+    def _may_serve(self, task_id: str) -> Callable[[int], bool]:
+        life = self.lifecycle()
+        return lambda v: life.may_serve(task_id, v, lambda u: self.is_candidate(task_id, u))
+
+    def promote(self, task_id: str, version: int | None = None, who: str | None = None) -> Change:
+        """Let a candidate serve (default: the task's newest candidate); it serves unless a rollback chose
+        another version newer than it."""
+        with self._history_lock():
+            status, state = self.status(task_id), self.lifecycle().state(task_id)
+            choices = [v for v in status.versions if self.is_candidate(task_id, v) and v not in state.promoted]
+            version = version if version is not None else max(choices, default=None)
+            if version is None or version not in choices:
+                raise ValueError(f"task {task_id!r} has no candidate to promote" if version is None else
+                                 f"{task_id} v{version} is not a candidate awaiting promotion "
+                                 f"(candidates: {', '.join(map(str, status.candidates)) or 'none'})")
+            gate = self.get(task_id, version).card.gate
+            return self._record(Change(Action.PROMOTE, task_id, version, {"gate": gate}, **_who(who)))
+
+    def reject(self, task_id: str, version: int, who: str | None = None) -> Change:
+        """Turn a candidate down for good: it never serves; gc may remove it."""
+        with self._history_lock():
+            if version not in self.status(task_id).candidates:
+                raise ValueError(f"{task_id} v{version} is not a candidate awaiting promotion")
+            return self._record(Change(Action.REJECT, task_id, version, **_who(who)))
 
     @contextmanager
     def writing(self, wait_for_threads: bool = True) -> Iterator[Registry]:
@@ -497,8 +673,18 @@ class Registry:
             yield False
 
     def shared_head(self, method: str) -> TaskVersion | None:
-        """The newest version trained with a shared-connector method: its connector serves every task of it."""
-        lineage = [t for t in self.latest() if t.shared_method == method]
+        """The newest serving version trained with a shared-connector method (by training sequence): its connector
+        serves every task of it. A retired task's version counts (retiring takes a task out of routing, not its
+        training out of the connector); a rolled-back one counts as the version it serves."""
+        lineage = []
+        for task_id in self.task_ids():
+            version = self.serving_version(task_id, retired_too=True)
+            try:
+                t = self.get(task_id, version) if version is not None else None
+            except (OSError, ValueError):
+                continue
+            if t is not None and t.shared_method == method:
+                lineage.append(t)
         return max(lineage, key=lambda t: t.card.training.get("sequence", 0), default=None)
 
     def commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]],
@@ -512,7 +698,7 @@ class Registry:
             raise ValueError(f"a {card.adapter_kind!r} task is written as parts "
                              f"{', '.join(PARTS.get(card.adapter_kind, ()))}, not {', '.join(parts)}")
         TaskCard.from_dict(asdict(card))  # a card nobody could read back is refused before anything is written
-        expected = (self._versions(card.task_id) or [0])[-1] + 1
+        expected = (self.versions(card.task_id) or [0])[-1] + 1
         if card.version != expected:
             raise ValueError(f"task {card.task_id!r}: next version is {expected}, not {card.version}")
         with self.writing():
@@ -544,8 +730,41 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._bump_generation()
+        with self._history_lock():  # the version is committed already: this line only tells who and why
+            self._record(Change(Action.COMMIT, card.task_id, card.version, {
+                "adapter_kind": card.adapter_kind, "candidate": bool(card.gate) and not card.gate.get("passed"),
+                **{k: card.decision[k] for k in ("action", "dataset", "imported_from") if k in card.decision}}))
         return self.get(card.task_id, card.version)
+
+    def gc(self, keep: int, dry_run: bool = False, who: str | None = None) -> Collected:
+        """Remove the versions nothing needs: a task keeps its `keep` newest versions, the version it serves (or
+        would serve if restored), and its pending candidates; a shared connector's head is some task's serving
+        version, so it stays too. Recorded as one history line before anything is removed; each version leaves by
+        one rename, so a reader sees it whole or not at all."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (the newest version of a task numbers the next), got {keep}")
+        with self.writing(), self._history_lock():  # no rollback to a version while it is being removed
+            plan: dict[str, tuple[int, ...]] = {}
+            for task_id in self.task_ids():
+                status = self.status(task_id)
+                needed = {*status.versions[-keep:], *status.candidates, self.serving_version(task_id, retired_too=True)}
+                if removable := tuple(v for v in status.versions if v not in needed):
+                    plan[task_id] = removable
+            size = sum(f.stat().st_size for task_id, versions in plan.items() for v in versions
+                       for f in (self.tasks_dir / task_id / f"v{v:04d}").rglob("*") if f.is_file())
+            collected = Collected(plan, size)
+            if dry_run or not plan:
+                return collected
+            self._record(Change(Action.GC, None, None, {"keep": keep, "removed": {t: list(v) for t, v in plan.items()},
+                                                         "bytes": size}, **_who(who)))
+            trash = self.root / ".staging" / f"gc-{uuid.uuid4().hex[:8]}"
+            trash.mkdir(parents=True)
+            for task_id, versions in plan.items():
+                for v in versions:
+                    os.rename(self.tasks_dir / task_id / f"v{v:04d}", trash / f"{task_id}-v{v:04d}")
+                _fsync(self.tasks_dir / task_id)
+            shutil.rmtree(trash)
+            return collected
 
     def _check_backbone(self, staging: Path, identity: str | None, record: dict | None) -> None:
         """The version must fit the registry's backbone record; the registry's first commit (and its first LoRA,
@@ -577,14 +796,16 @@ class Registry:
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     def _bump_generation(self) -> None:
+        """Under the history lock: two writers' bumps never merge into one."""
         with atomic_path(self.root / GENERATION) as tmp:
             tmp.write_text(f"{self.generation() + 1}\n")
 
     def verify(self) -> Iterator[str]:
         """Problems found in the store, one line each (none: the store is sound)."""
+        yield from history_problems(self.root)
         record = self.backbone()
         for task_id in self.task_ids():
-            for v in self._versions(task_id):
+            for v in self.versions(task_id):
                 seen: set[str] = set()
                 for problem in self._verify_version(task_id, v, record):
                     if problem not in seen:  # a missing file is found by the part check and the manifest alike
@@ -659,7 +880,7 @@ class Registry:
                 target = validate_task_id(task_id or card.task_id)
                 card.decision = {**card.decision, "imported_from": {"task_id": card.task_id,
                                  "version": card.version, "bundle_sha256": sha256_file(Path(bundle))}}
-                card.task_id, card.version = target, (self._versions(target) or [0])[-1] + 1
+                card.task_id, card.version = target, (self.versions(target) or [0])[-1] + 1
                 parts = {p: _copy_from(src / p) for p in (*PARTS[card.adapter_kind], *OPTIONAL_PARTS)
                          if (src / p).is_dir()}
                 try:
@@ -670,6 +891,10 @@ class Registry:
                     raise BundleError(f"{bundle}: a {card.adapter_kind} task needs parts "
                                       f"{', '.join(PARTS[card.adapter_kind])}")
                 return self._commit(card, key, parts, None, record=meta.get("backbone"))
+
+
+def _who(who: str | None) -> dict:
+    return {"who": who} if who else {}
 
 
 def _part_file_problems(path: Path) -> list[str]:
@@ -791,46 +1016,58 @@ def _stays_inside(rel: str) -> bool:
     return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
-# -- format 1 -> 2
+# -- older formats
 def migrate(root: Path, identity: str | None = None, log=print) -> bool:
-    """Upgrade a registry written by an older cit to FORMAT_VERSION in place; False when it already is. Format 1
-    -> 2: registry.json gains the backbone record (the widths every version has; they must agree) and the
+    """Upgrade a registry written by an older cit to FORMAT_VERSION in place; False when it already is.
+    Format 1 -> 2: registry.json gains the backbone record (the widths every version has; they must agree) and the
     generation counter starts; versions written before manifests existed get one, of their files as they are now
-    (said per version: run `verify` before migrating if in doubt). Nothing else in a version is changed."""
+    (said per version: run `verify` before migrating if in doubt).
+    Format 2 -> 3: the history starts, with the migration as its first line; no version was committed behind a
+    gate and none is retired, so every task serves the version it served before.
+    Nothing else in a version is changed."""
     root = Path(root)
     marker = root / "registry.json"
     if not marker.exists():
         raise FileNotFoundError(f"no registry at {root}")
     meta = json.loads(marker.read_text())
-    if meta.get("format") == FORMAT_VERSION:
+    fmt = meta.get("format")
+    if fmt == FORMAT_VERSION:
         return False
-    if meta.get("format") != 1:
-        raise ValueError(f"registry {root} has format {meta.get('format')}; migrate upgrades format 1")
+    if fmt not in (1, 2):
+        raise ValueError(f"registry {root} has format {fmt}; migrate upgrades formats 1 and 2")
     registry = Registry(root)
-    with registry.writing():
-        record: dict | None = None
-        for task_id in registry.task_ids():
-            for v in registry._versions(task_id):
-                path = registry.tasks_dir / task_id / f"v{v:04d}"
-                if not (path / MANIFEST).is_file():
-                    with atomic_path(path / MANIFEST) as tmp:
-                        tmp.write_text(json.dumps({"files": _file_hashes(path)}, indent=2) + "\n")
-                    log(f"{task_id} v{v}: had no manifest; one is written of its files as they are now")
-                shapes = version_shapes(path)
-                if record is None:
-                    record = _record_of(shapes, identity)
-                problems = _fit_problems(record, shapes)
-                if problems:
-                    raise BackboneMismatch(f"{task_id} v{v} does not fit the other tasks' backbone: "
-                                           + "; ".join(problems))
-                if "lora" in shapes:
-                    record["lora"] = {"base_model": shapes["lora"]["base_model"],
-                                      "modules": {**shapes["lora"]["modules"], **record.get("lora", {}).get("modules", {})}}
-        _make_dirs(registry.tasks_dir)
-        registry._bump_generation()
-        registry._write_meta({**meta, "format": FORMAT_VERSION, "backbone": record})
-    log(f"registry {root}: format 1 -> {FORMAT_VERSION}")
+    with registry.writing(), registry._history_lock():
+        if fmt == 1:
+            meta = {**meta, "format": 2, "backbone": _backbone_of_format1(registry, identity, log)}
+            _make_dirs(registry.tasks_dir)
+            log(f"registry {root}: format 1 -> 2")
+        registry._record(Change(Action.MIGRATE, None, None, {"from": fmt, "to": FORMAT_VERSION}))
+        registry._write_meta({**meta, "format": FORMAT_VERSION})
+        log(f"registry {root}: format 2 -> {FORMAT_VERSION}")
     return True
+
+
+def _backbone_of_format1(registry: Registry, identity: str | None, log) -> dict | None:
+    """The backbone record of a format-1 registry's versions, which must agree; each gets a manifest if it has
+    none."""
+    record: dict | None = None
+    for task_id in registry.task_ids():
+        for v in registry.versions(task_id):
+            path = registry.tasks_dir / task_id / f"v{v:04d}"
+            if not (path / MANIFEST).is_file():
+                with atomic_path(path / MANIFEST) as tmp:
+                    tmp.write_text(json.dumps({"files": _file_hashes(path)}, indent=2) + "\n")
+                log(f"{task_id} v{v}: had no manifest; one is written of its files as they are now")
+            shapes = version_shapes(path)
+            if record is None:
+                record = _record_of(shapes, identity)
+            problems = _fit_problems(record, shapes)
+            if problems:
+                raise BackboneMismatch(f"{task_id} v{v} does not fit the other tasks' backbone: " + "; ".join(problems))
+            if "lora" in shapes:
+                record["lora"] = {"base_model": shapes["lora"]["base_model"],
+                                  "modules": {**shapes["lora"]["modules"], **record.get("lora", {}).get("modules", {})}}
+    return record
 
 
 def _fsync(path: Path) -> None:

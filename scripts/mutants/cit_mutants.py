@@ -349,7 +349,7 @@ def _fingerprint_after():
 
     def build(cls, registry):
         vectors, rows = [], []
-        for task in registry.latest():
+        for task in registry.serving():
             v = task.key().routing_vectors
             vectors.append(v)
             rows += [(task.task_id, task.version)] * len(v)
@@ -504,7 +504,7 @@ def _damaged_breaks_all():
     """One task whose card cannot be read (not UTF-8, a bad task id) breaks the listing for every task."""
     from cit_registry.store import Registry
 
-    _replace(Registry, "latest", lambda self: [self.get(t) for t in self.task_ids()])
+    _replace(Registry, "serving", lambda self: [self.get(t) for t in self.task_ids()])
 
 
 @mutant("write-lock-across-threads", f"{HARD}::test_threads_of_one_process_take_turns_at_the_write_lock")

@@ -462,7 +462,7 @@ class Engine:
 
     # -- registry views
     def tasks(self) -> list[TaskVersion]:
-        return self.registry.latest()
+        return self.registry.serving()
 
     def task(self, task_id: str) -> TaskVersion:
         return self.registry.get(task_id)

@@ -102,7 +102,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     key = train.key()
 
     # Compare with every registered task; the most similar one decides reuse or expansion.
-    registered = registry.latest()
+    registered = registry.serving()
     sims = {t.task_id: task_similarity(key, t.key()) for t in registered}
     for other, s in sorted(sims.items(), key=lambda kv: -kv[1]["score"]):
         log(f"  similarity to {other:<24} {s['score']:.3f}  (image {s['image']:.3f}, instruction "
@@ -259,7 +259,7 @@ def _remeasure(backbone, embedder, registry, target_id, new_adapter, reused_data
     nothing re-measured."""
     if opts.forgetting_samples <= 0:
         return {}
-    jobs = [(t, t, d) for t in registry.latest() if t.task_id != target_id for d in t.card.datasets]
+    jobs = [(t, t, d) for t in registry.serving() if t.task_id != target_id for d in t.card.datasets]
     jobs += [(None, previous, d) for d in reused_datasets]  # a reused adapter may forget its old data: measured too
     lineage = opts.method if opts.method in SHARED_METHODS else None
     out = {}

@@ -199,7 +199,7 @@ def routing_report(predictions: Path, tasks: tuple[str, ...]) -> dict:
 def leave_one_out(registry: Registry, opts: SuiteOptions, work: Path, backbone: Backbone,
                   embedder: TextEmbedder) -> dict:
     """Each task's test rows (both wording kinds) routed over the other tasks' keys: all should fall back."""
-    keyed = [(t.task_id, t.version, t.key()) for t in registry.latest()]
+    keyed = [(t.task_id, t.version, t.key()) for t in registry.serving()]
     background = embedder.embed(background_questions())
     out = {}
     for name in opts.tasks:
@@ -332,7 +332,7 @@ def run_suite(work: Path, opts: SuiteOptions, backbone: Backbone | None = None, 
 
     registry = build_registry(work, opts, backbone, embedder, log)
     report = {"command": command, "settings": mine, "tasks": list(opts.tasks),
-              "similarities": {t.task_id: t.card.similarities for t in registry.latest()},
+              "similarities": {t.task_id: t.card.similarities for t in registry.serving()},
               **routing_report(evaluate_over_grpc(work, opts, log), opts.tasks),
               "leave_one_out": leave_one_out(registry, opts, work, backbone, embedder)}
     outcomes = [reuse_pair(work, p, registry, opts, backbone, embedder, log) for p in opts.pairs
