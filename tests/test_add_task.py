@@ -174,3 +174,42 @@ def test_the_same_question_of_other_images_expands_however_similar(tmp_path, bac
     assert (result.task.task_id, decision["action"]) == ("printed-digits", "expanded")
     assert decision["similarity"] >= REUSE_THRESHOLD and decision["image_share"] < decision["image_share_needed"]
     assert any("image floor" in line and "a task of its own" in line for line in lines)
+
+
+def test_a_version_over_its_forgetting_gate_is_a_candidate_until_promoted(tmp_path, task_dirs, backbone, embedder):
+    import shutil
+
+    def add(name, **options):
+        return add_task(tmp_path / "reg", task_dirs[name], name, AddTaskOptions(**{**TINY, **options}), backbone,
+                        embedder, log=lambda *_: None)
+
+    first = add("fashion-mnist", max_forgetting=5.0)  # a new adapter served nothing before: nothing to forget
+    assert first.gate == {"max_forgetting": 5.0, "forgetting": 0.0, "passed": True, "measured": [], "unmeasured": []}
+    assert not first.task.candidate
+    # A data set its adapter serves that cannot be re-measured fails the gate: not measured, not known to be kept.
+    shutil.rmtree(first.task.eval_dir / "fashion-mnist")
+    second = add("fashion-more", threshold=0.0, max_forgetting=100.0)
+    assert (second.task.task_id, second.task.version, second.task.candidate) == ("fashion-mnist", 2, True)
+    assert second.gate["unmeasured"] == ["fashion-mnist"] and not second.gate["passed"]
+    reg = Registry.open(tmp_path / "reg")
+    assert reg.serving_version("fashion-mnist") == 1 and reg.status("fashion-mnist").candidates == (2,)
+    reg.promote("fashion-mnist")
+    assert reg.serving_version("fashion-mnist") == 2
+    # Reuse trains the serving version further and numbers after the newest: rolled back to v1, v3 grows from v1.
+    reg.rollback("fashion-mnist", 1)
+    third = add("fashion-more", threshold=0.0, max_forgetting=100.0)
+    assert third.task.version == 3 and [d["name"] for d in third.task.card.datasets] == ["fashion-mnist", "fashion-more"]
+    with pytest.raises(ValueError, match="forgetting_samples"):
+        add("digits", max_forgetting=1.0, forgetting_samples=0)
+
+
+def test_the_gate_judges_the_worst_data_set_its_adapter_served():
+    from cit_trainer.add_task import _gate
+
+    forgetting = {"a": {"when_trained": 0.9, "now": 0.85}, "b": {"when_trained": 0.5, "now": 0.52},
+                  "other": {"when_trained": 0.9, "now": 0.1}}  # another task's own adapter: not this gate's
+    opts = AddTaskOptions(max_forgetting=5.0)
+    gate = _gate(forgetting, [{"name": "a"}, {"name": "b"}], None, "t", opts, log=lambda *_: None)
+    assert gate["passed"] and gate["forgetting"] == pytest.approx(5.0) and gate["measured"] == ["a", "b"]
+    opts.max_forgetting = 4.9
+    assert not _gate(forgetting, [{"name": "a"}, {"name": "b"}], None, "t", opts, log=lambda *_: None)["passed"]

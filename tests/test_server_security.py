@@ -114,9 +114,10 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
                          tls_key=pki / "client.key")
 
     with client(TOKEN) as c:
-        with pytest.raises(grpc.RpcError) as err:
-            c.reload_registry()
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
+        for admin_rpc in (c.reload_registry, lambda: c.change_task("added", "retire"), c.history):
+            with pytest.raises(grpc.RpcError) as err:
+                admin_rpc()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "admin token" in err.value.details()
     with client(ADMIN) as c:
         assert c.list_tasks() == []  # the admin token opens the other RPCs too
         instruction = "Name the shade of this picture."
@@ -135,6 +136,12 @@ def test_admin_rpcs_take_only_the_admin_token_which_also_opens_the_others(secure
         [listed] = c.list_tasks()
         assert listed.centroids == 2  # one data set, two routing centroids
         assert json.loads(c.get_task("added").card_json)["datasets"][0]["train"].startswith("/data")
+        # retired over the wire: the very next request is routed without it (ChangeTask reloads before answering)
+        assert c.change_task("added", "retire").serving_version == 0
+        assert c.generate(png(), instruction, max_new_tokens=2).route.fell_back and c.list_tasks() == []
+        assert c.change_task("added", "restore").serving_version == 1
+        assert c.generate(png(), instruction, max_new_tokens=2).route.task_id == "added"
+        assert [e.action for e in c.history("added")] == ["commit", "retire", "restore"]
     with client(TOKEN) as c:  # where the trainer's data lies is for operators only
         assert json.loads(c.get_task("added").card_json)["datasets"] == [{"name": "shades"}]
 

@@ -121,6 +121,42 @@ def reload_registry(server: SERVER = DEFAULT_SERVER) -> None:
     typer.echo(f"{r.tasks} tasks routable" + (" (the registry had changed)" if r.changed else ""))
 
 
+@app.command("change-task")
+def change_task(
+    task: str,
+    change: Annotated[str, typer.Argument(help="retire, restore, rollback, promote or reject")],
+    server: SERVER = DEFAULT_SERVER,
+    version: Annotated[int | None, typer.Option(help="rollback: the version to serve (unset: the newest again); "
+                                                     "promote: the candidate (unset: the newest); reject: required")] = None,
+) -> None:
+    """Admin: change which version of a task the server's registry serves (as cit-registry does on its machine)."""
+    with _client(server) as client:
+        try:
+            r = client.change_task(task, change, version)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except grpc.RpcError as exc:
+            _fail(exc)
+    serving = f"v{r.serving_version}" if r.serving_version else "no version"
+    typer.echo(f"{task}: {change} recorded; {serving} serves" if r.changed else f"{task}: nothing to change; {serving} serves")
+
+
+@app.command()
+def history(server: SERVER = DEFAULT_SERVER, task: Annotated[str | None, typer.Argument()] = None,
+            limit: Annotated[int, typer.Option(help="the newest this many (0: all)")] = 0) -> None:
+    """Admin: the server registry's history, oldest first, one JSON object a line."""
+    with _client(server) as client:
+        try:
+            entries = client.history(task, limit)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    for e in entries:
+        typer.echo(json.dumps({"at": e.at, "who": e.who, "action": e.action, "task": e.task_id or None,
+                               "version": e.version if e.HasField("version") else None,
+                               "detail": json.loads(e.detail_json or "{}")}))
+
+
 @app.command()
 def evaluate(
     task_dirs: Annotated[list[Path], typer.Argument(help="task directories with a test.jsonl")],

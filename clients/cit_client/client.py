@@ -56,6 +56,17 @@ def generate_request(
                                    sampling=sampling)
 
 
+TASK_CHANGES = ("retire", "restore", "rollback", "promote", "reject")
+
+
+def change_request(task_id: str, change: str, version: int | None = None) -> cit_pb2.ChangeTaskRequest:
+    """A ChangeTask request; `change` is one of TASK_CHANGES."""
+    if change not in TASK_CHANGES:
+        raise ValueError(f"change must be one of {', '.join(TASK_CHANGES)}, not {change!r}")
+    return cit_pb2.ChangeTaskRequest(task_id=task_id, change=cit_pb2.TaskChange.Value(f"TASK_CHANGE_{change.upper()}"),
+                                     version=version)
+
+
 class CitClient:
     """CitClient("127.0.0.1:50051").generate("cat.png", "What is this?") -> GenerateResponse.
 
@@ -103,6 +114,16 @@ class CitClient:
     def reload_registry(self) -> cit_pb2.ReloadRegistryResponse:
         """Admin (the admin token): the server reads its registry now."""
         return self.stub.ReloadRegistry(cit_pb2.ReloadRegistryRequest(), timeout=self.timeout)
+
+    def change_task(self, task_id: str, change: str, version: int | None = None) -> cit_pb2.ChangeTaskResponse:
+        """Admin: "retire", "restore", "rollback" (to `version`; None: the newest again), "promote" or "reject" a
+        task's version; routing follows before the answer."""
+        return self.stub.ChangeTask(change_request(task_id, change, version), timeout=self.timeout)
+
+    def history(self, task_id: str | None = None, limit: int = 0) -> list[cit_pb2.HistoryEntry]:
+        """Admin: the registry's history, oldest first (one task's; the newest `limit`)."""
+        return list(self.stub.GetHistory(cit_pb2.GetHistoryRequest(task_id=task_id or "", limit=limit),
+                                         timeout=self.timeout).entries)
 
 
 class AsyncCitClient:
@@ -179,6 +200,17 @@ class AsyncCitClient:
         """Admin (the admin token): the server reads its registry now."""
         return await self.stub.ReloadRegistry(cit_pb2.ReloadRegistryRequest(), timeout=self.timeout,
                                               metadata=self._metadata)
+
+    async def change_task(self, task_id: str, change: str, version: int | None = None) -> cit_pb2.ChangeTaskResponse:
+        """Admin: as CitClient.change_task."""
+        return await self.stub.ChangeTask(change_request(task_id, change, version), timeout=self.timeout,
+                                          metadata=self._metadata)
+
+    async def history(self, task_id: str | None = None, limit: int = 0) -> list[cit_pb2.HistoryEntry]:
+        """Admin: as CitClient.history."""
+        response = await self.stub.GetHistory(cit_pb2.GetHistoryRequest(task_id=task_id or "", limit=limit),
+                                              timeout=self.timeout, metadata=self._metadata)
+        return list(response.entries)
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",

@@ -21,6 +21,15 @@ class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIDENCY_COLD: _ClassVar[Residency]
     RESIDENCY_RESIDENT: _ClassVar[Residency]
     RESIDENCY_PINNED: _ClassVar[Residency]
+
+class TaskChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_CHANGE_UNSPECIFIED: _ClassVar[TaskChange]
+    TASK_CHANGE_RETIRE: _ClassVar[TaskChange]
+    TASK_CHANGE_RESTORE: _ClassVar[TaskChange]
+    TASK_CHANGE_ROLLBACK: _ClassVar[TaskChange]
+    TASK_CHANGE_PROMOTE: _ClassVar[TaskChange]
+    TASK_CHANGE_REJECT: _ClassVar[TaskChange]
 FALL_BACK_NONE: FallBack
 FALL_BACK_NO_TASKS: FallBack
 FALL_BACK_IMAGE_UNLIKE: FallBack
@@ -30,6 +39,12 @@ RESIDENCY_UNSPECIFIED: Residency
 RESIDENCY_COLD: Residency
 RESIDENCY_RESIDENT: Residency
 RESIDENCY_PINNED: Residency
+TASK_CHANGE_UNSPECIFIED: TaskChange
+TASK_CHANGE_RETIRE: TaskChange
+TASK_CHANGE_RESTORE: TaskChange
+TASK_CHANGE_ROLLBACK: TaskChange
+TASK_CHANGE_PROMOTE: TaskChange
+TASK_CHANGE_REJECT: TaskChange
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -196,3 +211,53 @@ class ReloadRegistryResponse(_message.Message):
     tasks: int
     changed: bool
     def __init__(self, tasks: _Optional[int] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class ChangeTaskRequest(_message.Message):
+    __slots__ = ("task_id", "change", "version")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    change: TaskChange
+    version: int
+    def __init__(self, task_id: _Optional[str] = ..., change: _Optional[_Union[TaskChange, str]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ChangeTaskResponse(_message.Message):
+    __slots__ = ("changed", "entry", "serving_version")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    entry: HistoryEntry
+    serving_version: int
+    def __init__(self, changed: _Optional[bool] = ..., entry: _Optional[_Union[HistoryEntry, _Mapping]] = ..., serving_version: _Optional[int] = ...) -> None: ...
+
+class GetHistoryRequest(_message.Message):
+    __slots__ = ("task_id", "limit")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    limit: int
+    def __init__(self, task_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("at", "who", "action", "task_id", "version", "detail_json")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    at: str
+    who: str
+    action: str
+    task_id: str
+    version: int
+    detail_json: str
+    def __init__(self, at: _Optional[str] = ..., who: _Optional[str] = ..., action: _Optional[str] = ..., task_id: _Optional[str] = ..., version: _Optional[int] = ..., detail_json: _Optional[str] = ...) -> None: ...
+
+class GetHistoryResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class CitStub:
                 request_serializer=cit__proto_dot_cit__pb2.ReloadRegistryRequest.SerializeToString,
                 response_deserializer=cit__proto_dot_cit__pb2.ReloadRegistryResponse.FromString,
                 _registered_method=True)
+        self.ChangeTask = channel.unary_unary(
+                '/cit.v1.Cit/ChangeTask',
+                request_serializer=cit__proto_dot_cit__pb2.ChangeTaskRequest.SerializeToString,
+                response_deserializer=cit__proto_dot_cit__pb2.ChangeTaskResponse.FromString,
+                _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/cit.v1.Cit/GetHistory',
+                request_serializer=cit__proto_dot_cit__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=cit__proto_dot_cit__pb2.GetHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class CitServicer:
@@ -111,6 +121,23 @@ class CitServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangeTask(self, request, context):
+        """Admin: change which version of a task serves, as `cit-registry retire|restore|rollback|promote|reject` do on
+        the registry's machine: one line of the registry's history each, recorded with the caller's address; routing
+        follows before the answer. NOT_FOUND: no such task or version; FAILED_PRECONDITION: the change does not apply
+        (e.g. rolling back to a candidate that was never promoted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """Admin: the registry's history, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CitServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +170,16 @@ def add_CitServicer_to_server(servicer, server):
                     servicer.ReloadRegistry,
                     request_deserializer=cit__proto_dot_cit__pb2.ReloadRegistryRequest.FromString,
                     response_serializer=cit__proto_dot_cit__pb2.ReloadRegistryResponse.SerializeToString,
+            ),
+            'ChangeTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeTask,
+                    request_deserializer=cit__proto_dot_cit__pb2.ChangeTaskRequest.FromString,
+                    response_serializer=cit__proto_dot_cit__pb2.ChangeTaskResponse.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=cit__proto_dot_cit__pb2.GetHistoryRequest.FromString,
+                    response_serializer=cit__proto_dot_cit__pb2.GetHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +344,60 @@ class Cit:
             '/cit.v1.Cit/ReloadRegistry',
             cit__proto_dot_cit__pb2.ReloadRegistryRequest.SerializeToString,
             cit__proto_dot_cit__pb2.ReloadRegistryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cit.v1.Cit/ChangeTask',
+            cit__proto_dot_cit__pb2.ChangeTaskRequest.SerializeToString,
+            cit__proto_dot_cit__pb2.ChangeTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cit.v1.Cit/GetHistory',
+            cit__proto_dot_cit__pb2.GetHistoryRequest.SerializeToString,
+            cit__proto_dot_cit__pb2.GetHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

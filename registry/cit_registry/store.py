@@ -90,6 +90,10 @@ class RegistryLocked(RuntimeError):
     """Another process is writing the registry."""
 
 
+class LifecycleError(ValueError):
+    """A lifecycle change that does not apply to the task as it stands (FAILED_PRECONDITION over gRPC)."""
+
+
 class BundleError(ValueError):
     """A task bundle is malformed, tampered with, or does not fit the registry."""
 
@@ -597,7 +601,7 @@ class Registry:
                 raise TaskNotFound(f"task {task_id!r} has no version {to} (versions: "
                                    f"{', '.join(map(str, status.versions))})")
             if to is not None and not may_serve(to):
-                raise ValueError(f"{task_id} v{to} is a candidate that was not promoted: promote it instead")
+                raise LifecycleError(f"{task_id} v{to} is a candidate that was not promoted: promote it instead")
             current = self.serving_version(task_id, retired_too=True)
             newest = max((v for v in status.versions if may_serve(v)), default=None)
             if (newest if to is None else to) == current:
@@ -617,7 +621,7 @@ class Registry:
             choices = [v for v in status.versions if self.is_candidate(task_id, v) and v not in state.promoted]
             version = version if version is not None else max(choices, default=None)
             if version is None or version not in choices:
-                raise ValueError(f"task {task_id!r} has no candidate to promote" if version is None else
+                raise LifecycleError(f"task {task_id!r} has no candidate to promote" if version is None else
                                  f"{task_id} v{version} is not a candidate awaiting promotion "
                                  f"(candidates: {', '.join(map(str, status.candidates)) or 'none'})")
             gate = self.get(task_id, version).card.gate
@@ -627,7 +631,7 @@ class Registry:
         """Turn a candidate down for good: it never serves; gc may remove it."""
         with self._history_lock():
             if version not in self.status(task_id).candidates:
-                raise ValueError(f"{task_id} v{version} is not a candidate awaiting promotion")
+                raise LifecycleError(f"{task_id} v{version} is not a candidate awaiting promotion")
             return self._record(Change(Action.REJECT, task_id, version, **_who(who)))
 
     @contextmanager

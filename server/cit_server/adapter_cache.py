@@ -2,7 +2,7 @@
 
 A LoRA task's LoRA lives inside the shared LM while resident (named "<task>@v<version>") and is unloaded from it on
 eviction; the backbone itself knows nothing of this cache. Tasks trained with a shared-connector method (seqft,
-ewc, ...) are all served by that method's newest connector (Registry.shared_head), resident once for all of them.
+ewc, ...) are all served by that method's newest serving connector (Registry.shared_head), resident once for all of them.
 """
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ class AdapterStore:
                             "retry shortly or raise --adapter-cache-size / --adapter-cache-bytes")
 
     def _is_pinned(self, adapter: AdapterId) -> bool:
-        """Pinning keeps a task's newest version resident: versions it replaced while serving are evictable."""
-        return adapter.task_id in self.pinned and self.registry.get(adapter.task_id).version == adapter.version
+        """Pinning keeps a task's serving version resident: versions it replaced while serving are evictable."""
+        return adapter.task_id in self.pinned and self.registry.serving_version(adapter.task_id) == adapter.version
 
     def lora_dir(self, name: str) -> Path:
         """The directory (PEFT format) of a resident adapter's LoRA, by the LoRA's name."""

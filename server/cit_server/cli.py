@@ -38,7 +38,7 @@ def serve(
     max_instruction_chars: Annotated[int, typer.Option(help="longest instruction in characters (checked before tokenising)")] = _default("max_instruction_chars"),
     prefix_cache_bytes: Annotated[int, typer.Option(help="bytes of prompt-prefix keys/values kept for reuse (LRU)")] = _default("prefix_cache_bytes"),
     auth_token: Annotated[str | None, typer.Option(envvar="CIT_AUTH_TOKEN", help="require 'authorization: Bearer <token>' on every cit RPC (prefer the environment variable)")] = None,
-    admin_token: Annotated[str | None, typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry) and of data paths in GetTask; unset: admin RPCs are off (prefer the environment variable)")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="CIT_ADMIN_TOKEN", help="the bearer token of admin RPCs (ReloadRegistry, ChangeTask, GetHistory) and of data paths in GetTask; unset: admin RPCs are off (prefer the environment variable)")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: clients must present a certificate it signed")] = None,

@@ -30,7 +30,7 @@ class ServerConfig:
     batch_window_ms: float = 5.0       # an idle server waits this long after a request for others to join it
     max_requests: int = 64             # requests inside the server at once (waiting + running); more: RESOURCE_EXHAUSTED
     auth_token: str | None = None      # set: every cit RPC needs `authorization: Bearer <token>`
-    admin_token: str | None = None     # set: admin RPCs (ReloadRegistry) take this token; unset: they are off
+    admin_token: str | None = None     # set: admin RPCs (ReloadRegistry, ChangeTask, GetHistory) take it; unset: they are off
     tls_cert: Path | None = None       # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate this CA signed

@@ -23,6 +23,7 @@ from cit_backbone.backbone import Backbone
 from cit_backbone.decode_batch import RunningBatch
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.sampling import RowState
+from cit_registry.lifecycle import Action, Change
 from cit_registry.store import Registry, TaskVersion
 
 from .adapter_cache import AdapterId, AdapterStore
@@ -467,6 +468,24 @@ class Engine:
     def task(self, task_id: str) -> TaskVersion:
         return self.registry.get(task_id)
 
+    def change_task(self, task_id: str, action: Action, version: int | None, who: str) -> tuple[Change | None, int | None]:
+        """A lifecycle change (the admin RPC): recorded in the registry's history, then routing follows at once.
+        The change and the version that serves now."""
+        registry = self.registry
+        change = {Action.RETIRE: lambda: registry.retire(task_id, who),
+                  Action.RESTORE: lambda: registry.restore(task_id, who),
+                  Action.ROLLBACK: lambda: registry.rollback(task_id, version, who),
+                  Action.PROMOTE: lambda: registry.promote(task_id, version, who),
+                  Action.REJECT: lambda: registry.reject(task_id, _required(version, "reject"), who)}[action]()
+        self.front.reload()
+        return change, registry.serving_version(task_id)
+
     def residency(self, task: TaskVersion) -> str:
         """Where the adapter serving `task` is now: "pinned", "resident" or "cold" (reads the registry)."""
         return self.adapters.residency(AdapterId(task.task_id, task.version))
+
+
+def _required(version: int | None, change: str) -> int:
+    if version is None:
+        raise ValueError(f"{change} needs a version")
+    return version

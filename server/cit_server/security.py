@@ -10,7 +10,7 @@ from cit_registry.store import TaskCard
 
 from .config import ServerConfig
 
-ADMIN_METHODS = frozenset({"ReloadRegistry"})  # RPCs that change what the server does: the admin token only
+ADMIN_METHODS = frozenset({"ReloadRegistry", "ChangeTask", "GetHistory"})  # RPCs that change what the server does: the admin token only
 PRIVATE_DATASET_FIELDS = ("train", "test")  # where the trainer read a data set: paths on its machine
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import threading
@@ -21,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cit_backbone.sampling import Sampling
 from cit_proto import cit_pb2, cit_pb2_grpc
-from cit_registry.store import InvalidCard, TaskNotFound, TaskVersion
+from cit_registry.lifecycle import Action, Change
+from cit_registry.store import InvalidCard, LifecycleError, TaskNotFound, TaskVersion
 
 from .adapter_cache import CacheFull
 from .config import ServerConfig
@@ -43,6 +45,8 @@ def status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, TaskNotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, LifecycleError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, WorkerError):  # the vLLM worker went away: a retry reaches the new one
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, InvalidCard):  # the registry's fault (a damaged card), not the caller's
@@ -150,6 +154,16 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
     )
 
 
+LIFECYCLE_CHANGES = {cit_pb2.TASK_CHANGE_RETIRE: Action.RETIRE, cit_pb2.TASK_CHANGE_RESTORE: Action.RESTORE,
+                     cit_pb2.TASK_CHANGE_ROLLBACK: Action.ROLLBACK, cit_pb2.TASK_CHANGE_PROMOTE: Action.PROMOTE,
+                     cit_pb2.TASK_CHANGE_REJECT: Action.REJECT}
+
+
+def to_history_pb(c: Change) -> cit_pb2.HistoryEntry:
+    return cit_pb2.HistoryEntry(at=c.at, who=c.who, action=c.action.value, task_id=c.task or "", version=c.version,
+                                detail_json=json.dumps(c.detail, sort_keys=True))
+
+
 def to_summary_pb(t: TaskVersion, residency: str) -> cit_pb2.TaskSummary:
     """A task's summary (reads its key file's header: call it off the event loop); `residency` as
     Engine.residency says."""
@@ -222,6 +236,25 @@ class CitServicer(cit_pb2_grpc.CitServicer):
     async def ReloadRegistry(self, request, context):  # admin: TokenAuth lets only the admin token through
         tasks, changed = await self.engine.call(self.engine.front.reload)
         return cit_pb2.ReloadRegistryResponse(tasks=tasks, changed=changed)
+
+    @_abort_on_error
+    async def ChangeTask(self, request, context):  # admin
+        if request.change not in LIFECYCLE_CHANGES:
+            raise ValueError("change must be one of " + ", ".join(cit_pb2.TaskChange.Name(c) for c in LIFECYCLE_CHANGES))
+        version = request.version if request.HasField("version") else None
+        change, serving = await self.engine.call(lambda: self.engine.change_task(
+            request.task_id, LIFECYCLE_CHANGES[request.change], version, f"admin-rpc {context.peer()}"))
+        return cit_pb2.ChangeTaskResponse(changed=change is not None, serving_version=serving or 0,
+                                          entry=to_history_pb(change) if change else None)
+
+    @_abort_on_error
+    async def GetHistory(self, request, context):  # admin
+        changes = await self.engine.call(self.engine.registry.history)
+        if request.task_id:
+            changes = [c for c in changes if c.task == request.task_id]
+        if request.limit:
+            changes = changes[-request.limit:]
+        return cit_pb2.GetHistoryResponse(entries=[to_history_pb(c) for c in changes])
 
 
 class CitServer:

@@ -40,6 +40,8 @@ class AddTaskOptions:
     replay_fraction: float = 0.01         # share of each task's samples kept for er and agem
     replay_samples: int = REPLAY_SAMPLES  # training samples of each data set kept in its version, that a reused
                                           # adapter trains on again beside its new data (0: none kept or replayed)
+    max_forgetting: float | None = None   # points: a version whose adapter forgets more of what it served is
+                                          # committed as a candidate (None: no gate, it serves at once)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class AddTaskResult:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     forgetting: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
 
 
 def _subset(samples: list, n: int | None) -> list:
@@ -73,6 +76,9 @@ def add_task(
         raise ValueError(f"threshold must be in [0, 1], got {opts.threshold}")
     if opts.replay_samples < 0:
         raise ValueError(f"replay_samples must be >= 0, got {opts.replay_samples}")
+    if opts.max_forgetting is not None and (opts.max_forgetting < 0 or opts.forgetting_samples <= 0):
+        raise ValueError("max_forgetting needs a limit >= 0 points and forgetting_samples > 0 (it is judged on the "
+                         "re-measurement)")
     train_file, test_file = resolve_task_files(data)
     name = validate_task_id(task_id or train_file.parent.name.lower())
     registry = Registry.open(registry_root, create=True)
@@ -112,9 +118,9 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     similar = best is not None and sims[best]["score"] >= opts.threshold
     reuse = similar and inside >= opts.image_share
 
-    previous = registry.get(best) if reuse and best is not None else None
-    if previous is not None:
-        target_id, version, key = previous.task_id, previous.version + 1, previous.key().merged(key)
+    previous = registry.get(best) if reuse and best is not None else None  # its serving version
+    if previous is not None:  # numbered after its newest version (a rolled-back task serves an older one)
+        target_id, version, key = previous.task_id, registry.versions(previous.task_id)[-1] + 1, previous.key().merged(key)
         datasets = list(previous.card.datasets)
     else:
         if name in sims:
@@ -123,6 +129,11 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                 f"the most similar task is {best!r}, {sims[best]['score']:.3f}"
             raise ValueError(f"task {name!r} exists, but this data is not similar enough to reuse it ({why}); "
                              "choose another --name")
+        if registry.versions(name):
+            status = registry.status(name)
+            why = "it is retired" if status.retired else f"it has no serving version (candidates v{status.candidates})"
+            raise ValueError(f"task {name!r} exists but does not serve ({why}): restore or promote it, or choose "
+                             "another --name")
         target_id, version, datasets = name, 1, []
 
     method, sequence = None, None
@@ -131,6 +142,11 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         if previous is not None and previous.shared_method != opts.method:
             raise ValueError(f"the most similar task {best!r} ({previous.card.adapter_kind}) is not trained with "
                              f"{opts.method!r}, so it cannot be reused by it; use --threshold 1 to add a new task")
+        pending = [f"{t.task_id} v{v}" for t in map(registry.status, registry.task_ids()) for v in t.candidates
+                   if registry.get(t.task_id, v).shared_method == opts.method]
+        if pending:  # the method's connector is one line of versions: a candidate must be settled first
+            raise ValueError(f"a candidate of method {opts.method!r} awaits a decision ({', '.join(pending)}): "
+                             "`cit-registry promote` or `reject` it first")
         head = registry.shared_head(opts.method)
         method = make_method(opts.method, opts.strength, opts.replay_fraction)
         if head is not None:
@@ -182,6 +198,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         })
         forgetting = _remeasure(backbone, embedder, registry, target_id, adapter, datasets[:-1], opts, log,
                                 previous)
+        gate = _gate(forgetting, datasets[:-1], registry, target_id, opts, log) if opts.max_forgetting is not None else {}
         card = TaskCard(
             task_id=target_id,
             version=version,
@@ -199,6 +216,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                       **({"sequence": sequence, "strength": opts.strength, "replay_fraction": opts.replay_fraction}
                          if method else {})},
             datasets=datasets,
+            gate=gate,
         )
         parts = {"adapter": adapter.connector.save,
                  "eval": lambda d: _write_snapshots(d, name, test_samples, previous, "eval_dir"),
@@ -211,7 +229,28 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     finally:
         backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
-    return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting)
+    return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting, gate)
+
+
+def _gate(forgetting: dict, reused: list, registry: Registry, target_id: str, opts: AddTaskOptions, log) -> dict:
+    """The forgetting gate: the most points the new adapter lost on any data set it already served (a reused
+    adapter's earlier data sets; for a shared connector, every task of its method), against opts.max_forgetting.
+    A data set it serves that could not be re-measured fails the gate: what was not measured is not known to be
+    kept."""
+    assert opts.max_forgetting is not None
+    served = [d["name"] for d in reused]
+    if opts.method in SHARED_METHODS:
+        served += [d["name"] for t in registry.serving() if t.task_id != target_id and t.shared_method == opts.method
+                   for d in t.card.datasets]
+    measured = {n: (forgetting[n]["when_trained"] - forgetting[n]["now"]) * 100 for n in served if n in forgetting}
+    unmeasured = sorted(set(served) - set(measured))
+    worst = round(max(measured.values(), default=0.0), 6)  # 1 of 10 samples lost is 10 points, not 10.000000000000002
+    passed = worst <= opts.max_forgetting and not unmeasured
+    log(f"  forgetting gate: {worst:.1f} points at most on {len(measured)} data sets it served (limit "
+        f"{opts.max_forgetting:g})" + (f", {len(unmeasured)} not re-measured ({', '.join(unmeasured)})" if unmeasured else "")
+        + (": it serves" if passed else f": committed as a candidate; `cit-registry promote {target_id}` lets it serve"))
+    return {"max_forgetting": opts.max_forgetting, "forgetting": round(worst, 2), "passed": passed,
+            "measured": sorted(measured), "unmeasured": unmeasured}
 
 
 def _by_wording(after, test_samples: list, log) -> dict:

@@ -69,6 +69,7 @@ def add_task_cmd(
     max_train: Annotated[int | None, typer.Option(help="use at most N training samples")] = None,
     max_eval: Annotated[int | None, typer.Option(help="evaluate on at most N test samples")] = 300,
     backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
+    max_forgetting: Annotated[float | None, typer.Option(help="points of accuracy the new version may lose on any data set its adapter already served (re-measured); more, and it is committed as a candidate that serves nothing until `cit-registry promote` (default: no gate)")] = None,
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
     from cit_backbone.backbone import Backbone
@@ -78,7 +79,7 @@ def add_task_cmd(
     opts = AddTaskOptions(
         threshold=threshold, image_share=image_share, method=method, epochs=epochs, batch_size=batch_size, lr=lr,
         seed=seed, max_train=max_train, max_eval=max_eval, strength=strength, replay_fraction=replay_fraction,
-        replay_samples=replay_samples,
+        replay_samples=replay_samples, max_forgetting=max_forgetting,
     )
     from cit_registry.store import RegistryLocked
 
@@ -94,6 +95,10 @@ def add_task_cmd(
     for dataset, f in result.forgetting.items():
         console.print(f"  earlier data set {dataset}: {pct(f['when_trained'])} when trained, {pct(f['now'])} now")
     console.print(f"adapter written to {t.adapter_dir}" + (f", LoRA (PEFT format) to {t.lora_dir}" if t.lora_dir else ""))
+    if t.candidate:
+        console.print(f"[yellow]{t.task_id} v{t.version} is a candidate[/yellow] (forgetting {result.gate['forgetting']} "
+                      f"points > {result.gate['max_forgetting']:g}): it serves nothing until "
+                      f"`cit-registry promote {t.task_id} --version {t.version}`")
 
 
 def _csv(text: str) -> list[str]:
