@@ -298,6 +298,11 @@ class TaskCard:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
+def failed_gate(gate) -> bool:
+    """Whether a card's gate makes its version a candidate: a gate was set and not passed."""
+    return isinstance(gate, dict) and bool(gate) and not gate.get("passed", False)
+
+
 @dataclass(frozen=True)
 class TaskVersion:
     """A committed task version on disk."""
@@ -336,7 +341,7 @@ class TaskVersion:
     @property
     def candidate(self) -> bool:
         """Committed behind a forgetting gate it did not pass: it serves only once promoted."""
-        return bool(self.card.gate) and not self.card.gate.get("passed", False)
+        return failed_gate(self.card.gate)
 
     @property
     def shared_method(self) -> str | None:
@@ -412,7 +417,7 @@ class TaskStatus:
     versions: tuple[int, ...]
     serving: int | None         # None: retired, or no version may serve (only candidates)
     retired: bool
-    rolled_back: bool           # a rollback chose the serving version (a newer one exists)
+    rolled_back: bool           # a rollback chose the serving version
     candidates: tuple[int, ...]  # committed behind a forgetting gate, neither promoted nor rejected
 
 
@@ -540,7 +545,7 @@ class Registry:
                 gate = json.loads((self.tasks_dir / task_id / f"v{version:04d}" / "task.json").read_text()).get("gate")
             except (OSError, ValueError):
                 return False
-            self._candidates[key] = isinstance(gate, dict) and bool(gate) and not gate.get("passed", False)
+            self._candidates[key] = failed_gate(gate)
         return self._candidates[key]
 
     def serving_version(self, task_id: str, retired_too: bool = False) -> int | None:
@@ -622,8 +627,8 @@ class Registry:
             version = version if version is not None else max(choices, default=None)
             if version is None or version not in choices:
                 raise LifecycleError(f"task {task_id!r} has no candidate to promote" if version is None else
-                                 f"{task_id} v{version} is not a candidate awaiting promotion "
-                                 f"(candidates: {', '.join(map(str, status.candidates)) or 'none'})")
+                                     f"{task_id} v{version} is not a candidate awaiting promotion "
+                                     f"(candidates: {', '.join(map(str, status.candidates)) or 'none'})")
             gate = self.get(task_id, version).card.gate
             return self._record(Change(Action.PROMOTE, task_id, version, {"gate": gate}, **_who(who)))
 
@@ -736,7 +741,7 @@ class Registry:
             raise
         with self._history_lock():  # the version is committed already: this line only tells who and why
             self._record(Change(Action.COMMIT, card.task_id, card.version, {
-                "adapter_kind": card.adapter_kind, "candidate": bool(card.gate) and not card.gate.get("passed"),
+                "adapter_kind": card.adapter_kind, "candidate": failed_gate(card.gate),
                 **{k: card.decision[k] for k in ("action", "dataset", "imported_from") if k in card.decision}}))
         return self.get(card.task_id, card.version)
 
