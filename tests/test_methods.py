@@ -148,3 +148,109 @@ def test_seqft_has_no_memory_and_unknown_methods_are_refused(backbone):
     assert method.penalty(shared) is None and method.replay(4, torch.Generator()) is None
     with pytest.raises(ValueError, match="shared-connector method"):
         make_method("eproj")
+
+
+class Vector(torch.nn.Module):
+    """A connector that is one parameter vector: losses on it are known in closed form."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(values, dtype=torch.float64))
+
+
+def test_si_integrates_the_task_loss_gradient_alone_along_the_path(monkeypatch):
+    """On L(θ) = ½·a·|θ − c|² with gradient descent, SI's path integral Σ −g·Δθ must use g = a(θ − c), the task
+    loss's gradient, even though each step also follows the penalty λΩ(θ − θ*)² of an earlier task."""
+    a, c, lr, strength, steps = 2.0, torch.tensor([1.0, -2.0], dtype=torch.float64), 0.05, 3.0, 20
+    omega = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    method = ImportanceMethod("si", strength=strength)
+    connector = Vector([0.3, 0.1])
+    method.importance, method.owner = {"theta": omega}, {"theta": torch.zeros(2, dtype=torch.long)}
+    method.anchor, method.keys = {"theta": torch.zeros(2, dtype=torch.float64)}, [key([1.0], [1.0], [1.0])]
+    method.begin_task(connector, key([1.0], [1.0], [1.0]))
+    opt = torch.optim.SGD(connector.parameters(), lr=lr)
+    theta, expected = connector.theta.detach().clone(), torch.zeros(2, dtype=torch.float64)
+    for _ in range(steps):  # the hooks in train_connector's order
+        opt.zero_grad()
+        (0.5 * a * (connector.theta - c).pow(2).sum() + method.penalty(connector)).backward()
+        method.adjust_gradient(connector, None, torch.Generator())
+        opt.step()
+        method.after_step(connector)
+        task_grad = a * (theta - c)  # by hand
+        step = -lr * (task_grad + 2 * strength * omega * theta)
+        expected -= task_grad * step
+        theta = theta + step
+    assert torch.allclose(connector.theta.detach(), theta)
+    assert torch.allclose(method._path["theta"], expected), (method._path["theta"], expected)
+    importance = method.task_importance(connector, None, None)["theta"]
+    assert torch.allclose(importance, (expected / ((theta - torch.tensor([0.3, 0.1], dtype=torch.float64)) ** 2
+                                                   + 1e-3)).clamp(min=0))
+
+
+def test_an_agem_step_with_adamw_does_not_raise_the_buffer_loss():
+    """AdamW's first moment remembers earlier gradients: a projected gradient alone does not keep the step from
+    climbing the buffer's loss. The step taken must not, to first order (the second-order rest is |Δθ|²/2)."""
+    buffer_target = torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+    def loss_fn(batch, logits=False):
+        return 0.5 * (connector.theta - batch.features.mean(0)).pow(2).sum()
+
+    connector = Vector([0.0, 0.0])
+    method = ReplayMethod("agem", fraction=1.0)
+    method.buffer = Batch(buffer_target[None], ["q"], ["a"])
+    opt = torch.optim.AdamW(connector.parameters(), lr=0.05, weight_decay=0.01)
+    for _ in range(5):  # an earlier task pushed θ away from the buffer's target: Adam's moment points that way
+        opt.zero_grad()
+        connector.theta.grad = torch.tensor([1.0, 0.2], dtype=torch.float64)
+        opt.step()
+    for _ in range(3):  # now a task whose gradient conflicts with the buffer's
+        before, buffer_before = connector.theta.detach().clone(), loss_fn(method.buffer).item()
+        reference = connector.theta.detach() - buffer_target
+        opt.zero_grad()
+        connector.theta.grad = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        method.adjust_gradient(connector, loss_fn, torch.Generator().manual_seed(0))
+        opt.step()
+        method.after_step(connector)
+        step = connector.theta.detach() - before
+        assert torch.dot(step, reference).item() <= 1e-12  # first order: not up the buffer's loss
+        assert loss_fn(method.buffer).item() - buffer_before <= 0.5 * step.pow(2).sum().item() + 1e-12
+
+
+def test_replay_draws_leave_the_data_order_of_seqft(backbone, monkeypatch):
+    """ER with the same seed sees the new task's rows in the order SeqFT sees them: its buffer draws come from a
+    generator of their own, so a comparison of the two is paired."""
+    new = tiny_task(1, answers=tuple(f"a{i}" for i in range(8)), instruction="Which one?")
+    orders = {}
+    real_loss = backbone.lm.loss
+    for name in ("seqft", "er"):
+        seen = orders[name] = []
+
+        def recording_loss(visual, instructions, answers, lora=None, seen=seen):
+            seen.append([a for a, i in zip(answers, instructions) if i == "Which one?"])
+            return real_loss(visual, instructions, answers, lora)
+
+        connector, method = backbone.base_connector().clone(), make_method(name)
+        if name == "er":
+            method.buffer = tiny_task(0).batch()
+        monkeypatch.setattr(backbone.lm, "loss", recording_loss)
+        train(backbone, connector, new, method, epochs=2)
+        monkeypatch.setattr(backbone.lm, "loss", real_loss)
+    assert orders["er"] == orders["seqft"] and len(orders["er"]) == 4
+
+
+def test_importance_keeps_the_relative_weight_of_tasks(monkeypatch):
+    """One scale for all tasks (the first task's mean): a task whose parameters mattered a tenth as much keeps a
+    tenth of the weight instead of being scaled up to the first task's."""
+    method = ImportanceMethod("ewc")
+    connector = Vector([0.0, 0.0])
+    raw = iter([{"theta": torch.tensor([2.0, 4.0], dtype=torch.float64)},
+                {"theta": torch.tensor([0.6, 0.2], dtype=torch.float64)}])
+    monkeypatch.setattr(method, "task_importance", lambda *args: next(raw))
+    method.end_task(connector, key([1.0], [1.0], [1.0]), None, None)
+    assert torch.allclose(method.importance["theta"], torch.tensor([2 / 3, 4 / 3], dtype=torch.float64))
+    method.end_task(connector, key([0.0], [1.0], [1.0]), None, None)
+    assert torch.allclose(method.importance["theta"], torch.tensor([2 / 3, 4 / 3], dtype=torch.float64))
+    tensors, meta = method.state()
+    again = ImportanceMethod("ewc")
+    again.load_state(tensors, meta)
+    assert again.scale == pytest.approx(3.0)

@@ -71,8 +71,10 @@ def metrics(acc: np.ndarray) -> tuple[list[float], list[float]]:
 class Bench:
     """Embedded tasks and the shared backbone, reused by every method of one run."""
 
-    def __init__(self, out: Path, order: tuple[str, ...], preset: Preset, seed: int, log=print) -> None:
+    def __init__(self, out: Path, order: tuple[str, ...], preset: Preset, seed: int, log=print,
+                 strength: float = 100.0, replay_fraction: float = 0.01) -> None:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
+        self.strength, self.replay_fraction = strength, replay_fraction  # λ; the replay buffer's share of a task
         self.backbone = Backbone()
         self.embedder = TextEmbedder()
         self.background = self.embedder.embed(background_questions())
@@ -125,7 +127,8 @@ class Bench:
         return MethodResult(name, self.start, rows, average, forgetting, routing or [], adapters, params)
 
     def _run_shared(self, name: str) -> MethodResult:
-        adapter, method, acc = TaskAdapter(self.base.clone()), make_method(name), self._matrix()
+        adapter, acc = TaskAdapter(self.base.clone()), self._matrix()
+        method = make_method(name, self.strength, self.replay_fraction)
         for t in range(len(self.order)):
             self.fit(adapter, self.train[t], f"{name}: {self.order[t]}", method)
             for j in range(min(t + 2, len(self.order))):  # seen tasks and the next one, zero-shot
@@ -289,7 +292,7 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
 
 def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset: str | Preset, seed: int,
                   thresholds: list[float], command: str, starts: tuple[str, ...] = ("base",),
-                  log=print) -> list[MethodResult]:
+                  log=print, strength: float = 100.0, replay_fraction: float = 0.01) -> list[MethodResult]:
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -305,7 +308,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
 
     if not starts or any(s not in STARTING_CONNECTORS for s in starts):
         raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
-    bench = Bench(out, order, preset, seed, log)
+    bench = Bench(out, order, preset, seed, log, strength, replay_fraction)
     results: list[MethodResult] = []
     sweep: list[dict] = []
     for start in starts:
@@ -313,6 +316,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
         results += [bench.run(m) for m in methods]
         if thresholds and not sweep:  # the sweep runs from the first starting point only
             sweep = bench.threshold_sweep(thresholds)
-    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods, "starts": list(starts)}
+    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods, "starts": list(starts),
+              "strength": strength, "replay_fraction": replay_fraction}
     write_report(out, order, results, sweep, config)
     return results

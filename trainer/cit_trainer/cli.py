@@ -115,6 +115,8 @@ def bench(
     seed: int = 0,
     thresholds: Annotated[str, typer.Option(help="reuse thresholds to sweep for similarity-informed EProj ('' skips)")] = "0.1,0.2,0.4,0.6",
     starts: Annotated[str, typer.Option(help="starting connectors to run every method from: base (captions only), instruct (instruction-tuned); each adds the preset's time")] = "base",
+    strength: Annotated[float, typer.Option(help="λ of ewc, mas, si and tir-* (importance in units of the first task's mean)")] = 100.0,
+    replay_fraction: Annotated[float, typer.Option(help="share of each task's training samples er and agem keep (at least 8)")] = 0.01,
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
@@ -127,7 +129,7 @@ def bench(
     command = " ".join(["cit-trainer", "bench", *sys.argv[2:]]) if len(sys.argv) > 2 else "cit-trainer bench"
     try:
         run_benchmark(out, _csv(methods), tuple(order), preset, seed, [float(t) for t in _csv(thresholds)], command,
-                      tuple(_csv(starts)), log=console.print)
+                      tuple(_csv(starts)), log=console.print, strength=strength, replay_fraction=replay_fraction)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

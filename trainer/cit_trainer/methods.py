@@ -139,9 +139,12 @@ def tir_similarity(keys: list[TaskKey]) -> np.ndarray:
 class ImportanceMethod(Method):
     """A quadratic penalty λ·Σ Ω(θ − θ*)² toward the parameters θ* after the previous task.
 
-    Each finished task's importance is scaled to mean 1 (so one λ suits EWC, MAS and SI alike) and merged into Ω by
-    element-wise max, remembering which task supplied each entry. With `tir`, before task k every entry is scaled
-    by (1 − s(k, owner)): parameters important to a task similar to the new one are left freer to move.
+    Every task's importance is divided by one scale, the first task's mean importance (so one λ suits EWC, MAS and
+    SI alike, while a task whose parameters mattered less, e.g. one hardly learnt, keeps weighing less), and merged
+    into Ω by element-wise max, remembering which task supplied each entry. With `tir`, before task k every entry is
+    scaled by (1 − s(k, owner)): parameters important to a task similar to the new one are left freer to move.
+    SI's path integral (Zenke et al. 2017) sums −g·Δθ with g the gradient of the task's loss alone: the penalty's
+    gradient, known in closed form, is taken out of the step's gradient first.
     """
 
     def __init__(self, kind: str, strength: float = 100.0, tir: bool = False) -> None:
@@ -156,7 +159,8 @@ class ImportanceMethod(Method):
         self.scaled: dict[str, torch.Tensor] = {}      # Ω as used for the current task
         self._path: dict[str, torch.Tensor] = {}       # SI: running -g·Δθ
         self._start: dict[str, torch.Tensor] = {}
-        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SI: (θ, g) before the step
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # SI: (θ, task-loss g) before the step
+        self.scale: float | None = None                # the first task's mean importance: every task's divisor
 
     def begin_task(self, connector, key) -> None:
         params = _params(connector)
@@ -176,9 +180,15 @@ class ImportanceMethod(Method):
         return self.strength * cast(torch.Tensor, total)
 
     def adjust_gradient(self, connector, loss_fn, generator) -> None:
-        if self.kind == "si":  # remember θ and g before the step: the path integral needs both
-            self._before = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in _params(connector).items()
-                            if p.grad is not None}
+        if self.kind == "si":  # remember θ and the task loss's g before the step: the path integral needs both
+            self._before = {n: (p.detach().clone(), p.grad.detach() - self._penalty_grad(n, p))
+                            for n, p in _params(connector).items() if p.grad is not None}
+
+    def _penalty_grad(self, name: str, p: torch.Tensor) -> torch.Tensor | float:
+        """∂/∂θ of the penalty λ·Ω(θ − θ*)² for one parameter."""
+        if name not in self.scaled:
+            return 0.0
+        return 2 * self.strength * self.scaled[name] * (p.detach() - self.anchor[name])
 
     def after_step(self, connector) -> None:
         if self.kind == "si":
@@ -214,10 +224,11 @@ class ImportanceMethod(Method):
 
     def end_task(self, connector, key, data, loss_fn) -> None:
         new = self.task_importance(connector, data, loss_fn)
-        mean = torch.cat([v.flatten() for v in new.values()]).mean().clamp(min=1e-12)
+        if self.scale is None:
+            self.scale = max(torch.cat([v.flatten() for v in new.values()]).mean().item(), 1e-12)
         index = len(self.keys)
         for n, imp in new.items():
-            imp = imp / mean
+            imp = imp / self.scale
             if n in self.importance:
                 wins = imp > self.importance[n]
                 self.importance[n] = torch.where(wins, imp, self.importance[n])
@@ -234,7 +245,7 @@ class ImportanceMethod(Method):
         for i, k in enumerate(self.keys):  # TIR compares each new task with the owners' keys
             for part in ("image", "instruction", "output", "counts"):
                 tensors[f"key{i}.{part}"] = torch.from_numpy(np.ascontiguousarray(getattr(k, part)))
-        return tensors, {"tasks": len(self.keys), "strength": self.strength}
+        return tensors, {"tasks": len(self.keys), "strength": self.strength, "scale": self.scale}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         for part, d in (("importance", self.importance), ("owner", self.owner), ("anchor", self.anchor)):
@@ -242,15 +253,20 @@ class ImportanceMethod(Method):
             d.update({k[len(part) + 1 :]: v for k, v in tensors.items() if k.startswith(part + ".")})
         self.keys = [TaskKey(*(tensors[f"key{i}.{p}"].numpy() for p in ("image", "instruction", "output", "counts")))
                      for i in range(meta["tasks"])]
+        # memory written before one scale existed (each task scaled to mean 1): the next task sets the scale
+        self.scale = meta.get("scale")
 
 
 # ------------------------------------------------------------------------------------------ replay methods
 
 
 class ReplayMethod(Method):
-    """ER adds buffer rows to every step; A-GEM keeps the step's gradient from raising the buffer's loss.
+    """ER adds buffer rows to every step; A-GEM keeps the step from raising the buffer's loss.
 
-    The buffer keeps `fraction` of each finished task's training samples, at least `min_per_task`.
+    The buffer keeps `fraction` of each finished task's training samples, at least `min_per_task`. A-GEM (Chaudhry
+    et al. 2019) projects the gradient; its guarantee — the step does not raise the buffer's loss, to first order —
+    holds for plain SGD only, since AdamW's moments and weight decay make the step taken differ from the projected
+    gradient. So the step actually taken is checked too, and its component up the buffer's gradient removed.
     """
 
     def __init__(self, kind: str, fraction: float = 0.01, min_per_task: int = 8) -> None:
@@ -261,6 +277,7 @@ class ReplayMethod(Method):
         self.kind = self.name = kind
         self.fraction, self.min_per_task = fraction, min_per_task
         self.buffer: Batch | None = None
+        self._step: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None  # A-GEM: θ, g_ref, |g_ref|²
 
     def _draw(self, n: int, generator: torch.Generator) -> Batch | None:
         if self.buffer is None or len(self.buffer) == 0:
@@ -288,6 +305,20 @@ class ReplayMethod(Method):
             grads = [g - (dot / ref_sq) * r for g, r in zip(grads, ref)]
         for p, g in zip(params, grads):
             p.grad = g
+        self._step = ([p.detach().clone() for p in params], ref, torch.as_tensor(ref_sq))
+
+    def after_step(self, connector) -> None:
+        """A-GEM: the step taken, Δθ, must not raise the buffer's loss to first order (g_ref·Δθ <= 0)."""
+        if self._step is None:
+            return
+        before, ref, ref_sq = self._step
+        self._step = None
+        params = list(_params(connector).values())
+        rise = torch.stack([((p.detach() - b) * r).sum() for p, b, r in zip(params, before, ref)]).sum()
+        if rise > 0 and ref_sq > 0:
+            with torch.no_grad():
+                for p, r in zip(params, ref):
+                    p.sub_((rise / ref_sq) * r)
 
     def end_task(self, connector, key, data, loss_fn) -> None:
         keep = min(len(data), max(self.min_per_task, math.ceil(self.fraction * len(data))))

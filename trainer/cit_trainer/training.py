@@ -100,6 +100,8 @@ def train_connector(
     task begins and ends (needs the task's key).
     """
     gen = torch.Generator().manual_seed(seed)
+    # the method's own draws (ER's and A-GEM's rows from the buffer): the data order stays the one SeqFT sees
+    method_gen = torch.Generator().manual_seed(seed + 1)
     params = [*connector.parameters(), *(backbone.lm.loras.parameters(lora) if lora else [])]
     opt = torch.optim.AdamW(params, lr=lr)
     steps = epochs * ((len(task.samples) + batch_size - 1) // batch_size)
@@ -122,12 +124,12 @@ def train_connector(
             order = torch.randperm(len(task.samples), generator=gen).tolist()
             for i in range(0, len(order), batch_size):
                 batch = data.take(order[i : i + batch_size])
-                replayed = method.replay(batch_size, gen)
+                replayed = method.replay(batch_size, method_gen)
                 loss = loss_fn(Batch.concat([batch, replayed]) if replayed else batch)
                 penalty = method.penalty(connector)
                 opt.zero_grad()
                 (loss + penalty if penalty is not None else loss).backward()
-                method.adjust_gradient(connector, loss_fn, gen)
+                method.adjust_gradient(connector, loss_fn, method_gen)
                 opt.step()
                 schedule.step()
                 method.after_step(connector)
