@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cit_trainer.bench import Preset, metrics, run_benchmark
+from cit_trainer.bench import Preset, metrics, run_benchmark, transfer
 
 
 def test_average_accuracy_and_forgetting_by_hand():
@@ -17,6 +17,19 @@ def test_average_accuracy_and_forgetting_by_hand():
     assert average == pytest.approx([0.8, 0.75, (0.4 + 0.7 + 0.5) / 3])
     # F_2: task 0 fell from its best 0.8 to 0.6; F_3: task 0 from 0.8 to 0.4, task 1 from 0.9 to 0.7
     assert forgetting == pytest.approx([0.0, 0.2, (0.4 + 0.2) / 2])
+
+
+def test_learning_accuracy_and_backward_and_forward_transfer_by_hand():
+    nan = np.nan
+    acc = np.array([[0.8, 0.1, nan],
+                    [0.6, 0.9, 0.2],
+                    [0.4, 0.7, 0.5]])
+    learning, backward, forward = transfer(acc, start=[0.3, 0.05, 0.25])
+    assert learning == pytest.approx((0.8 + 0.9 + 0.5) / 3)
+    assert backward == pytest.approx(((0.4 - 0.8) + (0.7 - 0.9)) / 2)
+    # before its stage task 1 reached 0.1 (0.05 from the start), task 2 reached 0.2 (0.25 from the start)
+    assert forward == pytest.approx(((0.1 - 0.05) + (0.2 - 0.25)) / 2)
+    assert transfer(acc, None)[2] is None
 
 
 def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
@@ -44,7 +57,11 @@ def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     # threshold 1 assigns tasks to adapters as plain EProj does: the same run
     assert report["threshold_sweep"][1]["final_average_accuracy"] == eproj.average_accuracy[-1]
     table = (out / "results.md").read_text()
-    assert "| eproj |" in table and "| threshold | adapters | A_T |" in table
+    assert "| eproj |" in table and "| threshold | adapters | A_T |" in table and "| BWT | FWT |" in table
+    for r in results:  # the start connector is measured once per start, and FWT is taken against it
+        assert r.start_accuracy == results[0].start_accuracy and len(r.start_accuracy) == 2
+        assert r.forward_transfer == pytest.approx(r.accuracy[0][1] - r.start_accuracy[1])
+        assert r.learning_accuracy == pytest.approx((r.accuracy[0][0] + r.accuracy[1][1]) / 2)
 
 
 def test_both_starting_connectors_ship_and_differ(backbone):

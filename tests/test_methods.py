@@ -254,3 +254,27 @@ def test_importance_keeps_the_relative_weight_of_tasks(monkeypatch):
     again = ImportanceMethod("ewc")
     again.load_state(tensors, meta)
     assert again.scale == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("kind", ["ewc", "mas"])
+def test_importance_is_the_mean_over_samples_of_each_samples_gradient(kind):
+    """EWC's diagonal empirical Fisher is the mean of squared per-sample gradients (MAS: of their absolute
+    values), not the square of a batch's gradient: on L_r(θ) = ½(θ·x_r − y_r)² the per-sample gradient is
+    (θ·x_r − y_r)·x_r, by hand."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 3)), rng.normal(size=10)
+    connector = Vector([0.5, -0.2, 0.1])
+    data = Batch(torch.from_numpy(np.c_[x, y]), ["q"] * 10, ["a"] * 10)
+
+    def loss_fn(batch, logits=False):
+        f = batch.features
+        residual = f[:, :3] @ connector.theta - f[:, 3]
+        return residual[:, None] if logits else (0.5 * residual.pow(2)).mean()
+
+    theta = np.array([0.5, -0.2, 0.1])
+    if kind == "ewc":
+        per_sample = ((x @ theta - y)[:, None] * x) ** 2
+    else:  # MAS: d/dθ of the squared output norm, |2·(θ·x − y)·x|
+        per_sample = np.abs(2 * (x @ theta - y)[:, None] * x)
+    importance = ImportanceMethod(kind).task_importance(connector, data, loss_fn)["theta"]
+    assert np.allclose(importance.numpy(), per_sample.mean(0))

@@ -57,6 +57,10 @@ class MethodResult:
     adapters: int = 1
     trainable_parameters: int = 0
     seconds: float = 0.0
+    learning_accuracy: float = 0.0       # mean of each task's accuracy right after its own stage
+    backward_transfer: float = 0.0       # BWT: mean over earlier tasks of (final - right after its stage)
+    forward_transfer: float | None = None  # FWT: mean over later tasks of (zero-shot before its stage - start's)
+    start_accuracy: list[float] = field(default_factory=list)  # the starting connector's accuracy per task
 
 
 def metrics(acc: np.ndarray) -> tuple[list[float], list[float]]:
@@ -66,6 +70,18 @@ def metrics(acc: np.ndarray) -> tuple[list[float], list[float]]:
     forgetting = [0.0 if t == 0 else float(np.mean([acc[j:t, j].max() - acc[t, j] for j in range(t)]))
                   for t in range(stages)]
     return average, forgetting
+
+
+def transfer(acc: np.ndarray, start: list[float] | None) -> tuple[float, float, float | None]:
+    """Learning accuracy, BWT and FWT (Lopez-Paz & Ranzato 2017) from acc[stage, task], where acc[t - 1, t] is task
+    t's zero-shot accuracy before its own stage and `start` the starting connector's accuracy on each task (None:
+    not measured, no FWT)."""
+    stages = acc.shape[0]
+    learning = float(np.mean([acc[t, t] for t in range(stages)]))
+    backward = float(np.mean([acc[-1, j] - acc[j, j] for j in range(stages - 1)])) if stages > 1 else 0.0
+    forward = float(np.mean([acc[t - 1, t] - start[t] for t in range(1, stages)])) \
+        if start is not None and stages > 1 else None
+    return learning, backward, forward
 
 
 class Bench:
@@ -90,6 +106,7 @@ class Bench:
     def use_start(self, start: str) -> None:
         """Every method from now on starts from clones of this starting connector (read once)."""
         self.start, self.base = start, self.backbone.base_connector(start)
+        self._start_scores: dict[str, list[float]] = getattr(self, "_start_scores", {})
         self._routed: dict[tuple, MethodResult] = {}  # routed runs by (adapter of each task, lora, final only)
 
     def fit(self, adapter: TaskAdapter, task: EmbeddedTask, desc: str, method=None) -> None:
@@ -120,11 +137,21 @@ class Bench:
     def _matrix(self) -> np.ndarray:
         return np.full((len(self.order), len(self.order)), np.nan)
 
+    def start_accuracy(self) -> list[float]:
+        """The starting connector's accuracy on each task, measured once per start (FWT's reference)."""
+        if self.start not in self._start_scores:
+            self._start_scores[self.start] = [self.score(TaskAdapter(self.base), j) for j in range(len(self.order))]
+        return self._start_scores[self.start]
+
     def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None, lora_params: int = 0) -> MethodResult:
         average, forgetting = metrics(acc)
+        start = self.start_accuracy()
+        learning, backward, forward = transfer(acc, start)
         params = (sum(p.numel() for p in self.base.parameters()) + lora_params) * adapters
         rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
-        return MethodResult(name, self.start, rows, average, forgetting, routing or [], adapters, params)
+        return MethodResult(name, self.start, rows, average, forgetting, routing or [], adapters, params,
+                            learning_accuracy=learning, backward_transfer=backward, forward_transfer=forward,
+                            start_accuracy=start)
 
     def _run_shared(self, name: str) -> MethodResult:
         adapter, acc = TaskAdapter(self.base.clone()), self._matrix()
@@ -262,11 +289,13 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
 
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Tasks, in order: {', '.join(order)}. Command: `{config['command']}`", "",
-             "| start | method | A_T | F_T | routing (own adapter) | adapters | trainable params | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| start | method | A_T | F_T | learning acc. | BWT | FWT | routing (own adapter) | adapters | "
+             "trainable params | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         routing = pct(r.routing_accuracy[-1]) if r.routing_accuracy else "–"
-        lines.append(f"| {r.start} | {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | {routing} | "
+        lines.append(f"| {r.start} | {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | "
+                     f"{pct(r.learning_accuracy)} | {pct(r.backward_transfer)} | {pct(r.forward_transfer)} | {routing} | "
                      f"{r.adapters} | {r.trainable_parameters:,} | {r.seconds:.0f} s |")
     if sweep:
         lines += ["", f"Reuse threshold sweep (similarity-informed EProj, from {results[0].start}):", "",

@@ -205,10 +205,9 @@ class ImportanceMethod(Method):
                     for n, p in params.items()}
         data = data.take(list(range(min(len(data), IMPORTANCE_SAMPLES))))
         total = {n: torch.zeros_like(p) for n, p in params.items()}
-        chunk = 4  # small batches: a per-sample Fisher would cost one backward pass per sample
         count = 0
-        for i in range(0, len(data), chunk):
-            rows = data.take(list(range(i, min(i + chunk, len(data)))))
+        for i in range(len(data)):  # per sample: the Fisher is the mean of squared per-sample gradients (a batch's
+            rows = data.take([i])   # gradient squared is a smaller number); one backward pass each
             connector.zero_grad()
             if self.kind == "ewc":  # diagonal empirical Fisher: squared gradient of the log-likelihood
                 loss_fn(rows).backward()
