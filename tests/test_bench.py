@@ -69,3 +69,40 @@ def test_both_starting_connectors_ship_and_differ(backbone):
     assert not torch.equal(base.proj.weight, instruct.proj.weight)
     with pytest.raises(ValueError, match="unknown starting point"):
         backbone.base_connector("blip")
+
+
+def test_cells_of_seeds_and_orders_are_written_as_they_finish_and_a_run_resumes(tmp_path):
+    """start x order x seed x method cells, each in its own file; a run stopped midway resumes with the cells it
+    has, and the report says which are missing. Paired claims compare cells of the same order and seed."""
+    import random
+
+    from cit_trainer.bench import report_from_cells
+
+    out, tasks = tmp_path / "bench", ("digits", "easyvqa-shape")
+    grid = dict(methods=["seqft", "er"], order=tasks, preset=Preset(train=16, test=8, epochs=1), seed=0,
+                thresholds=[], command="test", seeds=(0, 1), orders=(0, 3))
+    results = run_benchmark(out, **grid)
+    cells = sorted(p.name for p in (out / "cells").glob("base-*.json"))
+    assert cells == [f"base-o{o}-s{s}-{m}.json" for o in (0, 3) for s in (0, 1) for m in ("er", "seqft")]
+    shuffled = list(tasks)
+    random.Random(3).shuffle(shuffled)
+    assert {tuple(r.tasks) for r in results if r.order == 3} == {tuple(shuffled)}
+    seqft = [r for r in results if r.method == "seqft" and r.order == 0]
+    assert {r.seed for r in seqft} == {0, 1}
+    report = json.loads((out / "results.json").read_text())
+    assert report["missing"] == [] and {c["claim"]: c["cells"] for c in report["paired"]}["er - seqft"] == 4
+    summary = {(g["start"], g["method"]): g for g in report["summary"]}
+    a_t = [r.average_accuracy[-1] for r in results if r.method == "seqft"]
+    assert summary["base", "seqft"]["cells"] == 4 and summary["base", "seqft"]["A_T"][0] == pytest.approx(np.mean(a_t))
+    low, high = summary["base", "seqft"]["A_T"][1:]
+    assert low <= np.mean(a_t) <= high
+
+    (out / "cells" / "base-o3-s1-er.json").unlink()  # the run was stopped before its last cell
+    assert report_from_cells(out) == ["base-o3-s1-er"]
+    assert "Missing cells (1 of 8" in (out / "results.md").read_text()
+    logged = []
+    again = run_benchmark(out, **grid, resume=True, log=logged.append)
+    assert sum("done before, kept" in line for line in logged) == 7
+    assert len(again) == 8 and json.loads((out / "results.json").read_text())["missing"] == []
+    with pytest.raises(ValueError, match="other settings"):
+        run_benchmark(out, **{**grid, "seed": 5}, resume=True)

@@ -8,13 +8,21 @@ evaluated, giving each method an accuracy matrix acc[stage, task]. From it:
 
 EProj and LoRA (and the similarity-informed variant with a reuse threshold) route each test request through a FAISS
 index of task keys exactly as the server does, so their accuracy includes routing mistakes.
+
+A run is a grid of cells, start x order x training seed x method, over one data draw (`seed`: which samples, the
+same test samples in every cell, so cells compare paired). Order 0 is the order given; order k > 0 that order
+shuffled by random.Random(k). Each cell's result is written atomically to <out>/cells/ as it finishes; `resume`
+skips the cells found there, and the report is built from whatever cells exist, saying which are missing.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +65,9 @@ class MethodResult:
     adapters: int = 1
     trainable_parameters: int = 0
     seconds: float = 0.0
+    seed: int = 0                        # training seed of the cell
+    order: int = 0                       # order seed of the cell (0: the order given)
+    tasks: list[str] = field(default_factory=list)  # the cell's task order
     learning_accuracy: float = 0.0       # mean of each task's accuracy right after its own stage
     backward_transfer: float = 0.0       # BWT: mean over earlier tasks of (final - right after its stage)
     forward_transfer: float | None = None  # FWT: mean over later tasks of (zero-shot before its stage - start's)
@@ -102,11 +113,24 @@ class Bench:
             self.train.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "train.jsonl"), f"{name} train"))
             self.test.append(embed_task(self.backbone, self.embedder, read_jsonl(task_dir / "test.jsonl"), f"{name} test"))
         self.keys = [t.key() for t in self.train]
+        self._embedded = {name: (tr, te, k) for name, tr, te, k in zip(order, self.train, self.test, self.keys)}
+        self.order_seed = 0
+
+    def use_cell(self, order: int, seed: int) -> None:
+        """Tasks in order seed `order` (0: as given), trained with seed `seed`; the embedded data is the same."""
+        names = list(self._embedded)
+        if order:
+            random.Random(order).shuffle(names)
+        self.order, self.order_seed, self.seed = tuple(names), order, seed
+        self.train = [self._embedded[n][0] for n in names]
+        self.test = [self._embedded[n][1] for n in names]
+        self.keys = [self._embedded[n][2] for n in names]
+        self._routed.clear()
 
     def use_start(self, start: str) -> None:
         """Every method from now on starts from clones of this starting connector (read once)."""
         self.start, self.base = start, self.backbone.base_connector(start)
-        self._start_scores: dict[str, list[float]] = getattr(self, "_start_scores", {})
+        self._start_scores: dict[tuple, list[float]] = getattr(self, "_start_scores", {})
         self._routed: dict[tuple, MethodResult] = {}  # routed runs by (adapter of each task, lora, final only)
 
     def fit(self, adapter: TaskAdapter, task: EmbeddedTask, desc: str, method=None) -> None:
@@ -138,10 +162,12 @@ class Bench:
         return np.full((len(self.order), len(self.order)), np.nan)
 
     def start_accuracy(self) -> list[float]:
-        """The starting connector's accuracy on each task, measured once per start (FWT's reference)."""
-        if self.start not in self._start_scores:
-            self._start_scores[self.start] = [self.score(TaskAdapter(self.base), j) for j in range(len(self.order))]
-        return self._start_scores[self.start]
+        """The starting connector's accuracy on each task in this order, measured once per start and order (FWT's
+        reference)."""
+        if (self.start, self.order) not in self._start_scores:
+            self._start_scores[self.start, self.order] = [self.score(TaskAdapter(self.base), j)
+                                                          for j in range(len(self.order))]
+        return self._start_scores[self.start, self.order]
 
     def _result(self, name: str, acc: np.ndarray, adapters: int, routing=None, lora_params: int = 0) -> MethodResult:
         average, forgetting = metrics(acc)
@@ -150,6 +176,7 @@ class Bench:
         params = (sum(p.numel() for p in self.base.parameters()) + lora_params) * adapters
         rows = [[None if np.isnan(v) else float(v) for v in row] for row in acc]
         return MethodResult(name, self.start, rows, average, forgetting, routing or [], adapters, params,
+                            seed=self.seed, order=self.order_seed, tasks=list(self.order),
                             learning_accuracy=learning, backward_transfer=backward, forward_transfer=forward,
                             start_accuracy=start)
 
@@ -278,50 +305,91 @@ class Bench:
 
 
 def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult], sweep: list[dict], config: dict) -> None:
+    """results.json (every cell, the summary, the paired claims, the cells missing from the grid asked for),
+    results.md and one heatmap per start and method (the mean matrix of its cells in the order given)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"config": config, "tasks": list(order), "methods": [asdict(r) for r in results], "threshold_sweep": sweep}
+    groups: dict[tuple[str, str], list[MethodResult]] = {}
+    for r in results:
+        groups.setdefault((r.start, r.method), []).append(r)
+    measures = {"A_T": lambda r: r.average_accuracy[-1], "F_T": lambda r: r.forgetting[-1],
+                "learning": lambda r: r.learning_accuracy, "BWT": lambda r: r.backward_transfer,
+                "FWT": lambda r: r.forward_transfer}
+    stats = {group: {k: bootstrap([v for r in rs if (v := f(r)) is not None]) for k, f in measures.items()}
+             for group, rs in groups.items()}
+    summary = [{"start": st, "method": m, "cells": len(groups[st, m]), **stats[st, m]} for st, m in groups]
+    grid = [(st, o, sd, m) for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
+            for m in config["methods"]]
+    present = {(r.start, r.order, r.seed, r.method) for r in results}
+    missing = [f"{st}-o{o}-s{sd}-{m}" for st, o, sd, m in grid if (st, o, sd, m) not in present]
+    claims = paired_differences(results)
+    payload = {"config": config, "tasks": list(order), "summary": summary, "paired": claims, "missing": missing,
+               "methods": [asdict(r) for r in results], "threshold_sweep": sweep}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
 
-    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    lines = [f"Tasks, in order: {', '.join(order)}. Command: `{config['command']}`", "",
-             "| start | method | A_T | F_T | learning acc. | BWT | FWT | routing (own adapter) | adapters | "
-             "trainable params | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"  # noqa: E731
+
+    def interval(m: tuple[float, float, float]) -> str:
+        return pct(m[0]) if m[1] == m[2] else f"{pct(m[0])} [{pct(m[1])}, {pct(m[2])}]"
+
+    lines = [f"Tasks, in order (order 0): {', '.join(order)}. Command: `{config['command']}`", "",
+             "Per start and method, the mean over cells (orders x training seeds) with its 95 % bootstrap interval:", "",
+             "| start | method | cells | A_T | F_T | learning acc. | BWT | FWT |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {st} | {m} | {len(groups[st, m])} | " + " | ".join(interval(stats[st, m][k]) for k in measures) + " |"
+              for st, m in groups]
+    if claims:
+        lines += ["", "Paired claims (A_T difference over the cells both share: same start, order and seed):", "",
+                  "| claim | cells | difference |", "|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['cells']} | {interval((c['mean'], c['low'], c['high']))} |" for c in claims]
+    lines += ["", "Cells:", "",
+              "| start | order | seed | method | A_T | F_T | learning acc. | BWT | FWT | routing (own adapter) | adapters | "
+              "trainable params | wall time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         routing = pct(r.routing_accuracy[-1]) if r.routing_accuracy else "–"
-        lines.append(f"| {r.start} | {r.method} | {pct(r.average_accuracy[-1])} | {pct(r.forgetting[-1])} | "
-                     f"{pct(r.learning_accuracy)} | {pct(r.backward_transfer)} | {pct(r.forward_transfer)} | {routing} | "
-                     f"{r.adapters} | {r.trainable_parameters:,} | {r.seconds:.0f} s |")
+        lines.append(f"| {r.start} | {r.order} | {r.seed} | {r.method} | {pct(r.average_accuracy[-1])} | "
+                     f"{pct(r.forgetting[-1])} | {pct(r.learning_accuracy)} | {pct(r.backward_transfer)} | "
+                     f"{pct(r.forward_transfer)} | {routing} | {r.adapters} | {r.trainable_parameters:,} | "
+                     f"{r.seconds:.0f} s |")
+    if missing:
+        lines += ["", f"Missing cells ({len(missing)} of {len(grid)}; `--resume` runs them): {', '.join(missing)}"]
     if sweep:
-        lines += ["", f"Reuse threshold sweep (similarity-informed EProj, from {results[0].start}):", "",
-                  "| threshold | adapters | A_T |", "|---|---|---|"]
+        lines += ["", f"Reuse threshold sweep (similarity-informed EProj, from {config['starts'][0]}, first order and "
+                  "seed):", "", "| threshold | adapters | A_T |", "|---|---|---|"]
         lines += [f"| {s['threshold']:g} | {s['adapters']} | {pct(s['final_average_accuracy'])} |" for s in sweep]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
-    for r in results:
-        acc = np.array([[np.nan if v is None else 100 * v for v in row] for row in r.accuracy])
+    for (start, method), rs in groups.items():
+        given = [r for r in rs if r.order == 0] or rs[:1]  # matrices line up in one order only
+        with warnings.catch_warnings():  # entries no cell evaluated stay NaN (blank)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            acc = np.nanmean([[[np.nan if v is None else 100 * v for v in row] for row in r.accuracy] for r in given], 0)
+        names = given[0].tasks or list(order)
         fig, ax = plt.subplots(figsize=(6, 4.8))
         image = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
         for (i, j), v in np.ndenumerate(acc):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
-        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-        ax.set_yticks(range(len(order)), [f"after {n}" for n in order])
-        ax.set_title(f"{r.method} from {r.start}: accuracy (%) after each stage")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), [f"after {n}" for n in names])
+        ax.set_title(f"{method} from {start}: accuracy (%), mean of {len(given)} cell(s)")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        fig.savefig(out / f"heatmap-{r.start}-{r.method}.png", dpi=100)
+        fig.savefig(out / f"heatmap-{start}-{method}.png", dpi=100)
         plt.close(fig)
 
 
 def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset: str | Preset, seed: int,
                   thresholds: list[float], command: str, starts: tuple[str, ...] = ("base",),
-                  log=print, strength: float = 100.0, replay_fraction: float = 0.01) -> list[MethodResult]:
+                  log=print, strength: float = 100.0, replay_fraction: float = 0.01,
+                  seeds: tuple[int, ...] | None = None, orders: tuple[int, ...] = (0,),
+                  resume: bool = False) -> list[MethodResult]:
+    """Every cell start x order x training seed (`seeds`, default: `seed`) x method, over the data drawn with
+    `seed`; each cell written to <out>/cells/ as it finishes (`resume`: cells found there are not run again)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -331,21 +399,102 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if len(set(order)) != len(order) or len(order) < 2:
         raise ValueError("the task order needs at least two distinct tasks")
+    seeds = tuple(seeds) if seeds else (seed,)
+    if any(o < 0 for o in orders) or not orders:
+        raise ValueError("order seeds are integers >= 0 (0: the order given)")
     random.seed(seed)
     np.random.seed(seed)
     from cit_backbone.paths import STARTING_CONNECTORS
 
     if not starts or any(s not in STARTING_CONNECTORS for s in starts):
         raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
+    out = Path(out)
+    settings = {**asdict(preset), "data_seed": seed, "tasks": list(order), "strength": strength,
+                "replay_fraction": replay_fraction}
+    cells_dir = out / "cells"
+    if resume and (cells_dir / "settings.json").exists():
+        made = json.loads((cells_dir / "settings.json").read_text())
+        if made != settings:
+            raise ValueError(f"the cells in {cells_dir} were made with other settings ({made}); use another --out "
+                             "or run without --resume")
+    elif cells_dir.exists():
+        shutil.rmtree(cells_dir)  # a fresh run: no cell of an earlier one is mixed in
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(cells_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
+    config = {"command": command, **asdict(preset), "seed": seed, "seeds": list(seeds), "orders": list(orders),
+              "methods": methods, "starts": list(starts), "strength": strength, "replay_fraction": replay_fraction,
+              "tasks": list(order)}
+    _write_atomic(cells_dir / "grid.json", json.dumps(config, indent=2) + "\n")  # what report_from_cells expects
     bench = Bench(out, order, preset, seed, log, strength, replay_fraction)
     results: list[MethodResult] = []
-    sweep: list[dict] = []
     for start in starts:
         bench.use_start(start)
-        results += [bench.run(m) for m in methods]
-        if thresholds and not sweep:  # the sweep runs from the first starting point only
-            sweep = bench.threshold_sweep(thresholds)
-    config = {"command": command, **asdict(preset), "seed": seed, "methods": methods, "starts": list(starts),
-              "strength": strength, "replay_fraction": replay_fraction}
+        for o in orders:
+            for s in seeds:
+                bench.use_cell(o, s)
+                for m in methods:
+                    cell = cells_dir / f"{start}-o{o}-s{s}-{m}.json"
+                    if resume and cell.exists():
+                        results.append(MethodResult(**json.loads(cell.read_text())))
+                        log(f"cell {cell.stem}: done before, kept")
+                        continue
+                    results.append(bench.run(m))
+                    _write_atomic(cell, json.dumps(asdict(results[-1]), indent=2) + "\n")
+    sweep_file = cells_dir / "threshold-sweep.json"
+    sweep: list[dict] = json.loads(sweep_file.read_text()) if resume and sweep_file.exists() else []
+    if thresholds and not sweep:  # from the first start, order and seed only
+        bench.use_start(starts[0])
+        bench.use_cell(orders[0], seeds[0])
+        sweep = bench.threshold_sweep(thresholds)
+        _write_atomic(sweep_file, json.dumps(sweep, indent=2) + "\n")
     write_report(out, order, results, sweep, config)
     return results
+
+
+def report_from_cells(out: Path) -> list[str]:
+    """The report of whatever cells <out>/cells holds (a run stopped midway included); the cells missing."""
+    cells_dir = Path(out) / "cells"
+    if not (cells_dir / "grid.json").exists():
+        raise ValueError(f"{cells_dir} holds no benchmark cells")
+    config = json.loads((cells_dir / "grid.json").read_text())
+    results = [MethodResult(**json.loads(f.read_text())) for f in sorted(cells_dir.glob("*-o*-s*-*.json"))]
+    sweep_file = cells_dir / "threshold-sweep.json"
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.exists() else []
+    write_report(Path(out), tuple(config["tasks"]), results, sweep, config)
+    return json.loads((Path(out) / "results.json").read_text())["missing"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bootstrap(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95 % percentile-bootstrap interval of `values` (one value: no interval, the value thrice)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()),) * 3 if len(x) else (math.nan,) * 3  # type: ignore[return-value]
+    means = np.random.default_rng(seed).choice(x, size=(rounds, len(x))).mean(1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+PAIRED = [("tir-ewc", "ewc"), ("tir-mas", "mas"), ("tir-si", "si"), ("er", "seqft")]
+
+
+def paired_differences(results: list[MethodResult]) -> list[dict]:
+    """A_T of one method minus another's over the cells they share (same start, order and seed), for the claims
+    the paper makes: TIR vs its plain regulariser, ER vs SeqFT, and each method from the instruct start vs base."""
+    a_t = {((r.start, r.order, r.seed), r.method): r.average_accuracy[-1] for r in results}
+    cells = sorted({cell for cell, _ in a_t})
+    methods = list(dict.fromkeys(m for _, m in a_t))
+    claims = [(f"{a} - {b}", [((c, a), (c, b)) for c in cells]) for a, b in PAIRED]
+    claims += [(f"{m}: instruct - base", [((("instruct", o, sd), m), (("base", o, sd), m)) for _, o, sd in cells])
+               for m in methods]
+    out = []
+    for name, pairs in claims:
+        diffs = [a_t[x] - a_t[y] for x, y in dict.fromkeys(pairs) if x in a_t and y in a_t]
+        if diffs:
+            mean, low, high = bootstrap(diffs)
+            out.append({"claim": name, "cells": len(diffs), "mean": mean, "low": low, "high": high})
+    return out

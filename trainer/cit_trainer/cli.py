@@ -117,6 +117,9 @@ def bench(
     starts: Annotated[str, typer.Option(help="starting connectors to run every method from: base (captions only), instruct (instruction-tuned); each adds the preset's time")] = "base",
     strength: Annotated[float, typer.Option(help="λ of ewc, mas, si and tir-* (importance in units of the first task's mean)")] = 100.0,
     replay_fraction: Annotated[float, typer.Option(help="share of each task's training samples er and agem keep (at least 8)")] = 0.01,
+    seeds: Annotated[str, typer.Option(help="training seeds, comma-separated: one cell each (default: --seed); the data drawn is --seed's in every cell")] = "",
+    orders: Annotated[str, typer.Option(help="order seeds, comma-separated: 0 is the order given, k > 0 that order shuffled with k")] = "0",
+    resume: Annotated[bool, typer.Option(help="keep the cells already in --out/cells (same settings) and run the rest")] = False,
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
@@ -129,12 +132,30 @@ def bench(
     command = " ".join(["cit-trainer", "bench", *sys.argv[2:]]) if len(sys.argv) > 2 else "cit-trainer bench"
     try:
         run_benchmark(out, _csv(methods), tuple(order), preset, seed, [float(t) for t in _csv(thresholds)], command,
-                      tuple(_csv(starts)), log=console.print, strength=strength, replay_fraction=replay_fraction)
+                      tuple(_csv(starts)), log=console.print, strength=strength, replay_fraction=replay_fraction,
+                      seeds=tuple(int(s) for s in _csv(seeds)), orders=tuple(int(o) for o in _csv(orders)), resume=resume)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print((out / "results.md").read_text())
     console.print(f"written: {out}/results.json, results.md, heatmap-<start>-<method>.png")
+
+
+@app.command("bench-report")
+def bench_report(
+    out: Annotated[Path, typer.Option(help="the --out of a benchmark run, finished or not")] = Path("bench-results"),
+) -> None:
+    """Build a benchmark's report from the cells it has written so far, and say which are missing."""
+    from .bench import report_from_cells
+
+    try:
+        missing = report_from_cells(out)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print((out / "results.md").read_text())
+    if missing:
+        console.print(f"{len(missing)} cells missing: `cit-trainer bench --resume` with the same options runs them")
 
 
 @app.command("routing-eval")
