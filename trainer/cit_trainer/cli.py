@@ -51,6 +51,28 @@ def export(
         console.print(f"wrote {path}/train.jsonl ({written['train']} rows) and test.jsonl ({written['test']} rows)")
 
 
+@app.command("import-llava")
+def import_llava_cmd(
+    data: Annotated[Path, typer.Argument(help="LLaVA / CoIN-style JSON (a list, or JSON lines): conversations, or image + question + answer")],
+    images: Annotated[Path, typer.Option(help="the directory the records' image paths are relative to")],
+    out: Annotated[Path, typer.Option(help="the task directory to write (train.jsonl, test.jsonl, images/)")],
+    test: Annotated[Path | None, typer.Option(help="a separate test file in the same format (default: --test-fraction of the images)")] = None,
+    test_fraction: Annotated[float, typer.Option(help="share of the images held out for test.jsonl when no --test is given")] = 0.1,
+    seed: int = 0,
+) -> None:
+    """Turn LLaVA / CoIN-style instruction data into a cit task directory that add-task and bench read."""
+    from .llava_import import import_llava
+
+    try:
+        report = import_llava(data, images, out, test, test_fraction, seed)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {out}: " + ", ".join(f"{split}.jsonl {n} rows" for split, n in report.rows.items()))
+    for why, n in report.skipped.items():
+        console.print(f"  {n} {why}")
+
+
 @app.command("add-task")
 def add_task_cmd(
     data: Annotated[Path, typer.Argument(help="task directory with train.jsonl [test.jsonl], or a JSONL file")],
