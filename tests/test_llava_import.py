@@ -18,6 +18,8 @@ def make(tmp_path):
     records[0]["conversations"] += [{"from": "human", "value": "And its size?"}, {"from": "gpt", "value": "small"}]
     records.append({"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
     records.append({"id": "gone", "image": "train2017/missing.jpg", "conversations": records[1]["conversations"]})
+    (tmp_path / "secret.jpg").write_bytes(b"not for the task")
+    records.append({"id": "out", "image": "../secret.jpg", "conversations": records[1]["conversations"]})
     data = tmp_path / "llava.json"
     data.write_text(json.dumps(records))
     flat = tmp_path / "coin-test.jsonl"  # CoIN's evaluation records: image, text, answer
@@ -36,6 +38,7 @@ def test_conversations_become_rows_and_the_test_split_is_drawn_by_image(tmp_path
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 records without an image" in out.stdout and "1 records whose image does not exist" in out.stdout
     assert "1 later turns imported without the turns before them" in out.stdout
+    assert "1 records whose image path leaves --images" in out.stdout
     train, test = read_jsonl(tmp_path / "task" / "train.jsonl"), read_jsonl(tmp_path / "task" / "test.jsonl")
     assert len(train) + len(test) == 9 and len(test) in (2, 3)  # 2 of 8 images held out; image 0 has two rows
     assert {s.image for s in train}.isdisjoint({s.image for s in test})

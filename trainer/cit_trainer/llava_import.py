@@ -9,9 +9,9 @@ Accepted records (a JSON list, or JSON lines), each with an image path relative 
 - flat question/answer records, as CoIN's evaluation files and most VQA sets write them:
   {"image": ..., "text"|"question"|"instruction": Q, "answer"|"output"|"gpt": A}.
 The `<image>` placeholder is removed (cit puts the image before the instruction itself). Records without an
-image (text-only turns) and images that do not exist are skipped and counted. Images are hard-linked into the
-task's images/ (copied across file systems). Without a separate test file, the test split is drawn by image, so no
-image is in both.
+image (text-only turns), images that do not exist and image paths that leave `images` are skipped and counted.
+Images are hard-linked into the task's images/ (copied across file systems). Without a separate test file, the
+test split is drawn by image, so no image is in both.
 """
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def _rows(records: list[dict], images: Path, report: ImportReport) -> list[tuple
             report.skip("records without an image")
             continue
         image = (Path(images) / str(record["image"])).resolve()
+        if not image.is_relative_to(Path(images).resolve()):  # "../../home/x/.ssh/id_rsa" would be linked in
+            report.skip("records whose image path leaves --images")
+            continue
         if not image.is_file():
             report.skip("records whose image does not exist")
             continue
