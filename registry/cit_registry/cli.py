@@ -301,6 +301,9 @@ def diff(
     if as_json:
         typer.echo(json.dumps({"task": task, "from": old.version, "to": new.version, "changes": changes}, indent=2))
         return
+    if not changes:
+        console.print(f"{task} v{old.version} and v{new.version}: no differences")
+        return
     table = Table("", f"v{old.version}", f"v{new.version}")
     for name, change in changes.items():
         table.add_row(name, *(_fact(change[side]) for side in ("from", "to")))
