@@ -213,3 +213,22 @@ def test_the_gate_judges_the_worst_data_set_its_adapter_served():
     assert gate["passed"] and gate["forgetting"] == pytest.approx(5.0) and gate["measured"] == ["a", "b"]
     opts.max_forgetting = 4.9
     assert not _gate(forgetting, [{"name": "a"}, {"name": "b"}], None, "t", opts, log=lambda *_: None)["passed"]
+
+
+def test_a_rollback_while_add_task_trains_makes_its_version_a_candidate(tmp_path, task_dirs, backbone, embedder):
+    """The operator rolled back what the new version grows from while it trained: it must not serve over that."""
+    def add(name, log=lambda *_: None, **options):
+        return add_task(tmp_path / "reg", task_dirs[name], name, AddTaskOptions(**{**TINY, "threshold": 0.0, **options}),
+                        backbone, embedder, log=log)
+
+    add("fashion-mnist")
+    add("fashion-more")
+
+    def operator_meanwhile(line):  # add-task has read what it grows from (v2) and says so: now the rollback lands
+        if str(line).startswith("reusing task"):
+            Registry.open(tmp_path / "reg").rollback("fashion-mnist", 1)
+
+    third = add("fashion-more", log=operator_meanwhile)
+    assert third.task.version == 3 and third.task.candidate
+    assert third.task.card.gate["changed_while_training"] == {"then": [2, False], "now": [1, False]}
+    assert Registry.open(tmp_path / "reg").serving_version("fashion-mnist") == 1

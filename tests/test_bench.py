@@ -106,3 +106,12 @@ def test_cells_of_seeds_and_orders_are_written_as_they_finish_and_a_run_resumes(
     assert len(again) == 8 and json.loads((out / "results.json").read_text())["missing"] == []
     with pytest.raises(ValueError, match="other settings"):
         run_benchmark(out, **{**grid, "seed": 5}, resume=True)
+
+
+def test_order_seeds_that_give_the_same_order_count_once():
+    from cit_trainer.bench import _distinct_orders, permuted
+
+    logged = []
+    assert permuted(("a", "b"), 5) == ("a", "b") and permuted(("a", "b"), 3) == ("b", "a")
+    assert _distinct_orders(("a", "b"), (0, 3, 5, 1), logged.append) == (0, 3)
+    assert logged == ["order seed 5 gives the order of seed 0: left out", "order seed 1 gives the order of seed 3: left out"]

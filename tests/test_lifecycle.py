@@ -99,6 +99,8 @@ def test_a_candidate_serves_nothing_until_promoted_and_never_once_rejected(reg):
     assert cli(reg, "reject", "alpha", "--version", "2").returncode == 0
     assert reg.status("alpha").candidates == () and reg.serving_version("alpha") == 3
     assert cli(reg, "promote", "alpha", "--version", "3").returncode == 2  # not a candidate
+    assert cli(reg, "promote", "alpha", "--version", "9").returncode == 1  # no such version
+    assert cli(reg, "promote", "alpha").returncode == 2  # the rejected one is promoted only when named
     assert cli(reg, "promote", "alpha", "--version", "2").returncode == 0  # an operator may still overrule
     assert reg.serving_version("alpha") == 3  # ... but the newest that may serve still serves
     assert cli(reg, "rollback", "alpha", "--to", "2").returncode == 0 and reg.serving_version("alpha") == 2
@@ -170,6 +172,10 @@ def test_a_shared_connector_follows_the_serving_versions_of_its_tasks(reg):
     assert (reg.shared_head("ewc").task_id, reg.shared_head("ewc").version) == ("beta", 1)
     reg.retire("beta")  # out of routing; its training stays in the connector
     assert reg.shared_head("ewc").task_id == "beta"
+    assert reg.shared_sequence("ewc") == 3  # the next task of the method is numbered after every version on disk
+    shared("gamma", 3)  # trained from beta's connector while alpha was rolled back (an older add-task numbered so)
+    reg.rollback("alpha", None)
+    assert (reg.shared_head("ewc").task_id, reg.shared_head("ewc").version) == ("gamma", 1)  # a tie: the later commit
 
 
 def test_gc_removes_only_what_no_serving_or_candidate_version_needs(reg):

@@ -57,3 +57,13 @@ def test_a_separate_coin_style_test_file_is_used_as_the_test_split(tmp_path):
     bad.write_text('{"not": "a list"}')
     refused = run(bad, "--images", images, "--out", tmp_path / "other")
     assert refused.returncode == 2 and "expected a list of records" in refused.stdout
+
+
+def test_a_reimport_leaves_no_stale_split_and_out_may_not_lie_inside_images(tmp_path):
+    data, images, _ = make(tmp_path)
+    assert run(data, "--images", images, "--out", tmp_path / "task", "--test-fraction", "0.25").returncode == 0
+    assert (tmp_path / "task" / "test.jsonl").exists()
+    again = run(data, "--images", images, "--out", tmp_path / "task", "--test-fraction", "0")
+    assert again.returncode == 0 and not (tmp_path / "task" / "test.jsonl").exists()  # its rows named old images
+    inside = run(data, "--images", images, "--out", images / "task")
+    assert inside.returncode == 2 and "inside --images" in inside.stdout

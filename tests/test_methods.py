@@ -255,6 +255,15 @@ def test_importance_keeps_the_relative_weight_of_tasks(monkeypatch):
     again.load_state(tensors, meta)
     assert again.scale == pytest.approx(3.0)
 
+    degenerate = ImportanceMethod("si")  # a first task that moved nothing sets no scale (1e-12 would blow up the next)
+    raw = iter([{"theta": torch.zeros(2, dtype=torch.float64)}, {"theta": torch.tensor([1.0, 3.0], dtype=torch.float64)}])
+    monkeypatch.setattr(degenerate, "task_importance", lambda *args: next(raw))
+    degenerate.end_task(connector, key([1.0], [1.0], [1.0]), None, None)
+    assert degenerate.scale is None
+    degenerate.end_task(connector, key([0.0], [1.0], [1.0]), None, None)
+    assert degenerate.scale == pytest.approx(2.0)
+    assert torch.allclose(degenerate.importance["theta"], torch.tensor([0.5, 1.5], dtype=torch.float64))
+
 
 @pytest.mark.parametrize("kind", ["ewc", "mas"])
 def test_importance_is_the_mean_over_samples_of_each_samples_gradient(kind):

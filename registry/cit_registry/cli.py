@@ -289,13 +289,15 @@ def history(
 def diff(
     task: str,
     from_version: Annotated[int, typer.Option("--from", help="the older version")],
-    to_version: Annotated[int | None, typer.Option("--to", help="the newer version (default: the serving one)")] = None,
+    to_version: Annotated[int | None, typer.Option("--to", help="the newer version (default: the serving one, or the one a retired task would serve)")] = None,
     registry: REGISTRY = DEFAULT_REGISTRY,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """What changed between two versions of a task: data sets, metrics, similarities, decision, training and
     adapter size."""
     reg = _open(registry)
+    if to_version is None:  # the serving version, the one a retired task would serve, else its newest
+        to_version = reg.serving_version(task, retired_too=True) or max(reg.versions(task), default=None)
     old, new = _lifecycle_call(lambda: (reg.get(task, from_version), reg.get(task, to_version)))
     changes = diff_versions(old, new)
     if as_json:

@@ -102,7 +102,9 @@ class Lifecycle:
             elif c.action is Action.RESTORE:
                 s = replace(s, retired=False)
             elif c.action is Action.ROLLBACK:
-                s = replace(s, rollback=None if c.version is None else (c.version, int(c.detail["newest"])))
+                newest = c.detail.get("newest")  # a line without it (written by hand) holds until any newer version
+                s = replace(s, rollback=None if c.version is None else
+                            (c.version, int(newest) if isinstance(newest, int) else c.version))
             elif c.action is Action.PROMOTE and c.version is not None:
                 s = replace(s, promoted=s.promoted | {c.version}, rejected=s.rejected - {c.version})
             elif c.action is Action.REJECT and c.version is not None:
@@ -156,11 +158,11 @@ def append_change(root: Path, change: Change) -> None:
     with open(path, "a+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size:
-            f.seek(max(0, size - 65536))
-            tail = f.read()
-            if not tail.endswith(b"\n"):  # a dead writer's torn line: cut back to the last whole one
-                cut = tail.rfind(b"\n")
-                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+            f.seek(size - 1)
+            if f.read(1) != b"\n":  # a dead writer's torn line: cut back to the last whole one
+                f.seek(0)
+                whole = f.read().rfind(b"\n") + 1  # rare (a crash mid-append): reading the file once is fine
+                f.truncate(whole)
         f.write((change.to_json() + "\n").encode())
         f.flush()
         os.fsync(f.fileno())

@@ -623,8 +623,11 @@ class Registry:
         another version newer than it."""
         with self._history_lock():
             status, state = self.status(task_id), self.lifecycle().state(task_id)
+            if version is not None and version not in status.versions:
+                raise TaskNotFound(f"task {task_id!r} has no version {version}")
+            # a rejected candidate is promoted only when named: the default is the newest pending one
             choices = [v for v in status.versions if self.is_candidate(task_id, v) and v not in state.promoted]
-            version = version if version is not None else max(choices, default=None)
+            version = version if version is not None else max(status.candidates, default=None)
             if version is None or version not in choices:
                 raise LifecycleError(f"task {task_id!r} has no candidate to promote" if version is None else
                                      f"{task_id} v{version} is not a candidate awaiting promotion "
@@ -635,7 +638,10 @@ class Registry:
     def reject(self, task_id: str, version: int, who: str | None = None) -> Change:
         """Turn a candidate down for good: it never serves; gc may remove it."""
         with self._history_lock():
-            if version not in self.status(task_id).candidates:
+            status = self.status(task_id)
+            if version not in status.versions:
+                raise TaskNotFound(f"task {task_id!r} has no version {version}")
+            if version not in status.candidates:
                 raise LifecycleError(f"{task_id} v{version} is not a candidate awaiting promotion")
             return self._record(Change(Action.REJECT, task_id, version, **_who(who)))
 
@@ -694,7 +700,23 @@ class Registry:
                 continue
             if t is not None and t.shared_method == method:
                 lineage.append(t)
-        return max(lineage, key=lambda t: t.card.training.get("sequence", 0), default=None)
+        # ties (two versions trained from one head) go to the later commit, deterministically
+        return max(lineage, key=lambda t: (t.card.training.get("sequence", 0), t.card.created_at, t.task_id),
+                   default=None)
+
+    def shared_sequence(self, method: str) -> int:
+        """The highest training sequence of any version of a shared-connector method on disk (0: none): the next
+        task of the method is numbered after it, whatever serves now."""
+        top = 0
+        for task_id in self.task_ids():
+            for v in self.versions(task_id):
+                try:
+                    t = self.get(task_id, v)
+                except (OSError, ValueError):
+                    continue
+                if t.shared_method == method:
+                    top = max(top, int(t.card.training.get("sequence", 0)))
+        return top
 
     def commit(self, card: TaskCard, key: TaskKey, parts: dict[str, Callable[[Path], None]],
                backbone: str | None = None) -> TaskVersion:
@@ -772,8 +794,8 @@ class Registry:
                 for v in versions:
                     os.rename(self.tasks_dir / task_id / f"v{v:04d}", trash / f"{task_id}-v{v:04d}")
                 _fsync(self.tasks_dir / task_id)
-            shutil.rmtree(trash)
-            return collected
+        shutil.rmtree(trash, ignore_errors=True)  # outside the locks: commits and changes need not wait for it
+        return collected
 
     def _check_backbone(self, staging: Path, identity: str | None, record: dict | None) -> None:
         """The version must fit the registry's backbone record; the registry's first commit (and its first LoRA,

@@ -6,6 +6,7 @@ ewc, ...) are all served by that method's newest serving connector (Registry.sha
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +16,8 @@ from pathlib import Path
 from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_registry.store import Registry
+
+log = logging.getLogger("cit.server")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,12 @@ class AdapterStore:
         self._heads: dict[str, AdapterId] = {}             # newest version of each shared method ...
         self._heads_of: int | None = None                   # ... at this registry generation
         for task_id in sorted(self.pinned):  # pinned tasks are loaded up front
-            self.get(AdapterId(task_id, registry.get(task_id).version))
+            version = registry.serving_version(task_id)
+            if version is None:  # retired (or only candidates): pinned again once it serves
+                registry.versions(task_id) or registry.get(task_id)  # no such task at all: TaskNotFound, as before
+                log.warning("pinned task %s has no serving version now (retired, or only candidates)", task_id)
+                continue
+            self.get(AdapterId(task_id, version))
 
     def get(self, adapter: AdapterId) -> TaskAdapter:
         """The adapter serving a task version, made resident; nothing holds it afterwards."""

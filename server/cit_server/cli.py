@@ -29,7 +29,7 @@ def serve(
     routing_margin: Annotated[float, typer.Option(help="a request routes to a task when its image and instruction clear the task's own floors by this much (and no other known question is nearer); else the base connector answers. Higher: fewer wrong routes, more fall-backs")] = _default("routing_margin"),
     adapter_cache_size: Annotated[int, typer.Option(help="task adapters kept resident (LRU); the registry is the cold tier")] = _default("adapter_cache_size"),
     adapter_cache_bytes: Annotated[int | None, typer.Option(help="also bound the resident adapters' weights, in bytes")] = None,
-    pin: Annotated[list[str] | None, typer.Option(help="task id whose newest version stays resident from the start, never evicted (repeatable)")] = None,
+    pin: Annotated[list[str] | None, typer.Option(help="task id whose serving version stays resident from the start, never evicted (repeatable)")] = None,
     workers: Annotated[int, typer.Option(help="threads that decode request images and read the registry (generation runs on one scheduler thread)")] = _default("workers"),
     max_batch_size: Annotated[int, typer.Option(help="rows of the running batch, any mix of tasks (plus pinned tasks <= --adapter-cache-size)")] = _default("max_batch_size"),
     batch_window_ms: Annotated[float, typer.Option(help="an idle server waits this long after a request for others to join it")] = _default("batch_window_ms"),

@@ -151,7 +151,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         method = make_method(opts.method, opts.strength, opts.replay_fraction)
         if head is not None:
             method.load(head.path / "method")
-        kind, sequence = "shared", (head.card.training["sequence"] if head else 0) + 1
+        # numbered after every version of the method on disk: one trained from a rolled-back head never ties
+        kind, sequence = "shared", registry.shared_sequence(opts.method) + 1
         adapter = TaskAdapter(Connector.load(head.adapter_dir) if head else backbone.base_connector().clone())
     elif previous is not None:
         if previous.shared_method:
@@ -162,6 +163,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         adapter = backbone.load_adapter(TRAINING, previous.adapter_dir, previous.lora_dir, trainable=True)
     else:
         kind, adapter = opts.method, TaskAdapter(backbone.base_connector().clone())
+    grown_from = _grown_from(registry, target_id, opts.method if method else None)
     if previous is not None:
         log(f"reusing task {best!r} (similarity {sims[previous.task_id]['score']:.3f} >= {opts.threshold}, {inside:.0%} of "
             f"the images inside its image floor); its {kind} adapter is trained further as version {version}")
@@ -199,6 +201,12 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         forgetting = _remeasure(backbone, embedder, registry, target_id, adapter, datasets[:-1], opts, log,
                                 previous)
         gate = _gate(forgetting, datasets[:-1], registry, target_id, opts, log) if opts.max_forgetting is not None else {}
+        if (now := _grown_from(registry, target_id, opts.method if method else None)) != grown_from:
+            # an operator rolled back or retired what this version grows from while it trained: it must not
+            # silently serve over that decision
+            gate = {**gate, "passed": False, "changed_while_training": {"then": grown_from, "now": now}}
+            log(f"  {target_id} changed while this version trained ({grown_from} -> {now}): committed as a candidate; "
+                f"`cit-registry promote {target_id}` lets it serve")
         card = TaskCard(
             task_id=target_id,
             version=version,
@@ -230,6 +238,17 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
         backbone.unload_adapter(adapter)
     Router.build(registry).save(registry)
     return AddTaskResult(written, card.decision["action"], sims, accuracy_before, accuracy_after, forgetting, gate)
+
+
+def _grown_from(registry: Registry, target_id: str, method: str | None) -> list:
+    """What a new version of `target_id` grows from: the version the task serves (or would, retired) and whether it
+    is retired; for a shared-connector method also the method's head."""
+    state: list = [registry.serving_version(target_id, retired_too=True),
+                   bool(registry.versions(target_id)) and registry.status(target_id).retired]
+    if method is not None:
+        head = registry.shared_head(method)
+        state.append([head.task_id, head.version] if head else None)
+    return state
 
 
 def _gate(forgetting: dict, reused: list, registry: Registry, target_id: str, opts: AddTaskOptions, log) -> dict:

@@ -118,9 +118,7 @@ class Bench:
 
     def use_cell(self, order: int, seed: int) -> None:
         """Tasks in order seed `order` (0: as given), trained with seed `seed`; the embedded data is the same."""
-        names = list(self._embedded)
-        if order:
-            random.Random(order).shuffle(names)
+        names = list(permuted(tuple(self._embedded), order))
         self.order, self.order_seed, self.seed = tuple(names), order, seed
         self.train = [self._embedded[n][0] for n in names]
         self.test = [self._embedded[n][1] for n in names]
@@ -402,6 +400,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     seeds = tuple(seeds) if seeds else (seed,)
     if any(o < 0 for o in orders) or not orders:
         raise ValueError("order seeds are integers >= 0 (0: the order given)")
+    orders = _distinct_orders(order, orders, log)
     random.seed(seed)
     np.random.seed(seed)
     from cit_backbone.paths import STARTING_CONNECTORS
@@ -409,7 +408,8 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     if not starts or any(s not in STARTING_CONNECTORS for s in starts):
         raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
     out = Path(out)
-    settings = {**asdict(preset), "data_seed": seed, "tasks": list(order), "strength": strength,
+    settings = {**asdict(preset), "data_seed": seed, "tasks": list(order), "thresholds": list(thresholds),
+                "strength": strength,
                 "replay_fraction": replay_fraction}
     cells_dir = out / "cells"
     if resume and (cells_dir / "settings.json").exists():
@@ -457,11 +457,33 @@ def report_from_cells(out: Path) -> list[str]:
     if not (cells_dir / "grid.json").exists():
         raise ValueError(f"{cells_dir} holds no benchmark cells")
     config = json.loads((cells_dir / "grid.json").read_text())
-    results = [MethodResult(**json.loads(f.read_text())) for f in sorted(cells_dir.glob("*-o*-s*-*.json"))]
+    grid = {f"{st}-o{o}-s{sd}-{m}" for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
+            for m in config["methods"]}  # cells of an earlier grid in the same directory are not this run's
+    results = [MethodResult(**json.loads(f.read_text())) for f in sorted(cells_dir.glob("*-o*-s*-*.json"))
+               if f.stem in grid]
     sweep_file = cells_dir / "threshold-sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.exists() else []
     write_report(Path(out), tuple(config["tasks"]), results, sweep, config)
     return json.loads((Path(out) / "results.json").read_text())["missing"]
+
+
+def permuted(order: tuple[str, ...], order_seed: int) -> tuple[str, ...]:
+    """The task order of an order seed: 0 the order given, k > 0 that order shuffled with random.Random(k)."""
+    names = list(order)
+    if order_seed:
+        random.Random(order_seed).shuffle(names)
+    return tuple(names)
+
+
+def _distinct_orders(order: tuple[str, ...], orders: tuple[int, ...], log) -> tuple[int, ...]:
+    """Order seeds that give distinct orders (two seeds giving one order would count one experiment twice)."""
+    kept: dict[tuple[str, ...], int] = {}
+    for o in orders:
+        if permuted(order, o) in kept:
+            log(f"order seed {o} gives the order of seed {kept[permuted(order, o)]}: left out")
+        else:
+            kept[permuted(order, o)] = o
+    return tuple(kept.values())
 
 
 def _write_atomic(path: Path, text: str) -> None:

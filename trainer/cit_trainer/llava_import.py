@@ -115,10 +115,13 @@ def import_llava(data: Path, images: Path, out: Path, test: Path | None = None, 
     if not train_rows:
         raise ValueError(f"{data}: no usable rows (skipped: {report.skipped})")
     out = Path(out)
+    if out.resolve().is_relative_to(Path(images).resolve()):  # writing images/ there could replace a source image
+        raise ValueError(f"--out {out} lies inside --images {images}: choose a directory outside it")
     (out / "images").mkdir(parents=True, exist_ok=True)
     names: dict[Path, str] = {}
     for split, rows in (("train", train_rows), ("test", test_rows)):
-        if not rows:
+        if not rows:  # no file of an earlier import may stay, naming images this import renumbered
+            (out / f"{split}.jsonl").unlink(missing_ok=True)
             continue
         lines = []
         for image, question, answer in rows:

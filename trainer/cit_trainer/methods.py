@@ -223,11 +223,12 @@ class ImportanceMethod(Method):
 
     def end_task(self, connector, key, data, loss_fn) -> None:
         new = self.task_importance(connector, data, loss_fn)
-        if self.scale is None:
-            self.scale = max(torch.cat([v.flatten() for v in new.values()]).mean().item(), 1e-12)
+        mean = torch.cat([v.flatten() for v in new.values()]).mean().item()
+        if self.scale is None and mean > 1e-12:  # a first task that moved nothing sets no scale: the next one does
+            self.scale = mean
         index = len(self.keys)
         for n, imp in new.items():
-            imp = imp / self.scale
+            imp = imp / (self.scale or 1.0)
             if n in self.importance:
                 wins = imp > self.importance[n]
                 self.importance[n] = torch.where(wins, imp, self.importance[n])
