@@ -3,6 +3,7 @@ with `cit-registry` on the registry's disk reach routing within the server's ref
 polled; the admin RPCs make the same changes over the wire and routing follows before they answer. On a copy of the
 session's real registry (fashion-mnist has versions 1 and 2: the reused data set), served by its own server."""
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -79,6 +80,12 @@ def test_a_retired_task_leaves_routing_and_comes_back_restored(served, sample):
         assert "fashion-mnist" not in {t.task_id for t in client.list_tasks()}
         models = httpx.get(f"http://{srv.http_address}/v1/models").json()["data"]
         assert "fashion-mnist" not in {m["id"] for m in models}
+        image = base64.b64encode(sample.image.read_bytes()).decode()
+        forced = httpx.post(f"http://{srv.http_address}/v1/chat/completions", timeout=60, json={
+            "model": "fashion-mnist", "max_tokens": 1, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": sample.instruction},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]})
+        assert forced.status_code == 404 and "retired" in forced.json()["error"]["message"]
         cli(reg, "restore", "fashion-mnist")
         within(lambda: served_by(client, sample) == ("fashion-mnist", 2))
 
