@@ -38,6 +38,9 @@ def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
                             Preset(train=16, test=8, epochs=1), seed=0, thresholds=[0.0, 1.0], command="test",
                             starts=("base", "instruct"))
     report = json.loads((out / "results.json").read_text())
+    environment = report["config"]["environment"]  # what the numbers were measured with
+    assert environment["packages"]["torch"] == torch.__version__ and environment["packages"]["cit"]
+    assert environment["cpus"] >= 1 and isinstance(environment["cpu_flags"], list)
     methods = ["seqft", "ewc", "er", "eproj", "lora", "joint"]
     assert [(m["start"], m["method"]) for m in report["methods"]] == [(s, m) for s in ("base", "instruct") for m in methods]
     results = [r for r in results if r.start == "base"]

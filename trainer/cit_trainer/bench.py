@@ -423,7 +423,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     _write_atomic(cells_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
     config = {"command": command, **asdict(preset), "seed": seed, "seeds": list(seeds), "orders": list(orders),
               "methods": methods, "starts": list(starts), "strength": strength, "replay_fraction": replay_fraction,
-              "tasks": list(order)}
+              "tasks": list(order), "environment": environment()}
     _write_atomic(cells_dir / "grid.json", json.dumps(config, indent=2) + "\n")  # what report_from_cells expects
     bench = Bench(out, order, preset, seed, log, strength, replay_fraction)
     results: list[MethodResult] = []
@@ -484,6 +484,33 @@ def _distinct_orders(order: tuple[str, ...], orders: tuple[int, ...], log) -> tu
         else:
             kept[permuted(order, o)] = o
     return tuple(kept.values())
+
+
+def environment() -> dict:
+    """What a result was measured with: package versions, Python, the CPU's vector flags, the commit."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    packages: dict[str, str | None] = {}
+    for name in ("cit", "torch", "transformers", "peft", "faiss-cpu", "numpy"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    flags: list[str] = []
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "cpu_flags": flags, "packages": packages, "commit": commit}
 
 
 def _write_atomic(path: Path, text: str) -> None:
