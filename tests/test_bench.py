@@ -59,6 +59,16 @@ def test_a_tiny_benchmark_writes_matrices_metrics_and_heatmaps(tmp_path):
     assert sweep == {0.0: 1, 1.0: 2}  # threshold 0 reuses everything; 1 expands for every distinct task
     # threshold 1 assigns tasks to adapters as plain EProj does: the same run
     assert report["threshold_sweep"][1]["final_average_accuracy"] == eproj.average_accuracy[-1]
+    for r in results:  # every evaluated entry of the matrix, row by row, saved beside its cell
+        saved = [json.loads(line) for line in (out / "cells" / f"base-o0-s0-{r.method}.predictions.jsonl").open()]
+        for t, row in enumerate(r.accuracy):
+            for j, value in enumerate(row):
+                entry = [p for p in saved if p["stage"] == t and p["task"] == r.tasks[j]]
+                assert (value is None) == (not entry), (r.method, t, j)
+                if entry:
+                    assert np.mean([p["verdict"] == "correct" for p in entry]) == pytest.approx(value)
+                    assert sorted(p["row"] for p in entry) == list(range(len(entry)))
+        assert all(("adapter" in p) == (r.method in ("eproj", "lora")) for p in saved)
     table = (out / "results.md").read_text()
     assert "| eproj |" in table and "| threshold | adapters | A_T |" in table and "| BWT | FWT |" in table
     for r in results:  # the start connector is measured once per start, and FWT is taken against it

@@ -129,18 +129,32 @@ class Bench:
         """Every method from now on starts from clones of this starting connector (read once)."""
         self.start, self.base = start, self.backbone.base_connector(start)
         self._start_scores: dict[tuple, list[float]] = getattr(self, "_start_scores", {})
-        self._routed: dict[tuple, MethodResult] = {}  # routed runs by (adapter of each task, lora, final only)
+        # routed runs, with their predictions, by (adapter of each task, lora, final only)
+        self._routed: dict[tuple, tuple[MethodResult, list[dict]]] = {}
+        self.predictions: list[dict] = []
 
     def fit(self, adapter: TaskAdapter, task: EmbeddedTask, desc: str, method=None) -> None:
         train_connector(self.backbone, adapter.connector, task, self.preset.epochs, seed=self.seed, desc=desc,
                         method=method, lora=adapter.lora)
 
-    def score(self, adapter: TaskAdapter, j: int) -> float:
-        return evaluate(self.backbone, adapter, self.test[j], desc=f"evaluating {self.order[j]}").accuracy
+    def score(self, adapter: TaskAdapter, j: int, stage: int | None = None) -> float:
+        """Accuracy of task j; with `stage`, its predictions are kept for the cell."""
+        evaluation = evaluate(self.backbone, adapter, self.test[j], desc=f"evaluating {self.order[j]}")
+        if stage is not None:
+            self._keep(stage, j, range(len(evaluation.correct)), evaluation)
+        return evaluation.accuracy
+
+    def _keep(self, stage: int, j: int, rows, evaluation, routed_to: int | None = None) -> None:
+        """One evaluation's predictions, row by row (rows: indices into task j's test set)."""
+        for row, prediction, verdict in zip(rows, evaluation.predictions, evaluation.verdicts):
+            self.predictions.append({"stage": stage, "task": self.order[j], "row": row, "prediction": prediction,
+                                     "verdict": verdict.value, **({"adapter": routed_to} if routed_to is not None else {})})
 
     # ---------------------------------------------------------------------------------- one method
 
     def run(self, method: str) -> MethodResult:
+        """One method through the task order; its predictions at every stage are in self.predictions after."""
+        self.predictions = []
         torch.manual_seed(self.seed)
         start = time.time()
         if method in ("eproj", "lora"):
@@ -184,7 +198,7 @@ class Bench:
         for t in range(len(self.order)):
             self.fit(adapter, self.train[t], f"{name}: {self.order[t]}", method)
             for j in range(min(t + 2, len(self.order))):  # seen tasks and the next one, zero-shot
-                acc[t, j] = self.score(adapter, j)
+                acc[t, j] = self.score(adapter, j, t)
         return self._result(name, acc, adapters=1)
 
     def _run_joint(self) -> MethodResult:
@@ -196,7 +210,7 @@ class Bench:
             adapter = TaskAdapter(self.base.clone())
             self.fit(adapter, mixed, f"joint: {t + 1} task(s)")
             for j in range(min(t + 2, len(self.order))):
-                acc[t, j] = self.score(adapter, j)
+                acc[t, j] = self.score(adapter, j, t)
         return self._result("joint", acc, adapters=1)
 
     def _assign(self, threshold: float) -> list[int]:
@@ -221,7 +235,8 @@ class Bench:
         name = ("lora" if lora else "eproj") + ("" if math.isinf(threshold) else f"@{threshold:g}")
         for done in ((tuple(owner_of), lora, False), (tuple(owner_of), lora, final_only)):
             if done in self._routed:
-                return replace(self._routed[done], method=name)
+                result, self.predictions = self._routed[done]
+                return replace(result, method=name)
         adapters: list[TaskAdapter] = []
         acc, routing = self._matrix(), []
         try:
@@ -243,7 +258,7 @@ class Bench:
                 router = self._router(keys, seen)
                 routed = []
                 for j in range(min(t + 2, len(self.order))):
-                    acc[t, j], share = self._routed_score(router, adapters, j, owner_of[j] if j <= t else None)
+                    acc[t, j], share = self._routed_score(router, adapters, j, owner_of[j] if j <= t else None, t)
                     if j <= t:
                         routed.append(share)
                 routing.append(float(np.mean(routed)))
@@ -255,7 +270,7 @@ class Bench:
             for adapter in adapters:
                 self.backbone.unload_adapter(adapter)
         result = self._result(name, acc, adapters=len(adapters), routing=routing, lora_params=lora_params)
-        self._routed[(tuple(owner_of), lora, final_only)] = result
+        self._routed[(tuple(owner_of), lora, final_only)] = (result, list(self.predictions))
         return result
 
     def _owner_key(self, adapter: int, owner_of: list[int]) -> TaskKey:
@@ -270,7 +285,8 @@ class Bench:
     def _router(keys: list[TaskKey], ids: list[int]) -> Router:
         return Router.of_keys([(str(i), 1, k) for i, k in zip(ids, keys)])
 
-    def _routed_score(self, router: Router, adapters: list[TaskAdapter], j: int, own: int | None) -> tuple[float, float]:
+    def _routed_score(self, router: Router, adapters: list[TaskAdapter], j: int, own: int | None,
+                      stage: int) -> tuple[float, float]:
         """Accuracy of task j's test set when each request is routed as the server routes it, and the share of
         requests routed to the task's own adapter: over the rows asked with held-out wordings where the test file
         marks them (a training wording's cosine to its own key is near 1 by construction)."""
@@ -284,7 +300,9 @@ class Bench:
             rows = [i for i, x in enumerate(routed_to) if x == a]
             adapter = adapters[a] if a >= 0 else TaskAdapter(self.base)
             subset = EmbeddedTask([test.samples[i] for i in rows], test.features[rows], None, None)
-            correct[rows] = evaluate(self.backbone, adapter, subset, desc=f"evaluating {self.order[j]}").correct
+            evaluation = evaluate(self.backbone, adapter, subset, desc=f"evaluating {self.order[j]}")
+            correct[rows] = evaluation.correct
+            self._keep(stage, j, rows, evaluation, routed_to=a)
         held_out = [i for i, s in enumerate(test.samples) if s.template == "held-out"] or range(len(routed_to))
         own_share = float(np.mean([routed_to[i] == own for i in held_out])) if own is not None else 0.0
         return float(correct.mean()), own_share
@@ -439,6 +457,8 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
                         log(f"cell {cell.stem}: done before, kept")
                         continue
                     results.append(bench.run(m))
+                    _write_atomic(cell.with_suffix(".predictions.jsonl"),  # first: a cell file means a whole cell
+                                  "".join(json.dumps(p) + "\n" for p in bench.predictions))
                     _write_atomic(cell, json.dumps(asdict(results[-1]), indent=2) + "\n")
     sweep_file = cells_dir / "threshold-sweep.json"
     sweep: list[dict] = json.loads(sweep_file.read_text()) if resume and sweep_file.exists() else []

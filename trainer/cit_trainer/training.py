@@ -145,6 +145,7 @@ class Evaluation(NamedTuple):
     accuracy: float
     correct: list[bool]          # per sample, in order
     verdicts: list[Verdict]      # correct, a format error (the answer with more around it) or a knowledge error
+    predictions: list[str]       # what was generated, per sample
 
     def by_template(self, samples: list[Sample]) -> dict[str, float]:
         return accuracy_by_template(samples, self.correct)
@@ -168,4 +169,4 @@ def evaluate(
         predictions += [s.text for s in states]
     verdicts = [judge(p, a) for p, a in zip(predictions, task.answers)]
     correct = [v is Verdict.CORRECT for v in verdicts]
-    return Evaluation(sum(correct) / len(correct), correct, verdicts)
+    return Evaluation(sum(correct) / len(correct), correct, verdicts, predictions)
