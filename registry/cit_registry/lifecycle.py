@@ -121,6 +121,10 @@ class Lifecycle:
         s = self.state(task_id)
         return version not in s.rejected and (version in s.promoted or not candidate(version))
 
+    def newest(self, task_id: str, versions: list[int], candidate: Callable[[int], bool]) -> int | None:
+        """The newest of `versions` that may serve, rollbacks and retirement aside."""
+        return next((v for v in reversed(versions) if self.may_serve(task_id, v, candidate)), None)
+
     def serving(self, task_id: str, versions: list[int], candidate: Callable[[int], bool],
                 retired_too: bool = False) -> int | None:
         """The version of `task_id` that serves (None: retired, or no version may serve). `versions`: those on
@@ -128,7 +132,7 @@ class Lifecycle:
         s = self.state(task_id)
         if s.retired and not retired_too:
             return None
-        newest = next((v for v in reversed(versions) if self.may_serve(task_id, v, candidate)), None)
+        newest = self.newest(task_id, versions, candidate)
         if s.rollback is not None and s.rollback[0] in versions and (newest is None or newest <= s.rollback[1]):
             return s.rollback[0]
         return newest

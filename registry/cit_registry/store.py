@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -481,6 +482,9 @@ class Registry:
             return []
         return sorted(int(m.group(1)) for p in d.iterdir() if (m := VERSION_DIR.fullmatch(p.name)))
 
+    def _version_path(self, task_id: str, version: int) -> Path:
+        return self.tasks_dir / task_id / f"v{version:04d}"
+
     def get(self, task_id: str, version: int | None = None) -> TaskVersion:
         """A version of a task; `version` None: the one that serves (TaskNotFound says why none does)."""
         versions = self.versions(task_id)
@@ -494,7 +498,7 @@ class Registry:
                     f"task {task_id!r} is retired (`cit-registry restore {task_id}` brings it back)" if status.retired
                     else f"task {task_id!r} has no serving version: v{', v'.join(map(str, status.candidates))} "
                          f"await promotion (`cit-registry promote {task_id}`)")
-        path = self.tasks_dir / task_id / f"v{version:04d}"
+        path = self._version_path(task_id, version)
         return TaskVersion(TaskCard.from_json((path / "task.json").read_text()), path)
 
     def newest(self, task_id: str) -> TaskVersion:
@@ -510,8 +514,8 @@ class Registry:
         out = []
         for task_id in self.task_ids():
             try:
-                if self.serving_version(task_id) is not None:
-                    out.append(self.get(task_id))
+                if (version := self.serving_version(task_id)) is not None:
+                    out.append(self.get(task_id, version))
             except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not the schema
                 log.warning("task %s is left out: its serving version cannot be read (%s)", task_id, exc)
         return out
@@ -542,7 +546,7 @@ class Registry:
         key = (task_id, version)
         if key not in self._candidates:
             try:
-                gate = json.loads((self.tasks_dir / task_id / f"v{version:04d}" / "task.json").read_text()).get("gate")
+                gate = json.loads((self._version_path(task_id, version) / "task.json").read_text()).get("gate")
             except (OSError, ValueError):
                 return False
             self._candidates[key] = failed_gate(gate)
@@ -550,8 +554,8 @@ class Registry:
 
     def serving_version(self, task_id: str, retired_too: bool = False) -> int | None:
         """The version of a task that serves (see lifecycle.py); `retired_too`: the one that would if restored."""
-        return self.lifecycle().serving(task_id, self.versions(task_id),
-                                        lambda v: self.is_candidate(task_id, v), retired_too)
+        return self.lifecycle().serving(task_id, self.versions(task_id), partial(self.is_candidate, task_id),
+                                        retired_too)
 
     def status(self, task_id: str) -> TaskStatus:
         versions = self.versions(task_id)
@@ -601,22 +605,18 @@ class Registry:
     def rollback(self, task_id: str, to: int | None, who: str | None = None) -> Change | None:
         """Serve version `to` of a task (None: its newest again) until a newer version is committed or promoted."""
         with self._history_lock():
-            status, may_serve = self.status(task_id), self._may_serve(task_id)
+            status, life, candidate = self.status(task_id), self.lifecycle(), partial(self.is_candidate, task_id)
             if to is not None and to not in status.versions:
                 raise TaskNotFound(f"task {task_id!r} has no version {to} (versions: "
                                    f"{', '.join(map(str, status.versions))})")
-            if to is not None and not may_serve(to):
+            if to is not None and not life.may_serve(task_id, to, candidate):
                 raise LifecycleError(f"{task_id} v{to} is a candidate that was not promoted: promote it instead")
             current = self.serving_version(task_id, retired_too=True)
-            newest = max((v for v in status.versions if may_serve(v)), default=None)
+            newest = life.newest(task_id, list(status.versions), candidate)
             if (newest if to is None else to) == current:
                 return None
             return self._record(Change(Action.ROLLBACK, task_id, to, {"from": current, "newest": newest},
                                        **_who(who)))
-
-    def _may_serve(self, task_id: str) -> Callable[[int], bool]:
-        life = self.lifecycle()
-        return lambda v: life.may_serve(task_id, v, lambda u: self.is_candidate(task_id, u))
 
     def promote(self, task_id: str, version: int | None = None, who: str | None = None) -> Change:
         """Let a candidate serve (default: the task's newest candidate); it serves unless a rollback chose
@@ -754,7 +754,7 @@ class Registry:
                     _fsync(f)
             for d in [*(p for p in staging.rglob("*") if p.is_dir()), staging]:
                 _fsync(d)
-            final = self.tasks_dir / card.task_id / f"v{card.version:04d}"
+            final = self._version_path(card.task_id, card.version)
             _make_dirs(final.parent)
             os.rename(staging, final)  # fails if another writer took this version first: nothing is overwritten
             _fsync(final.parent)
@@ -782,7 +782,7 @@ class Registry:
                 if removable := tuple(v for v in status.versions if v not in needed):
                     plan[task_id] = removable
             size = sum(f.stat().st_size for task_id, versions in plan.items() for v in versions
-                       for f in (self.tasks_dir / task_id / f"v{v:04d}").rglob("*") if f.is_file())
+                       for f in (self._version_path(task_id, v)).rglob("*") if f.is_file())
             collected = Collected(plan, size)
             if dry_run or not plan:
                 return collected
@@ -792,7 +792,7 @@ class Registry:
             trash.mkdir(parents=True)
             for task_id, versions in plan.items():
                 for v in versions:
-                    os.rename(self.tasks_dir / task_id / f"v{v:04d}", trash / f"{task_id}-v{v:04d}")
+                    os.rename(self._version_path(task_id, v), trash / f"{task_id}-v{v:04d}")
                 _fsync(self.tasks_dir / task_id)
         shutil.rmtree(trash, ignore_errors=True)  # outside the locks: commits and changes need not wait for it
         return collected
@@ -844,7 +844,7 @@ class Registry:
                         yield f"{task_id} v{v}: {problem}"
 
     def _verify_version(self, task_id: str, v: int, record: dict | None) -> Iterator[str]:
-        path = self.tasks_dir / task_id / f"v{v:04d}"
+        path = self._version_path(task_id, v)
         problems = [f"missing {rel}" for rel in ("task.json", "key.safetensors") if not (path / rel).is_file()]
         try:
             if not (path / MANIFEST).is_file():
@@ -1084,7 +1084,7 @@ def _backbone_of_format1(registry: Registry, identity: str | None, log) -> dict 
     record: dict | None = None
     for task_id in registry.task_ids():
         for v in registry.versions(task_id):
-            path = registry.tasks_dir / task_id / f"v{v:04d}"
+            path = registry._version_path(task_id, v)
             if not (path / MANIFEST).is_file():
                 with atomic_path(path / MANIFEST) as tmp:
                     tmp.write_text(json.dumps({"files": _file_hashes(path)}, indent=2) + "\n")

@@ -33,7 +33,7 @@ from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import Router, background_questions, task_similarity
-from cit_registry.store import TaskKey
+from cit_registry.store import TaskKey, atomic_path
 from cit_registry.taskdata import read_jsonl
 
 from .data import export_task
@@ -438,11 +438,11 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     elif cells_dir.exists():
         shutil.rmtree(cells_dir)  # a fresh run: no cell of an earlier one is mixed in
     cells_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(cells_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
+    _write_file(cells_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
     config = {"command": command, **asdict(preset), "seed": seed, "seeds": list(seeds), "orders": list(orders),
               "methods": methods, "starts": list(starts), "strength": strength, "replay_fraction": replay_fraction,
               "tasks": list(order), "environment": environment()}
-    _write_atomic(cells_dir / "grid.json", json.dumps(config, indent=2) + "\n")  # what report_from_cells expects
+    _write_file(cells_dir / "grid.json", json.dumps(config, indent=2) + "\n")  # what report_from_cells expects
     bench = Bench(out, order, preset, seed, log, strength, replay_fraction)
     results: list[MethodResult] = []
     for start in starts:
@@ -457,16 +457,16 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
                         log(f"cell {cell.stem}: done before, kept")
                         continue
                     results.append(bench.run(m))
-                    _write_atomic(cell.with_suffix(".predictions.jsonl"),  # first: a cell file means a whole cell
+                    _write_file(cell.with_suffix(".predictions.jsonl"),  # first: a cell file means a whole cell
                                   "".join(json.dumps(p) + "\n" for p in bench.predictions))
-                    _write_atomic(cell, json.dumps(asdict(results[-1]), indent=2) + "\n")
+                    _write_file(cell, json.dumps(asdict(results[-1]), indent=2) + "\n")
     sweep_file = cells_dir / "threshold-sweep.json"
     sweep: list[dict] = json.loads(sweep_file.read_text()) if resume and sweep_file.exists() else []
     if thresholds and not sweep:  # from the first start, order and seed only
         bench.use_start(starts[0])
         bench.use_cell(orders[0], seeds[0])
         sweep = bench.threshold_sweep(thresholds)
-        _write_atomic(sweep_file, json.dumps(sweep, indent=2) + "\n")
+        _write_file(sweep_file, json.dumps(sweep, indent=2) + "\n")
     write_report(out, order, results, sweep, config)
     return results
 
@@ -533,10 +533,10 @@ def environment() -> dict:
             "cpu_flags": flags, "packages": packages, "commit": commit}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_file(path: Path, text: str) -> None:
+    """Whole or not at all (a cell file means a whole cell)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def bootstrap(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
