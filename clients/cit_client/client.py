@@ -56,7 +56,9 @@ def generate_request(
                                    sampling=sampling)
 
 
-TASK_CHANGES = ("retire", "restore", "rollback", "promote", "reject")
+# the proto's TaskChange values, as the words the CLI and callers use ("retire", "restore", ...)
+TASK_CHANGES = tuple(name.removeprefix("TASK_CHANGE_").lower() for name in cit_pb2.TaskChange.keys()
+                     if name != "TASK_CHANGE_UNSPECIFIED")
 
 
 def change_request(task_id: str, change: str, version: int | None = None) -> cit_pb2.ChangeTaskRequest:
