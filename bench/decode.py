@@ -46,6 +46,7 @@ from cit_backbone.backbone import Backbone
 from cit_backbone.decode_batch import DecodeBatch
 from cit_backbone.kernels import PackedLinear
 from cit_backbone.language_model import LanguageModel
+from cit_backbone.numerics import Numerics
 from cit_backbone.sampling import RowState, Sampling
 
 INSTRUCTION = "Describe the image in detail."
@@ -183,14 +184,12 @@ def main() -> int:
     torch.manual_seed(0)
     load_before, cpu_before, wall_before = os.getloadavg(), time.process_time(), time.perf_counter()
 
-    backbone = Backbone()
+    numerics = Numerics.resolve("cpu", args.dtype)
+    backbone = Backbone(numerics=numerics)
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, args.dtype)
-    plain = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=dtype).eval()
-    served = LanguageModel(backbone.lm.path)  # gets LoRA slots; backbone.lm never does
-    for lm in (backbone.lm, served):  # cit has no --dtype yet (issue 15): the bench casts the weights itself
-        lm.model.to(dtype)
+    plain = AutoModelForCausalLM.from_pretrained(backbone.lm.path, dtype=numerics.dtype).eval()
+    served = LanguageModel(backbone.lm.path, numerics)  # gets LoRA slots; backbone.lm never does
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(rows)]
     features = backbone.encode_images(images)
@@ -208,15 +207,15 @@ def main() -> int:
         served.loras.slots(rows + 1)
         for i, directory in enumerate(lora_dirs):
             served.loras.load(f"lora{i}", directory)
-    base_visual = Backbone.project(features, [base] * rows).to(dtype)
+    base_visual = backbone.project(features, [base] * rows)
     prompt = torch.stack(backbone.lm.prompt_embeddings(base_visual, [INSTRUCTION] * rows))
 
     def lora_rows(names: list[str | None]) -> Callable[[], tuple[float, list[RowState]]]:
-        return lambda: cit_decode(served, lambda: Backbone.project(features, [base] * rows).to(dtype), names, greedy,
+        return lambda: cit_decode(served, lambda: backbone.project(features, [base] * rows), names, greedy,
                                   True)
 
     def eproj_rows(adapters: list[TaskAdapter]) -> Callable[[], tuple[float, list[RowState]]]:
-        return lambda: cit_decode(backbone.lm, lambda: Backbone.project(features, adapters).to(dtype), [None] * rows,
+        return lambda: cit_decode(backbone.lm, lambda: backbone.project(features, adapters), [None] * rows,
                                   greedy, True)
 
     configs: dict[str, Callable[[], tuple[float, list]]] = {
@@ -241,7 +240,7 @@ def main() -> int:
             return result["whole"] - result["first"], result["token_ids"]
         configs["vllm"] = vllm_round
     layers = linear_layers(plain)
-    packed_layers: list[torch.nn.Linear] = [PackedLinear.of(m) for m in layers] if args.dtype == "float32" else layers
+    packed_layers: list[torch.nn.Linear] = [PackedLinear.of(m) for m in layers]
     weight_bytes = sum(m.weight.nbytes for m in layers)
     for fn in configs.values():  # warm-up: allocator pools, the prefix cache, one-time kernel choices
         fn()

@@ -73,14 +73,15 @@ class Connector(nn.Module):
         return self.linear_2(self.act(self.linear_1(tokens)))
 
     def clone(self) -> Connector:
-        twin = Connector(self.config)
+        twin = Connector(self.config).to(next(self.parameters()).device)
         twin.load_state_dict(self.state_dict())
         return twin
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_FILE))
 
     @classmethod
     def load(cls, directory: Path) -> Connector:

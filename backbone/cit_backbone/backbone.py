@@ -12,6 +12,7 @@ from .adapters import AdapterFiles, Connector, ConnectorConfig, TaskAdapter
 from .decode_batch import DecodeBatch, RunningBatch, generate
 from .hf import HfVision, checkpoint_identity, load_checkpoint
 from .language_model import LanguageModel
+from .numerics import CPU_FLOAT32, Numerics
 from .paths import STARTING_CONNECTORS
 from .sampling import RowState, Sampling
 from .vision import FEATURE_DIM, VisionTower
@@ -23,22 +24,27 @@ class Backbone:
     """One shared backbone. It knows nothing of tasks or caching: callers hand it an adapter per row.
 
     The default is cit's own (EfficientNet-Lite0 -> one visual token -> SmolLM2-135M-Instruct); `Backbone.load(DIR)`
-    builds one from a LLaVA or BLIP-2 checkpoint directory instead (hf.py), whose projection is the base connector."""
+    builds one from a LLaVA or BLIP-2 checkpoint directory instead (hf.py), whose projection is the base connector.
+    Everything it builds lives on `numerics.device`; the LM computes in `numerics.dtype` (numerics.py)."""
 
     def __init__(self, vision: VisionTower | HfVision | None = None, lm: LanguageModel | None = None,
-                 base: Connector | None = None, identity: str = DEFAULT_IDENTITY) -> None:
-        self.vision = vision or VisionTower()
-        self.lm = lm or LanguageModel()
-        self._base = base  # a checkpoint's own projection; None: the shipped starting connectors
+                 base: Connector | None = None, identity: str = DEFAULT_IDENTITY,
+                 numerics: Numerics = CPU_FLOAT32) -> None:
+        self.numerics = numerics
+        self.vision = vision or VisionTower(numerics.device)
+        self.lm = lm or LanguageModel(numerics=numerics)
+        # a checkpoint's own projection; None: the shipped starting connectors
+        self._base = base.to(numerics.device) if base is not None else None
         self.identity = identity  # recorded by a registry at its first commit; a server checks it
 
     @classmethod
-    def load(cls, checkpoint: Path | None = None) -> Backbone:
+    def load(cls, checkpoint: Path | None = None, numerics: Numerics = CPU_FLOAT32) -> Backbone:
         """cit's default backbone, or one from a local LLaVA / BLIP-2 checkpoint directory."""
         if checkpoint is None:
-            return cls()
+            return cls(numerics=numerics)
         kind, model, base, lm_dir = load_checkpoint(Path(checkpoint))
-        return cls(HfVision(model, kind), LanguageModel(lm_dir), base, checkpoint_identity(Path(checkpoint), kind))
+        return cls(HfVision(model, kind, numerics.device), LanguageModel(lm_dir, numerics), base,
+                   checkpoint_identity(Path(checkpoint), kind), numerics)
 
     @property
     def routing_dim(self) -> int:
@@ -74,7 +80,11 @@ class Backbone:
         directory = STARTING_CONNECTORS[start]
         if not (directory / "adapter_model.safetensors").exists():
             raise FileNotFoundError(f"no {start} connector at {directory}; run `cit-trainer train-base`")
-        return Connector.load(directory)
+        return self.load_connector(directory)
+
+    def load_connector(self, directory: Path) -> Connector:
+        """A saved connector, on this backbone's device."""
+        return Connector.load(directory).to(self.numerics.device)
 
     def load_adapter(self, name: str, connector_dir: Path, lora_dir: Path | None = None,
                      trainable: bool = False) -> TaskAdapter:
@@ -85,7 +95,7 @@ class Backbone:
         """A task's adapter read from disk but not yet in the LM; touches no shared state, so a loader thread can
         do it while the LM decodes."""
         weights = self.lm.loras.read(lora_dir) if lora_dir is not None else None
-        return AdapterFiles(Connector.load(connector_dir), Path(connector_dir), lora_dir, weights)
+        return AdapterFiles(self.load_connector(connector_dir), Path(connector_dir), lora_dir, weights)
 
     def install_adapter(self, name: str, files: AdapterFiles, trainable: bool = False) -> TaskAdapter:
         """Put an adapter that was read into service; its LoRA (if any) goes into the LM under `name`."""
@@ -101,17 +111,18 @@ class Backbone:
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return self.vision.encode(images)
 
-    @staticmethod
-    def project(features: torch.Tensor, adapters: Sequence[TaskAdapter]) -> torch.Tensor:
-        """Per-row projection: rows sharing a connector are projected together."""
+    def project(self, features: torch.Tensor, adapters: Sequence[TaskAdapter]) -> torch.Tensor:
+        """Per-row projection, in the LM's dtype on its device: rows sharing a connector are projected together."""
         first = adapters[0].connector.config
-        out = torch.empty(features.shape[0], first.num_tokens, first.hidden_size)
+        out = torch.empty(features.shape[0], first.num_tokens, first.hidden_size, dtype=self.lm.dtype,
+                          device=self.lm.device)
+        features = features.to(self.lm.device)
         groups: dict[int, list[int]] = {}
         for row, adapter in enumerate(adapters):
             groups.setdefault(id(adapter.connector), []).append(row)
         with torch.inference_mode():
             for rows in groups.values():
-                out[rows] = adapters[rows[0]].connector(features[rows])
+                out[rows] = adapters[rows[0]].connector(features[rows]).to(out.dtype)
         return out
 
     def decode_batch(self) -> RunningBatch:

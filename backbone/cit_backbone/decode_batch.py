@@ -52,8 +52,8 @@ class DecodeBatch:
         self.lm = lm
         self._rows: list[_Row] = []
         self._kv = KvSlab([])
-        self._mask = torch.zeros(0, 0, dtype=torch.long)        # [rows, columns in use]
-        self._positions = torch.zeros(0, 1, dtype=torch.long)   # [rows, 1] position of each row's last token
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)       # [rows, columns in use]
+        self._positions = torch.zeros(0, 1, dtype=torch.long, device=lm.device)  # [rows, 1] each row's last position
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -78,12 +78,13 @@ class DecodeBatch:
                torch.cat([pad_left(p[layer][1], width - length) for p, length in zip(prefixes, lengths)]))
               for layer in range(len(prefixes[0]))]
         post = lm.embed(lm.prompt_ids(instructions[0])[1])  # the same for every instruction
-        emb = torch.cat([visual, post.expand(n, -1, -1)], dim=1)
+        emb = torch.cat([visual.to(lm.device, lm.dtype), post.expand(n, -1, -1)], dim=1)
         suffix = emb.shape[1]
         mask = torch.ones(n, width + suffix, dtype=torch.long)
         for i, length in enumerate(lengths):
             mask[i, : width - length] = 0
-        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(suffix)
+        mask = mask.to(lm.device)
+        positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(suffix)).to(lm.device)
         with lm.loras.rows(loras):
             out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
                            cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
@@ -95,7 +96,7 @@ class DecodeBatch:
         self._sample(out.logits[:, -1, :], rows)
         live = [i for i, r in enumerate(rows) if not r.state.finish_reason]
         if live:
-            index = torch.tensor(live)
+            index = torch.tensor(live, device=lm.device)
             self._append([(k[index], v[index]) for k, v, *_ in out.cache], mask[index], positions[index, -1:],
                          [rows[i] for i in live])
         return [r.state for r in rows]
@@ -106,11 +107,11 @@ class DecodeBatch:
         if not self._rows:
             return
         lm = self.lm
-        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         positions = self._positions + 1
         self._kv.reserve(1)
         with lm.loras.rows([r.lora for r in self._rows]):
-            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows]), attention_mask=mask,
+            out = lm.model(input_ids=torch.tensor([[r.token] for r in self._rows], device=lm.device), attention_mask=mask,
                            position_ids=positions, cache=self._kv.cache(), use_cache=True, logits_to_keep=1)
         # the batch changes only once the forward pass has succeeded (a failed one wrote only free columns)
         self._kv.used += 1
@@ -127,8 +128,9 @@ class DecodeBatch:
         self._keep([i for i, r in enumerate(self._rows) if r.state is not state])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> None:
-        """The next token of every row; a row whose sampling fails (e.g. its adapter made the logits NaN) ends
-        with its own error and the others go on."""
+        """The next token of every row, from float32 logits on the CPU (one copy per step); a row whose sampling
+        fails (e.g. its adapter made the logits NaN) ends with its own error and the others go on."""
+        logits = logits.float().cpu()
         for i, row in enumerate(rows):
             try:
                 row.token = sample_token(logits[i], row.sampling, row.generator)
@@ -150,7 +152,7 @@ class DecodeBatch:
         self._mask, self._positions, self._rows = mask, positions, rows
 
     def _keep(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         mask = self._mask[index]
         used = mask.any(dim=0).nonzero()  # columns before the first one any row still attends to are dropped
         start = int(used[0]) if len(used) else mask.shape[1]

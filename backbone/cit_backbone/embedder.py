@@ -11,11 +11,11 @@ TEXT_DIM = 384
 
 
 class TextEmbedder:
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local; never reach for a hub
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(text_embedder_dir()), device="cpu")
+        self.model = SentenceTransformer(str(text_embedder_dir()), device=device)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Texts -> float32 [N, 384], L2-normalised."""

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .adapters import Connector, ConnectorConfig
 from .conversion import save_to_cache
+from .numerics import CPU
 from .paths import cache_dir
 
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)
@@ -42,8 +43,9 @@ class HfVision:
     """The frozen vision side of a checkpoint: images -> vision tokens flattened [B, tokens * dim]. Routing uses
     their mean over tokens (`pooled`), generation the tokens themselves."""
 
-    def __init__(self, model, kind: str) -> None:
+    def __init__(self, model, kind: str, device: torch.device = CPU) -> None:
         config = model.config
+        self.device = device  # float32, features returned on the CPU, as VisionTower's
         self.kind, self.size = kind, config.vision_config.image_size
         self.tokens, self.dim = vision_tokens(config, kind)
         if kind == "llava":
@@ -52,7 +54,9 @@ class HfVision:
         else:
             self.tower, self.qformer, self.query = model.vision_model, model.qformer, model.query_tokens
         for module in [self.tower] + ([self.qformer] if kind == "blip2" else []):
-            module.eval().requires_grad_(False)
+            module.eval().requires_grad_(False).to(device)
+        if kind == "blip2":
+            self.query = self.query.to(device)
 
     @property
     def feature_dim(self) -> int:
@@ -60,7 +64,7 @@ class HfVision:
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        out = [self.encode_pixels(pixel_values(images[i : i + batch_size], self.size))
+        out = [self.encode_pixels(pixel_values(images[i : i + batch_size], self.size).to(self.device)).cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.feature_dim)
 
@@ -71,7 +75,7 @@ class HfVision:
             tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops CLS
         else:
             image = self.tower(pixel_values=pixels).last_hidden_state
-            mask = torch.ones(image.shape[:-1], dtype=torch.long)
+            mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
             tokens = self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
                                   encoder_attention_mask=mask).last_hidden_state
         return tokens.flatten(1)

@@ -13,6 +13,7 @@ import torch
 from .conversion import converted_lm_dir
 from .kernels import pack_linears
 from .lora import LoraManager
+from .numerics import CPU_FLOAT32, Numerics
 from .sampling import RowState, Sampling, advance
 
 # Keys and values of prompt prefixes (chat markup + instruction) kept for reuse, bounded in bytes: one token of
@@ -40,14 +41,16 @@ def prompt_length(encode, instruction: str, visual_tokens: int) -> int:
 
 
 class LanguageModel:
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, numerics: Numerics = CPU_FLOAT32) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = path = path or converted_lm_dir()
+        self.numerics = numerics
+        self.device, self.dtype = numerics.device, numerics.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=numerics.dtype, device_map=str(numerics.device))
         self.model.eval().requires_grad_(False)
-        pack_linears(self.model)  # frozen weights packed once for oneDNN: decode steps ~3x faster in their matmuls
+        pack_linears(self.model)  # frozen CPU weights packed once for oneDNN: decode steps ~3x faster in their matmuls
         self.hidden_size: int = self.model.config.hidden_size
         self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # type: ignore[assignment]  # one token
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
@@ -74,14 +77,14 @@ class LanguageModel:
         return self.encode(answer) + [self.eos_id]
 
     def embed(self, ids: list[int]) -> torch.Tensor:
-        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     def prompt_embeddings(self, visual: torch.Tensor, instructions: Sequence[str]) -> list[torch.Tensor]:
         """Per row: the whole prompt's embeddings [L, H], visual tokens in place."""
         rows = []
         for i, instruction in enumerate(instructions):
             pre, post = self.prompt_ids(instruction)
-            rows.append(torch.cat([self.embed(pre), visual[i], self.embed(post)]))
+            rows.append(torch.cat([self.embed(pre), visual[i].to(self.dtype), self.embed(post)]))
         return rows
 
     def loss(self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str],
@@ -94,7 +97,7 @@ class LanguageModel:
     def answer_logits(
         self, visual: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], lora: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [T, vocab] at every position that predicts an answer token, and those tokens [T] (row order).
+        """Logits [T, vocab] (float32) at every position that predicts an answer token, and those tokens [T] (row order).
 
         The prompt before the image is the same for every row with the same instruction: its keys and values come
         from the prefix cache, and only image + answer positions run, for all rows in one pass (prefixes of
@@ -114,29 +117,30 @@ class LanguageModel:
                              [-100] * (visual.shape[1] + len(post)) + ans))
         rows, lengths = len(suffixes), [p[0][0].shape[2] for p in prefixes]
         width, length = max(lengths), max(len(lab) for _, lab in suffixes)
-        emb = torch.zeros(rows, length, self.hidden_size)
+        emb = torch.zeros(rows, length, self.hidden_size, dtype=self.dtype, device=self.device)  # `visual` cast in
         labels = torch.full((rows, length), -100, dtype=torch.long)
         mask = torch.zeros(rows, width + length, dtype=torch.long)
         for i, ((e, lab), n) in enumerate(zip(suffixes, lengths)):
             emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
             mask[i, width - n : width + len(lab)] = 1
+        labels, mask = labels.to(self.device), mask.to(self.device)
         kv = [tuple(torch.cat([pad_left(p[layer][part], width - n) for p, n in zip(prefixes, lengths)])
                     for part in (0, 1)) for layer in range(len(prefixes[0]))]
-        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(length)
+        positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(length)).to(self.device)
         with self.loras.rows([lora] * rows):
             hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
                                       cache=DynamicCache(kv, config=self.model.config), use_cache=True).last_hidden_state
         # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
         targets = labels[:, 1:]
         keep = targets != -100
-        return self.model.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
+        return self.model.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]
 
     def prefix(self, ids: list[int], lora: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes.
         A LoRA being trained changes the prefix at every step: it is recomputed, with gradients, each time."""
         if self.loras.training(lora):
             with self.loras.rows([lora]):
-                out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
+                out = self.model.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
             return [(k, v) for k, v, *_ in out.cache]
         key = (lora, *ids)
         if key in self._prefixes:
@@ -144,7 +148,7 @@ class LanguageModel:
             return self._prefixes[key]
         # Plain tensors even when first asked under inference mode: later training steps save them for backward.
         with torch.inference_mode(False), torch.no_grad(), self.loras.rows([lora]):
-            out = self.model.model(input_ids=torch.tensor([ids]), use_cache=True)
+            out = self.model.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
         kv = [(k, v) for k, v, *_ in out.cache]
         size = sum(k.nbytes + v.nbytes for k, v in kv)
         if size <= self.prefix_cache_bytes:  # a prefix larger than the whole cache is used once, not kept

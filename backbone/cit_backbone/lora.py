@@ -232,7 +232,7 @@ class LoraManager:
     def _batched(self, slot_of_row: list[int]) -> Iterator[None]:
         """Rows whose LoRAs all sit in slots: PEFT computes the base layer only (every row named BASE_ROWS), and a
         hook adds each row's LoRA from the slot stacks, for all LoRA rows of a layer at once."""
-        slots = torch.tensor(slot_of_row)
+        slots = torch.tensor(slot_of_row, device=self._stacks[0].a.device)
         lora_rows = (slots >= 0).nonzero().squeeze(1)
         every = len(lora_rows) == len(slots)  # no base row: no rows to pick out or put back
         slots = slots[lora_rows]

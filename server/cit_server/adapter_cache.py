@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cit_backbone.adapters import AdapterFiles, TaskAdapter
 from cit_backbone.backbone import Backbone
+from cit_backbone.numerics import trained_dtype
 from cit_registry.store import Registry
 
 log = logging.getLogger("cit.server")
@@ -59,6 +60,7 @@ class AdapterStore:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="cit-adapter-loader")
         self._reading: dict[AdapterId, Future[AdapterFiles]] = {}  # reads in flight, for requests to share
         self.hits = self.misses = self.evictions = 0
+        self._warned: set[AdapterId] = set()  # task versions whose training precision differs (_warn_numerics)
         self._methods: dict[AdapterId, str | None] = {}  # shared-connector method of a version, None if its own
         self._heads: dict[str, AdapterId] = {}             # newest version of each shared method ...
         self._heads_of: int | None = None                   # ... at this registry generation
@@ -69,6 +71,15 @@ class AdapterStore:
                 log.warning("pinned task %s has no serving version now (retired, or only candidates)", task_id)
                 continue
             self.get(AdapterId(task_id, version))
+
+    def _warn_numerics(self, adapter: AdapterId, training: dict) -> None:
+        """A task served in another precision than it was trained in answers differently (docs: USAGE, "Device and
+        precision"): said once per task version, as it becomes resident the first time."""
+        trained, serving = trained_dtype(training), self.backbone.numerics.dtype_name
+        if trained != serving and adapter not in self._warned:
+            self._warned.add(adapter)
+            log.warning("task %s was trained in %s and is served in %s: its accuracy may differ from its card's "
+                        "(serve with --dtype %s, or re-measure it)", adapter, trained, serving, trained)
 
     def get(self, adapter: AdapterId) -> TaskAdapter:
         """The adapter serving a task version, made resident; nothing holds it afterwards."""
@@ -111,6 +122,7 @@ class AdapterStore:
                 self._make_room(size)
                 if files is None or files.connector_dir != version.adapter_dir:  # (a newer shared head since)
                     files = self.backbone.read_adapter(version.adapter_dir, version.lora_dir)
+                self._warn_numerics(adapter, version.card.training)
                 self._resident[adapter] = self.backbone.install_adapter(str(adapter), files)
                 self._bytes[adapter] = size
                 if version.lora_dir is not None:  # the vLLM engine sends this path with each of its requests

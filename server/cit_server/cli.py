@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from cit_backbone.numerics import DEVICE_HELP, DTYPE_HELP
+
 app = typer.Typer(add_completion=False, help=__doc__)
 log = logging.getLogger("cit.server")
 
@@ -47,6 +49,8 @@ def serve(
     metrics_host: Annotated[str, typer.Option(help="address the unauthenticated metrics listen on (loopback unless you mean it)")] = _default("metrics_host"),
     grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = _default("grace_seconds"),
     backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the registry's tasks must have been trained on it")] = None,
+    device: Annotated[str, typer.Option(envvar="CIT_DEVICE", help=DEVICE_HELP)] = _default("device"),
+    dtype: Annotated[str, typer.Option(envvar="CIT_DTYPE", help=DTYPE_HELP)] = _default("dtype"),
     engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = _default("engine"),
     vllm_worker: Annotated[str | None, typer.Option(help="with --engine vllm: HOST:PORT of a running `python -m cit_server.vllm_worker` (default: start one)")] = None,
     vllm_python: Annotated[str | None, typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
@@ -64,8 +68,11 @@ def serve(
     try:
         config = ServerConfig(**{**settings, "pinned_tasks": tuple(pin or ())})
         from cit_backbone.backbone import Backbone
+        from cit_backbone.numerics import Numerics
 
-        engine_ = Engine(config, backbone=Backbone.load(backbone))
+        numerics = Numerics.resolve(config.device, config.dtype)
+        log.info("backbone on %s", numerics)
+        engine_ = Engine(config, backbone=Backbone.load(backbone, numerics))
     except (ValueError, FileNotFoundError, TaskNotFound, WorkerError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

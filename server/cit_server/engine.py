@@ -181,7 +181,7 @@ class Engine:
         self.metrics = Metrics(self.adapters, config.metrics_top_tasks)
         self.admission = Admission(config.max_requests)
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
-        self.front = Front(config, self.registry, self.backbone, embedder or TextEmbedder(),
+        self.front = Front(config, self.registry, self.backbone, embedder or TextEmbedder(self.backbone.numerics.device.type),
                            self.adapters.base.connector.config.num_tokens, self._model_lock)
         self._front_threads = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, reads
         # the vLLM worker this server starts (None: embedded, or a --vllm-worker started by someone else)
@@ -215,7 +215,8 @@ class Engine:
     # -- the vLLM worker: the supervisor restarts it; the scheduler follows it
     def _start_worker(self) -> WorkerProcess:
         return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
-                             self.config.adapter_cache_size, self.config.vllm_max_model_len)
+                             self.config.adapter_cache_size, self.config.vllm_max_model_len,
+                             dtype=self.backbone.numerics.dtype_name)
 
     def _follow_worker(self) -> None:
         """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end

@@ -69,7 +69,7 @@ class VllmBatch:
         rows = []
         for prompt, params, lora in zip(prompts, sampling, loras):
             request = pb.LmRequest(
-                prompt_embeds=prompt.numpy().astype("<f4", copy=False).tobytes(), rows=prompt.shape[0],
+                prompt_embeds=prompt.float().cpu().numpy().astype("<f4", copy=False).tobytes(), rows=prompt.shape[0],
                 lora_name=lora or "", lora_path=str(self.lora_dir(lora)) if lora else "",
                 max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                 top_k=params.top_k, seed=params.seed, ignore_eos=params.ignore_eos)
@@ -136,11 +136,12 @@ class WorkerProcess:
     SIGKILL of the server leaves it running."""
 
     def __init__(self, python: str, model: Path, max_loras: int, max_model_len: int = 2048,
-                 timeout: float = WORKER_START_TIMEOUT_S) -> None:
+                 timeout: float = WORKER_START_TIMEOUT_S, dtype: str = "float32") -> None:
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
-             "--max-loras", str(max_loras), "--max-model-len", str(max_model_len), "--parent-pid", str(os.getpid())],
+             "--max-loras", str(max_loras), "--max-model-len", str(max_model_len), "--dtype", dtype,
+             "--parent-pid", str(os.getpid())],
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             self.target = self._wait_for_port(timeout)

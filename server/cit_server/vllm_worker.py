@@ -25,8 +25,9 @@ log = logging.getLogger("cit.vllm_worker")
 
 
 class LmWorker(pb_grpc.LmWorkerServicer):
-    def __init__(self, engine, model: str, hidden_size: int, max_loras: int) -> None:
+    def __init__(self, engine, model: str, hidden_size: int, max_loras: int, dtype: str = "float32") -> None:
         self.engine, self.model, self.hidden_size, self.max_loras = engine, model, hidden_size, max_loras
+        self.dtype = dtype  # the LM's; prompt embeddings arrive as float32 and are cast to it
         self._lora_ids: dict[str, int] = {}  # vLLM wants a positive int per adapter; names are unique per version
 
     async def Info(self, request, context):
@@ -44,7 +45,7 @@ class LmWorker(pb_grpc.LmWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt_embeds must hold rows x {self.hidden_size} float32 values")
         embeds = torch.from_numpy(np.frombuffer(request.prompt_embeds, dtype="<f4")
-                                  .reshape(request.rows, self.hidden_size).copy())
+                                  .reshape(request.rows, self.hidden_size).copy()).to(getattr(torch, self.dtype))
         params = SamplingParams(max_tokens=request.max_new_tokens, temperature=request.temperature,
                                 top_p=request.top_p or 1.0, top_k=request.top_k,
                                 seed=request.seed if request.HasField("seed") else None, ignore_eos=request.ignore_eos,
@@ -69,7 +70,7 @@ async def start_engine(args: argparse.Namespace):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=args.model, dtype="float32", enforce_eager=True, max_model_len=args.max_model_len,
+        model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
         enable_prompt_embeds=True, enable_lora=True, max_lora_rank=args.max_lora_rank,
         # One slot more than adapters in use: vLLM gives base rows the last slot when all are full (STACK.md).
         max_loras=args.max_loras + 1, max_cpu_loras=args.max_loras + 1, lora_target_modules=LORA_TARGETS))
@@ -80,7 +81,7 @@ async def serve(args: argparse.Namespace, engine, hidden_size: int) -> None:
     """Serve LmWorker on `engine` (vLLM's AsyncLLM, or anything with its `generate` and `shutdown`) until
     terminated, or until the process that started this worker is gone."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden_size, args.max_loras), server)
+    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden_size, args.max_loras, args.dtype), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     print(f"cit-vllm-worker listening on {args.host}:{port}", flush=True)
@@ -109,6 +110,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--max-loras", type=int, default=16, help="LoRAs resident in vLLM at once")
     parser.add_argument("--max-lora-rank", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the LM's precision (cit-server passes its --dtype)")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
     return parser
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cit_backbone.adapters import Connector, TaskAdapter
+from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, image_share, task_similarity
@@ -101,7 +101,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     test_samples = _subset(read_jsonl(test_file), opts.max_eval) if test_file else []
 
     backbone = backbone or Backbone()
-    embedder = embedder or TextEmbedder()
+    embedder = embedder or TextEmbedder(backbone.numerics.device.type)
     torch.manual_seed(opts.seed)
     train = embed_task(backbone, embedder, train_samples, f"{name} train")
     test = embed_task(backbone, embedder, test_samples, f"{name} test") if test_samples else None
@@ -153,7 +153,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
             method.load(head.path / "method")
         # numbered after every version of the method on disk: one trained from a rolled-back head never ties
         kind, sequence = "shared", registry.shared_sequence(opts.method) + 1
-        adapter = TaskAdapter(Connector.load(head.adapter_dir) if head else backbone.base_connector().clone())
+        adapter = TaskAdapter(backbone.load_connector(head.adapter_dir) if head else backbone.base_connector().clone())
     elif previous is not None:
         if previous.shared_method:
             raise ValueError(f"the most similar task {best!r} is trained with {previous.shared_method!r}; reuse it "
@@ -221,6 +221,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
                       "seed": opts.seed, "samples": len(train_samples), "steps": len(losses),
                       "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 1),
                       "replayed": {n: len(r) for n, r in replayed.items()},
+                      "numerics": backbone.numerics.describe(),  # the server warns when it serves in others
                       **({"sequence": sequence, "strength": opts.strength, "replay_fraction": opts.replay_fraction}
                          if method else {})},
             datasets=datasets,

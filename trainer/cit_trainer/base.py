@@ -11,6 +11,7 @@ from PIL import Image
 
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
+from cit_backbone.numerics import CPU_FLOAT32, Numerics
 from cit_registry.taskdata import Sample
 
 from .data import base_mixture
@@ -23,10 +24,10 @@ MIXTURE_DATA = {
 
 
 def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 1e-3, seed: int = 0,
-               mixture: str = "caption") -> dict:
+               mixture: str = "caption", numerics: Numerics = CPU_FLOAT32) -> dict:
     """Train a fresh connector on a starting mixture; write it (and a card of how it was made) to out_dir."""
     torch.manual_seed(seed)
-    backbone = Backbone()
+    backbone = Backbone(numerics=numerics)
     examples = base_mixture(samples + 100, seed=seed, mixture=mixture)
     random.Random(seed).shuffle(examples)
     train, held_out = examples[:samples], examples[samples:]
@@ -46,7 +47,7 @@ def train_base(out_dir: Path, samples: int = 1000, epochs: int = 2, lr: float = 
                    f"--seed {seed}",
         "data": MIXTURE_DATA[mixture],
         "samples": len(train), "epochs": epochs, "lr": lr, "seed": seed,
-        "final_loss": losses[-1], "held_out_accuracy": accuracy,
+        "final_loss": losses[-1], "held_out_accuracy": accuracy, "numerics": numerics.describe(),
         "seconds": round(time.time() - start, 1),
     }
     connector.save(out_dir)

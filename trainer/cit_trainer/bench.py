@@ -32,6 +32,7 @@ import torch
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
+from cit_backbone.numerics import CPU_FLOAT32, Numerics
 from cit_registry.router import Router, background_questions, task_similarity
 from cit_registry.store import TaskKey, atomic_path
 from cit_registry.taskdata import read_jsonl
@@ -99,11 +100,11 @@ class Bench:
     """Embedded tasks and the shared backbone, reused by every method of one run."""
 
     def __init__(self, out: Path, order: tuple[str, ...], preset: Preset, seed: int, log=print,
-                 strength: float = 100.0, replay_fraction: float = 0.01) -> None:
+                 strength: float = 100.0, replay_fraction: float = 0.01, numerics: Numerics = CPU_FLOAT32) -> None:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
         self.strength, self.replay_fraction = strength, replay_fraction  # λ; the replay buffer's share of a task
-        self.backbone = Backbone()
-        self.embedder = TextEmbedder()
+        self.backbone = Backbone(numerics=numerics)
+        self.embedder = TextEmbedder(numerics.device.type)
         self.background = self.embedder.embed(background_questions())
         self.use_start("base")
         self.train: list[EmbeddedTask] = []
@@ -403,7 +404,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
                   thresholds: list[float], command: str, starts: tuple[str, ...] = ("base",),
                   log=print, strength: float = 100.0, replay_fraction: float = 0.01,
                   seeds: tuple[int, ...] | None = None, orders: tuple[int, ...] = (0,),
-                  resume: bool = False) -> list[MethodResult]:
+                  resume: bool = False, numerics: Numerics = CPU_FLOAT32) -> list[MethodResult]:
     """Every cell start x order x training seed (`seeds`, default: `seed`) x method, over the data drawn with
     `seed`; each cell written to <out>/cells/ as it finishes (`resume`: cells found there are not run again)."""
     if isinstance(preset, str):
@@ -427,11 +428,11 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
         raise ValueError(f"starting points must be among {', '.join(STARTING_CONNECTORS)}, got {', '.join(starts)}")
     out = Path(out)
     settings = {**asdict(preset), "data_seed": seed, "tasks": list(order), "thresholds": list(thresholds),
-                "strength": strength,
-                "replay_fraction": replay_fraction}
+                "strength": strength, "replay_fraction": replay_fraction, "dtype": numerics.dtype_name}
     cells_dir = out / "cells"
     if resume and (cells_dir / "settings.json").exists():
         made = json.loads((cells_dir / "settings.json").read_text())
+        made.setdefault("dtype", "float32")  # cells made before cit had a --dtype were float32
         if made != settings:
             raise ValueError(f"the cells in {cells_dir} were made with other settings ({made}); use another --out "
                              "or run without --resume")
@@ -441,9 +442,9 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
     _write_file(cells_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
     config = {"command": command, **asdict(preset), "seed": seed, "seeds": list(seeds), "orders": list(orders),
               "methods": methods, "starts": list(starts), "strength": strength, "replay_fraction": replay_fraction,
-              "tasks": list(order), "environment": environment()}
+              "tasks": list(order), "numerics": numerics.describe(), "environment": environment()}
     _write_file(cells_dir / "grid.json", json.dumps(config, indent=2) + "\n")  # what report_from_cells expects
-    bench = Bench(out, order, preset, seed, log, strength, replay_fraction)
+    bench = Bench(out, order, preset, seed, log, strength, replay_fraction, numerics)
     results: list[MethodResult] = []
     for start in starts:
         bench.use_start(start)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cit_backbone.numerics import DEVICE_HELP, DTYPE_HELP
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD
 from cit_registry.snapshots import REPLAY_SAMPLES
 
@@ -16,6 +17,19 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no truncated tables
 REGISTRY = Annotated[Path, typer.Option("--registry", "-r", envvar="CIT_REGISTRY", help="registry directory")]
 DEFAULT_REGISTRY = Path("cit-registry")
+DEVICE = Annotated[str, typer.Option(envvar="CIT_DEVICE", help=DEVICE_HELP)]
+DTYPE = Annotated[str, typer.Option(envvar="CIT_DTYPE", help=DTYPE_HELP + " (recorded in the task card)")]
+
+
+def _numerics(device: str, dtype: str):
+    """--device / --dtype resolved, or a clear error and exit code 2."""
+    from cit_backbone.numerics import Numerics
+
+    try:
+        return Numerics.resolve(device, dtype)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -92,6 +106,8 @@ def add_task_cmd(
     max_eval: Annotated[int | None, typer.Option(help="evaluate on at most N test samples")] = 300,
     backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
     max_forgetting: Annotated[float | None, typer.Option(help="points of accuracy the new version may lose on any data set its adapter already served (re-measured); more, and it is committed as a candidate that serves nothing until `cit-registry promote` (default: no gate)")] = None,
+    device: DEVICE = "auto",
+    dtype: DTYPE = "auto",
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
     from cit_backbone.backbone import Backbone
@@ -106,7 +122,8 @@ def add_task_cmd(
     from cit_registry.store import RegistryLocked
 
     try:
-        result = add_task(registry, data, name, opts, backbone=Backbone.load(backbone), log=console.print)
+        result = add_task(registry, data, name, opts, backbone=Backbone.load(backbone, _numerics(device, dtype)),
+                          log=console.print)
     except (ValueError, FileNotFoundError, RegistryLocked) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -142,6 +159,8 @@ def bench(
     seeds: Annotated[str, typer.Option(help="training seeds, comma-separated: one cell each (default: --seed); the data drawn is --seed's in every cell")] = "",
     orders: Annotated[str, typer.Option(help="order seeds, comma-separated: 0 is the order given, k > 0 that order shuffled with k")] = "0",
     resume: Annotated[bool, typer.Option(help="keep the cells already in --out/cells (same settings) and run the rest")] = False,
+    device: DEVICE = "auto",
+    dtype: DTYPE = "auto",
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
@@ -155,7 +174,8 @@ def bench(
     try:
         run_benchmark(out, _csv(methods), tuple(order), preset, seed, [float(t) for t in _csv(thresholds)], command,
                       tuple(_csv(starts)), log=console.print, strength=strength, replay_fraction=replay_fraction,
-                      seeds=tuple(int(s) for s in _csv(seeds)), orders=tuple(int(o) for o in _csv(orders)), resume=resume)
+                      seeds=tuple(int(s) for s in _csv(seeds)), orders=tuple(int(o) for o in _csv(orders)), resume=resume,
+                      numerics=_numerics(device, dtype))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -189,13 +209,16 @@ def routing_eval_cmd(
     epochs: int = 3,
     tasks: Annotated[str, typer.Option(help="comma-separated suite tasks (default: all eleven)")] = "",
     reuse: Annotated[bool, typer.Option(help="run the reuse study (the longest part)")] = True,
+    device: DEVICE = "auto",
+    dtype: DTYPE = "auto",
 ) -> None:
     """The routing suite: routing and answers per task and wording over gRPC, fall-back for tasks not yet added,
     the confusion matrix, and the reuse study over pairs of graded similarity. Hours at the default sizes."""
     from .routing_eval import REUSE_PAIRS, SUITE_TASKS, SuiteOptions, run_suite
 
     opts = SuiteOptions(train=train, test=test, seed=seed, epochs=epochs,
-                        tasks=tuple(_csv(tasks)) or SUITE_TASKS, pairs=REUSE_PAIRS if reuse else ())
+                        tasks=tuple(_csv(tasks)) or SUITE_TASKS, pairs=REUSE_PAIRS if reuse else (),
+                        numerics=_numerics(device, dtype))
     command = " ".join(["cit-trainer", "routing-eval", *sys.argv[2:]])
     try:
         run_suite(work, opts, command=command, log=console.print)
@@ -214,6 +237,8 @@ def train_base_cmd(
     epochs: int = 2,
     lr: float = 1e-3,
     seed: int = 0,
+    device: DEVICE = "auto",
+    dtype: DTYPE = "auto",
 ) -> None:
     """Train a starting connector: on easy-VQA captions (base) or captions + yes/no questions (instruct)."""
     from cit_backbone.paths import STARTING_CONNECTORS
@@ -224,7 +249,7 @@ def train_base_cmd(
     if mixture not in MIXTURES:
         raise typer.BadParameter(f"unknown mixture {mixture!r}; choose from {', '.join(MIXTURES)}")
     default_out = STARTING_CONNECTORS["base" if mixture == "caption" else "instruct"]
-    card = train_base(out or default_out, samples, epochs, lr, seed, mixture)
+    card = train_base(out or default_out, samples, epochs, lr, seed, mixture, _numerics(device, dtype))
     console.print(card)
 
 

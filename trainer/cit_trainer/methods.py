@@ -83,7 +83,7 @@ class Method:
     def save(self, directory: Path) -> None:
         tensors, meta = self.state()
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "state.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(directory / "state.safetensors"))
         (directory / "state.json").write_text(json.dumps({"method": self.name, **meta}, indent=2) + "\n")
 
     def load(self, directory: Path) -> Method:
@@ -164,12 +164,15 @@ class ImportanceMethod(Method):
 
     def begin_task(self, connector, key) -> None:
         params = _params(connector)
+        device = next(iter(params.values())).device  # memory read from the registry is on the CPU
+        for state in (self.importance, self.owner, self.anchor):
+            state.update({n: t.to(device) for n, t in state.items()})
         self._start = {n: p.detach().clone() for n, p in params.items()}
         self._path = {n: torch.zeros_like(p) for n, p in params.items()}
         self.scaled = self.importance
         if self.tir and self.keys:
             sims = tir_similarity([*self.keys, key])[-1, :-1]  # the new task against each finished one
-            scale = torch.tensor(1.0 - sims, dtype=torch.float32)
+            scale = torch.tensor(1.0 - sims, dtype=torch.float32, device=device)
             self.scaled = {n: imp * scale[self.owner[n]] for n, imp in self.importance.items()}
 
     def penalty(self, connector) -> torch.Tensor | None:
@@ -235,7 +238,7 @@ class ImportanceMethod(Method):
                 self.owner[n] = torch.where(wins, torch.full_like(self.owner[n], index), self.owner[n])
             else:
                 self.importance[n] = imp
-                self.owner[n] = torch.full(imp.shape, index, dtype=torch.long)
+                self.owner[n] = torch.full(imp.shape, index, dtype=torch.long, device=imp.device)
         self.anchor = {n: p.detach().clone() for n, p in _params(connector).items()}
         self.keys.append(key)
 

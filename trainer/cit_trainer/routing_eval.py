@@ -27,6 +27,7 @@ import numpy as np
 
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
+from cit_backbone.numerics import CPU_FLOAT32, Numerics
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD, Router, Routing, background_questions
 from cit_registry.store import Registry
 from cit_registry.taskdata import TEMPLATE_KINDS, read_jsonl
@@ -99,6 +100,7 @@ class SuiteOptions:
     tasks: tuple[str, ...] = SUITE_TASKS
     pairs: tuple[ReusePair, ...] = REUSE_PAIRS
     server_timeout: float = 600.0  # seconds for cit-server to start
+    numerics: Numerics = CPU_FLOAT32  # add-task's and the server's alike
 
 
 def bootstrap(diffs: np.ndarray, rounds: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -163,7 +165,8 @@ def evaluate_over_grpc(work: Path, opts: SuiteOptions, log) -> Path:
     predictions = work / "predictions.jsonl"
     if (work / "predictions.done").is_file():
         return predictions
-    with ServerProcess(work / "registry", timeout=opts.server_timeout) as server, CitClient(server.target) as client, \
+    with ServerProcess(work / "registry", "--device", str(opts.numerics.device), "--dtype", opts.numerics.dtype_name,
+                       timeout=opts.server_timeout) as server, CitClient(server.target) as client, \
             open(predictions, "w") as out:
         owners = dataset_owners(client)
         for name in opts.tasks:
@@ -323,12 +326,15 @@ def run_suite(work: Path, opts: SuiteOptions, backbone: Backbone | None = None, 
     if unknown:
         raise ValueError(f"unknown suite tasks {unknown}; choose from {', '.join(SUITE_TASKS)}")
     settings = work / "settings.json"
-    mine = {"train": opts.train, "test": opts.test, "seed": opts.seed, "epochs": opts.epochs}
-    if settings.is_file() and json.loads(settings.read_text()) != mine:
+    mine = {"train": opts.train, "test": opts.test, "seed": opts.seed, "epochs": opts.epochs,
+            "dtype": opts.numerics.dtype_name}
+    # a run made before cit had a --dtype was float32
+    if settings.is_file() and {"dtype": "float32", **json.loads(settings.read_text())} != mine:
         raise ValueError(f"{work} holds a run with other settings ({settings.read_text().strip()}): resume it with "
                          "those, or choose another --work")
     settings.write_text(json.dumps(mine) + "\n")
-    backbone, embedder = backbone or Backbone(), embedder or TextEmbedder()
+    backbone = backbone or Backbone(numerics=opts.numerics)
+    embedder = embedder or TextEmbedder(opts.numerics.device.type)
 
     registry = build_registry(work, opts, backbone, embedder, log)
     report = {"command": command, "settings": mine, "tasks": list(opts.tasks),

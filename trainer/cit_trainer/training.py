@@ -99,6 +99,7 @@ def train_connector(
     (methods.py) may add replayed rows or a penalty to each step and adjust its gradient; it is told when the
     task begins and ends (needs the task's key).
     """
+    connector.to(backbone.lm.device)  # in place: the caller's connector is the one trained
     gen = torch.Generator().manual_seed(seed)
     # the method's own draws (ER's and A-GEM's rows from the buffer): the data order stays the one SeqFT sees
     method_gen = torch.Generator().manual_seed(seed + 1)
@@ -110,7 +111,7 @@ def train_connector(
     data = task.batch()
 
     def loss_fn(batch: Batch, logits: bool = False) -> torch.Tensor:
-        visual = connector(batch.features)
+        visual = connector(batch.features.to(backbone.lm.device))
         if logits:
             return backbone.lm.answer_logits(visual, batch.instructions, batch.answers, lora)[0]
         return backbone.lm.loss(visual, batch.instructions, batch.answers, lora)

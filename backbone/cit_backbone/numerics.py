@@ -1,0 +1,72 @@
+"""Where the frozen backbone runs and in what precision: one value the trainer and the server resolve from their
+`--device` / `--dtype` options and hand to every module that builds tensors.
+
+The frozen weights (language model) take `dtype`; the vision tower stays in float32, because its features are the
+image part of task keys and routing queries, which must not depend on the serving precision. Trainable adapters
+(connectors, LoRAs) keep float32 weights, as mixed-precision training does; their outputs are cast to `dtype` where
+they enter the language model. Sampling reads float32 logits on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CPU = torch.device("cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
+DTYPE_HELP = ("the frozen language model's precision: auto (float32 on a CPU, bfloat16 on a GPU that has it), "
+              "float32, bfloat16 or float16. Serve a task in the precision it was trained in: the server warns "
+              "when they differ")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    device: torch.device = CPU
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Numerics:
+        """From the options' words; ValueError with what to do when the machine cannot honour them."""
+        if device == "auto":
+            chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                chosen = torch.device(device)
+            except RuntimeError:
+                raise ValueError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
+            if chosen.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {device!r} is not supported; use {DEVICE_HELP}")
+            if chosen.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise ValueError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}, "
+                                     f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu")
+                if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+                    raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dtype == "auto":
+            bf16 = chosen.type == "cuda" and torch.cuda.is_bf16_supported()
+            return cls(chosen, torch.bfloat16 if bf16 else torch.float32)
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        return cls(chosen, DTYPES[dtype])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> dict[str, str]:
+        """What a task card records of the numerics a task was trained with (the device's type: which GPU does not
+        change the numbers)."""
+        return {"device": self.device.type, "dtype": self.dtype_name}
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.dtype_name}"
+
+
+CPU_FLOAT32 = Numerics()
+
+
+def trained_dtype(training: dict) -> str:
+    """The dtype a task was trained with, from its card's `training`; cards written before cit recorded it:
+    float32 (every task was trained in float32 then)."""
+    return str(training.get("numerics", {}).get("dtype", "float32"))
