@@ -46,18 +46,14 @@ from cit_backbone.backbone import Backbone
 from cit_backbone.decode_batch import DecodeBatch
 from cit_backbone.kernels import PackedLinear
 from cit_backbone.language_model import LanguageModel
-from cit_backbone.numerics import Numerics
+from cit_backbone.numerics import Numerics, cpu_flags
 from cit_backbone.sampling import RowState, Sampling
 
 INSTRUCTION = "Describe the image in detail."
 
 
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+def vector_flags() -> str:
+    flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
@@ -276,7 +272,7 @@ def main() -> int:
 
     load_after = os.getloadavg()
     print()
-    print(f"machine: {os.cpu_count()} CPUs, flags {cpu_flags()}, torch {torch.__version__} "
+    print(f"machine: {os.cpu_count()} CPUs, flags {vector_flags()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), LM weights {weight_bytes / 1e6:.0f} MB {args.dtype}")
     print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; this process used "
           f"{time.process_time() - cpu_before:.0f} s of CPU in {time.perf_counter() - wall_before:.0f} s")

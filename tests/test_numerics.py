@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cit_backbone import numerics as numerics_module
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.kernels import PackedLinear
 from cit_backbone.numerics import Numerics
@@ -23,9 +24,20 @@ def test_auto_resolves_to_what_the_machine_has():
     if torch.cuda.is_available():
         assert numerics.device.type == "cuda"
     else:
-        assert numerics == Numerics(torch.device("cpu"), torch.float32)
-        assert numerics.describe() == {"device": "cpu", "dtype": "float32"}
-    assert Numerics.resolve("cpu", "bfloat16").dtype == torch.bfloat16
+        assert numerics.device == torch.device("cpu")
+        assert numerics.dtype == (torch.bfloat16 if numerics_module.native_bf16_cpu() else torch.float32)
+    assert Numerics.resolve("cpu", "float32").describe() == {"device": "cpu", "dtype": "float32"}
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    ({"avx2", "avx512f", "avx512_vnni"}, torch.float32),  # bfloat16 would be emulated: slower than float32
+    (set(), torch.float32),                               # no /proc/cpuinfo
+])
+def test_auto_on_a_cpu_takes_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, dtype):
+    monkeypatch.setattr(numerics_module, "cpu_flags", lambda: frozenset(flags))
+    assert Numerics.resolve("cpu").dtype == dtype
 
 
 @pytest.mark.parametrize(("device", "dtype", "message"), [
@@ -115,21 +127,23 @@ def test_bfloat16_training_gives_float32_loss_and_gradients_into_a_float32_conne
 
 
 def test_cards_record_the_numerics_tasks_were_trained_with(registry):
+    """The registry is built by `cit-trainer add-task` with the default, --dtype auto."""
     cards = [json.loads(p.read_text()) for p in registry.glob("tasks/*/v*/task.json")]
-    assert cards and all(c["training"]["numerics"] == {"device": "cpu", "dtype": "float32"} for c in cards)
+    assert cards and all(c["training"]["numerics"] == Numerics.resolve().describe() for c in cards)
 
 
-def test_a_task_served_in_another_precision_is_warned_about_and_answers_close_to_float32(registry, client, task_dirs,
-                                                                                         capsys):
-    """Measured, and the bound the docs state: digits' test rows (both wordings) served in float32 and in bfloat16,
-    paired row by row."""
-    fp32 = evaluate_dataset(client, task_dirs["digits"], owners=dataset_owners(client))
-    with ServerProcess(registry, "--dtype", "bfloat16") as server, CitClient(server.target) as bf16_client:
-        bf16 = evaluate_dataset(bf16_client, task_dirs["digits"], owners=dataset_owners(bf16_client))
+def test_a_task_served_in_another_precision_is_warned_about_and_answers_close(registry, client, task_dirs, capsys):
+    """Measured, and the bound the docs state: digits' test rows (both wordings) served in the precision they were
+    trained in (the session's server, --dtype auto) and in the other of float32 / bfloat16."""
+    trained = Numerics.resolve().dtype_name
+    other = "float32" if trained == "bfloat16" else "bfloat16"
+    same = evaluate_dataset(client, task_dirs["digits"], owners=dataset_owners(client))
+    with ServerProcess(registry, "--dtype", other) as server, CitClient(server.target) as other_client:
+        changed = evaluate_dataset(other_client, task_dirs["digits"], owners=dataset_owners(other_client))
         output = server.stop()
     with capsys.disabled():
-        print(f"\n  digits over gRPC: float32 {fp32.answer_accuracy:.1%}, bfloat16 {bf16.answer_accuracy:.1%} "
-              f"({fp32.requests} requests)")
-    assert "was trained in float32 and is served in bfloat16" in output
-    assert bf16.routing_accuracy == fp32.routing_accuracy  # routing is float32 whatever the LM's dtype
-    assert abs(bf16.answer_accuracy - fp32.answer_accuracy) <= 0.05
+        print(f"\n  digits over gRPC, trained in {trained}: served in {trained} {same.answer_accuracy:.1%}, in {other} "
+              f"{changed.answer_accuracy:.1%} ({same.requests} requests)")
+    assert f"was trained in {trained} and is served in {other}" in output
+    assert changed.routing_accuracy == same.routing_accuracy  # routing is float32 whatever the LM's dtype
+    assert abs(changed.answer_accuracy - same.answer_accuracy) <= 0.05

@@ -8,16 +8,21 @@ they enter the language model. Sampling reads float32 logits on the CPU.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
-DTYPE_HELP = ("the frozen language model's precision: auto (float32 on a CPU, bfloat16 on a GPU that has it), "
-              "float32, bfloat16 or float16. Serve a task in the precision it was trained in: the server warns "
-              "when they differ")
+DTYPE_HELP = ("the frozen language model's precision: auto (bfloat16 on a GPU or CPU with native bfloat16 "
+              "arithmetic, else float32), float32, bfloat16 or float16. Serve a task in the precision it was "
+              "trained in: the server warns when they differ")
+# CPU flags of native bfloat16 arithmetic (AVX-512 BF16, AMX): there bfloat16 is faster than float32 (measured on
+# this project's machines: a training step 0.64-0.74x, a decode step 0.83x); elsewhere PyTorch emulates it, slower.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class Numerics:
                 if chosen.index is not None and chosen.index >= torch.cuda.device_count():
                     raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         if dtype == "auto":
-            bf16 = chosen.type == "cuda" and torch.cuda.is_bf16_supported()
+            bf16 = torch.cuda.is_bf16_supported() if chosen.type == "cuda" else native_bf16_cpu()
             return cls(chosen, torch.bfloat16 if bf16 else torch.float32)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
@@ -64,6 +69,20 @@ class Numerics:
 
 
 CPU_FLOAT32 = Numerics()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none): the one reader of them."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+def native_bf16_cpu() -> bool:
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def trained_dtype(training: dict) -> str:

@@ -32,7 +32,7 @@ import torch
 from cit_backbone.adapters import TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.embedder import TextEmbedder
-from cit_backbone.numerics import CPU_FLOAT32, Numerics
+from cit_backbone.numerics import CPU_FLOAT32, Numerics, cpu_flags
 from cit_registry.router import Router, background_questions, task_similarity
 from cit_registry.store import TaskKey, atomic_path
 from cit_registry.taskdata import read_jsonl
@@ -519,12 +519,7 @@ def environment() -> dict:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
-    flags: list[str] = []
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-        flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
-    except (OSError, StopIteration):
-        pass
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
