@@ -16,7 +16,7 @@ from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 
-from .conftest import run_cli
+from .conftest import full_sequence_loss, run_cli
 
 IMAGE_TOKEN = 49151  # an id of SmolLM2's vocabulary, standing for image positions in transformers' prompts
 
@@ -79,17 +79,71 @@ def reference_tokens(cls, directory, backbone, instruction, image, max_new_token
     return [t for t in out[0, ids.shape[1]:].tolist() if t != lm.eos_id]
 
 
-@pytest.mark.parametrize("kind", ["llava", "blip2"])
-def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir):
+# A template of another family's shape (Idefics3 / SmolVLM: "User:<image>...<end_of_utterance>\nAssistant:"), written
+# with a token SmolLM2's vocabulary has for the end of an utterance.
+OTHER_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def other_template_dir(llava_dir, tmp_path_factory):
+    """The tiny LLaVA checkpoint with a chat template that is not ChatML."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("llava-other-template")
+    for f in llava_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    tokenizer.chat_template = OTHER_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_prompts_come_from_the_checkpoints_chat_template_with_the_image_first(llava_dir, other_template_dir):
+    chatml = Backbone.load(llava_dir).lm
+    assert chatml.prompt.image_first and chatml.prompt.end_of_turn.startswith("<|im_end|>")
+    before, after = chatml.prompt.texts("What is it?")
+    assert before.startswith("<|im_start|>system\n") and before.endswith("<|im_start|>user\n")  # its system prompt
+    assert after == "\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    other = Backbone.load(other_template_dir).lm
+    assert other.prompt.texts("What is it?") == ("User:", "\nWhat is it?<|endoftext|>\nAssistant:")
+    assert other.eos_id == other.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # answers end, labels end, there
+
+
+def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for f in llava_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"  # save_pretrained may keep an old chat_template.jinja beside it
+    for leftover in tmp_path.glob("chat_template.*"):
+        leftover.unlink()
+    assert config.exists()
+    with pytest.raises(ValueError, match="has no chat template"):
+        Backbone.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template"])
+def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir, other_template_dir):
     from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory, cls = {"llava": (llava_dir, LlavaForConditionalGeneration),
-                      "blip2": (blip2_dir, Blip2ForConditionalGeneration)}[kind]
+                      "blip2": (blip2_dir, Blip2ForConditionalGeneration),
+                      "llava-other-template": (other_template_dir, LlavaForConditionalGeneration)}[kind]
     backbone = Backbone.load(directory)
     base = backbone.base_connector()
-    assert base.config.projector == ("token_mlp" if kind == "llava" else "token_linear")
-    assert base.config.num_tokens == (16 if kind == "llava" else 4) and base.config.hidden_size == 64
-    pictures, instructions = images(), ["Describe the image.", "What is in this picture?"]
+    assert base.config.projector == ("token_linear" if kind == "blip2" else "token_mlp")
+    assert base.config.num_tokens == (4 if kind == "blip2" else 16) and base.config.hidden_size == 64
+    # two instructions of different lengths after the image: one batch, each row's part padded to a common width
+    pictures, instructions = images(), ["Describe the image.", "What is in this picture, if anything at all?"]
+    assert len(set(map(len, (backbone.lm.prompt_ids(i)[1] for i in instructions)))) == 2
     features = backbone.encode_images(pictures)
     assert features.shape == (2, base.config.num_tokens * base.config.feature_dim)
     assert backbone.routing_features(features).shape == (2, base.config.feature_dim)
@@ -97,6 +151,37 @@ def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, bli
     for state, instruction, picture in zip(ours, instructions, pictures):
         assert state.token_ids == reference_tokens(cls, directory, backbone, instruction, picture, 8)
         assert len(state.token_ids) >= 1
+
+
+def test_the_training_loss_with_an_image_first_prompt_equals_the_full_causal_lm_loss(other_template_dir):
+    """The instruction after the image: each row's prompt differs after the image, and the loss must still equal
+    transformers' over the whole sequences."""
+    backbone = Backbone.load(other_template_dir)
+    lm, connector = backbone.lm, backbone.base_connector()
+    instructions, answers = ["What is it?", "Which digit is written in the image, if any?"], ["a dress", "seven"]
+    with torch.no_grad():
+        visual = connector(backbone.encode_images(images()).clone())
+    visual.requires_grad_(True)
+    reference = full_sequence_loss(lm, visual, instructions, answers)
+    (ref_grad,) = torch.autograd.grad(reference, visual)
+    loss = lm.loss(visual, instructions, answers)
+    (grad,) = torch.autograd.grad(loss, visual)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert (grad - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()
+
+
+def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llava_dir, tmp_path):
+    """Checkpoint backbones wrote cit's ChatML prompt (image last) before they wrote their own template: their
+    tasks must not be served with another prompt."""
+    backbone = Backbone.load(llava_dir)
+    assert backbone.identity.endswith(":chat-template")
+    reg = Registry.open(tmp_path / "reg", create=True)
+    key = TaskKey.from_embeddings(np.ones((1, backbone.routing_dim), np.float32), np.ones((1, 384), np.float32),
+                                  np.ones((1, 384), np.float32))
+    reg.commit(TaskCard("old", 1, "eproj", {"action": "expanded"}), key, {"adapter": backbone.base_connector().save},
+               backbone=backbone.identity.removesuffix(":chat-template"))
+    with pytest.raises(ValueError, match="trained on another backbone"):
+        Engine(ServerConfig(registry=reg.root), backbone=backbone)
 
 
 def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llava_dir, tmp_path, backbone):

@@ -42,8 +42,8 @@ class Backbone:
         """cit's default backbone, or one from a local LLaVA / BLIP-2 checkpoint directory."""
         if checkpoint is None:
             return cls(numerics=numerics)
-        kind, model, base, lm_dir = load_checkpoint(Path(checkpoint))
-        return cls(HfVision(model, kind, numerics.device), LanguageModel(lm_dir, numerics), base,
+        kind, model, base, lm_dir, prompt = load_checkpoint(Path(checkpoint))
+        return cls(HfVision(model, kind, numerics.device), LanguageModel(lm_dir, numerics, prompt), base,
                    checkpoint_identity(Path(checkpoint), kind), numerics)
 
     @property

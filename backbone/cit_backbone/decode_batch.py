@@ -63,9 +63,10 @@ class DecodeBatch:
              loras: Sequence[str | None] | None = None) -> list[RowState]:
         """Prefill new rows and sample their first token; their states then advance with every `step`.
 
-        The prompt before the image (chat markup + instruction) is the same for every request with that
-        instruction: its keys and values come from the LM's prefix cache, so only the image and the text after it
-        run per row (vLLM's prefix caching, at the granularity cit's prompts have)."""
+        The prompt before the image is the same for every request with that instruction (cit's own prompt: chat
+        markup + instruction; an image-first chat template: its markup, for every request): its keys and values
+        come from the LM's prefix cache, so only the image and the text after it run per row (vLLM's prefix
+        caching, at the granularity cit's prompts have)."""
         from transformers import DynamicCache
 
         lm = self.lm
@@ -77,20 +78,28 @@ class DecodeBatch:
         kv = [(torch.cat([pad_left(p[layer][0], width - length) for p, length in zip(prefixes, lengths)]),
                torch.cat([pad_left(p[layer][1], width - length) for p, length in zip(prefixes, lengths)]))
               for layer in range(len(prefixes[0]))]
-        post = lm.embed(lm.prompt_ids(instructions[0])[1])  # the same for every instruction
-        emb = torch.cat([visual.to(lm.device, lm.dtype), post.expand(n, -1, -1)], dim=1)
-        suffix = emb.shape[1]
-        mask = torch.ones(n, width + suffix, dtype=torch.long)
-        for i, length in enumerate(lengths):
-            mask[i, : width - length] = 0
-        mask = mask.to(lm.device)
-        positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(suffix)).to(lm.device)
+        # The text after the image is the same for every row in cit's own prompt; where the instruction follows the
+        # image (prompt.PromptFormat.image_first) it differs: each row's image + text is right-aligned, and the
+        # columns between its prefix and it are masked (positions run on from the prefix, as if they were not there).
+        posts = [tuple(lm.prompt_ids(ins)[1]) for ins in instructions]
+        embedded = {post: lm.embed(list(post)) for post in set(posts)}
+        owns = [visual.shape[1] + len(post) for post in posts]
+        suffix = max(owns)
+        emb = torch.zeros(n, suffix, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+        mask = torch.zeros(n, width + suffix, dtype=torch.long)
+        positions = torch.zeros(n, suffix, dtype=torch.long)
+        for i, (length, own, post) in enumerate(zip(lengths, owns, posts)):
+            emb[i, suffix - own :] = torch.cat([visual[i].to(lm.device, lm.dtype), embedded[post]])
+            mask[i, width - length : width] = 1
+            mask[i, width + suffix - own :] = 1
+            positions[i] = length + (torch.arange(suffix) - (suffix - own)).clamp(min=0)
+        mask, positions = mask.to(lm.device), positions.to(lm.device)
         with lm.loras.rows(loras):
             out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
                            cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
-        rows = [_Row(RowState(prompt_tokens=length + suffix), s,
+        rows = [_Row(RowState(prompt_tokens=length + own), s,
                      torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)
-                for length, s, lora in zip(lengths, sampling, loras)]
+                for length, own, s, lora in zip(lengths, owns, sampling, loras)]
         # Transactional: a row enters the batch only once its first token is sampled; one that fails (or is done
         # after one token) stays out, so no later step can trip over it.
         self._sample(out.logits[:, -1, :], rows)

@@ -6,9 +6,10 @@ becomes the base connector and the shape of every task's projection (EProj: `tok
 vision side and the LM stay frozen. The LM is written once into the local cache as a plain causal LM, so that
 LanguageModel (decode loop, LoRAs, prefix cache) runs it like the default one.
 
-Limits, checked with clear errors: the LM's tokenizer must have ChatML markup (`<|im_start|>`, `<|im_end|>`), the
-prompt format cit's decode loop writes; InstructBLIP's Q-Former reads the instruction too, which cit's
-instruction-independent image features cannot give it, so InstructBLIP checkpoints are refused.
+Prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
+Limits, checked with clear errors: the tokenizer must have a chat template that keeps the user's text as given;
+InstructBLIP's Q-Former reads the instruction too, which cit's instruction-independent image features cannot give
+it, so InstructBLIP checkpoints are refused.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from .adapters import Connector, ConnectorConfig
 from .conversion import save_to_cache
 from .numerics import CPU
 from .paths import cache_dir
+from .prompt import PromptFormat
 
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CHATML = ("<|im_start|>", "<|im_end|>")
 
 
 def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -98,7 +99,7 @@ def _kind(directory: Path) -> str:
 
 
 def load_checkpoint(directory: Path):
-    """(kind, model, base connector, cached LM directory) of a local LLaVA or BLIP-2 checkpoint."""
+    """(kind, model, base connector, cached LM directory, prompt format) of a local LLaVA or BLIP-2 checkpoint."""
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory = Path(directory)
@@ -106,18 +107,21 @@ def load_checkpoint(directory: Path):
     cls = LlavaForConditionalGeneration if kind == "llava" else Blip2ForConditionalGeneration
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if any(tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) for t in CHATML):
-        raise ValueError(f"{directory}: the tokenizer has no ChatML markup ({', '.join(CHATML)}), the prompt format "
-                         "cit's decode loop writes")
-    return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer)
+    try:
+        prompt = PromptFormat.from_chat_template(tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"{directory}: {exc}") from None
+    return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer), prompt
 
 
 def checkpoint_identity(directory: Path, kind: str) -> str:
-    """A checkpoint's identity for registries: its family and a digest of its config and weights' names/sizes."""
+    """A checkpoint's identity for registries: its family, a digest of its config and weights' names/sizes, and the
+    prompt ("chat-template": the checkpoint's own, image first; registries of checkpoint backbones written before
+    it were trained on cit's ChatML prompt and are refused by name, not served with another prompt)."""
     digest = hashlib.sha256((directory / "config.json").read_bytes())
     for f in sorted(directory.glob("*.safetensors")):
         digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return f"hf:{kind}:{digest.hexdigest()[:16]}"
+    return f"hf:{kind}:{digest.hexdigest()[:16]}:chat-template"
 
 
 def vision_tokens(config, kind: str) -> tuple[int, int]:

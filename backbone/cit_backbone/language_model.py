@@ -1,4 +1,4 @@
-"""The frozen language model (SmolLM2-135M-Instruct): its prompt, its training loss, and the prefix cache that
+"""The frozen language model (SmolLM2-135M-Instruct by default): its prompt (prompt.py), its training loss, and the prefix cache that
 training and decoding share. Its LoRAs are owned by lora.LoraManager (`lm.loras`), the running batch lives in
 decode_batch.py, sampling in sampling.py, and the one-time GGUF conversion in conversion.py."""
 from __future__ import annotations
@@ -14,49 +14,40 @@ from .conversion import converted_lm_dir
 from .kernels import pack_linears
 from .lora import LoraManager
 from .numerics import CPU_FLOAT32, Numerics
+from .prompt import CIT_CHATML, PromptFormat
 from .sampling import RowState, Sampling, advance
 
 # Keys and values of prompt prefixes (chat markup + instruction) kept for reuse, bounded in bytes: one token of
 # SmolLM2-135M's prefix holds 30 layers x 2 x 3 heads x 64 x 4 bytes = 45 KiB, so an entry count says little.
 PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 LM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into LoRA configs as their base model
-# The chat template's default system prompt is left out on purpose: 24 constant tokens per row cost training
-# time and teach nothing the connector needs. The image ends the user turn, after the instruction: everything
-# before it is then the same for all rows of a task, so training computes that prefix once (see `loss`).
-USER_PREFIX = "<|im_start|>user\n"
-ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-def prompt_texts(instruction: str) -> tuple[str, str]:
-    """The chat-formatted text before and after a request's visual tokens."""
-    return USER_PREFIX + instruction + "\n", ASSISTANT_PREFIX
-
-
-def prompt_length(encode, instruction: str, visual_tokens: int) -> int:
+def prompt_length(encode, instruction: str, visual_tokens: int, prompt: PromptFormat = CIT_CHATML) -> int:
     """Length of a request's whole prompt in tokens (`encode`: the LM tokenizer's): what its prefill and its keys
     and values cost. The tokenizer alone suffices, so request checks can run without the model."""
-    before, after = prompt_texts(instruction)
+    before, after = prompt.texts(instruction)
     return len(encode(before)) + visual_tokens + len(encode(after))
 
 
-
 class LanguageModel:
-    def __init__(self, path: Path | None = None, numerics: Numerics = CPU_FLOAT32) -> None:
+    def __init__(self, path: Path | None = None, numerics: Numerics = CPU_FLOAT32,
+                 prompt: PromptFormat = CIT_CHATML) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = path = path or converted_lm_dir()
-        self.numerics = numerics
+        self.numerics, self.prompt = numerics, prompt
         self.device, self.dtype = numerics.device, numerics.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._tokenizer_lock = threading.Lock()
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=numerics.dtype, device_map=str(numerics.device))
         self.model.eval().requires_grad_(False)
         pack_linears(self.model)  # frozen CPU weights packed once for oneDNN: decode steps ~3x faster in their matmuls
         self.hidden_size: int = self.model.config.hidden_size
-        self.eos_id: int = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # type: ignore[assignment]  # one token
+        self.eos_id: int = self.encode(prompt.end_of_turn)[0]  # ends an answer: decoding stops, labels end with it
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._prefix_bytes: dict[tuple, int] = {}
-        self._tokenizer_lock = threading.Lock()
         self.prefix_cache_bytes = PREFIX_CACHE_BYTES  # the bound; the server sets its --prefix-cache-bytes
         # rows name the LoRA they use; a LoRA whose weights change takes its cached prefixes with it
         self.loras = LoraManager(self.model, LM_NAME, on_change=self._drop_prefixes)
@@ -67,11 +58,11 @@ class LanguageModel:
 
     def prompt_ids(self, instruction: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the visual tokens."""
-        before, after = prompt_texts(instruction)
+        before, after = self.prompt.texts(instruction)
         return self.encode(before), self.encode(after)
 
     def prompt_tokens(self, instruction: str, visual_tokens: int) -> int:
-        return prompt_length(self.encode, instruction, visual_tokens)
+        return prompt_length(self.encode, instruction, visual_tokens, self.prompt)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
