@@ -216,7 +216,9 @@ class Engine:
     def _start_worker(self) -> WorkerProcess:
         return WorkerProcess(self.config.vllm_python or default_worker_python(), self.backbone.lm.path,
                              self.config.adapter_cache_size, self.config.vllm_max_model_len,
-                             dtype=self.backbone.numerics.dtype_name)
+                             dtype=self.backbone.numerics.dtype_name,
+                             tensor_parallel_size=self.config.vllm_tensor_parallel_size,
+                             gpu_memory_utilization=self.config.vllm_gpu_memory_utilization)
 
     def _follow_worker(self) -> None:
         """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end

@@ -136,12 +136,14 @@ class WorkerProcess:
     SIGKILL of the server leaves it running."""
 
     def __init__(self, python: str, model: Path, max_loras: int, max_model_len: int = 2048,
-                 timeout: float = WORKER_START_TIMEOUT_S, dtype: str = "float32") -> None:
+                 timeout: float = WORKER_START_TIMEOUT_S, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9) -> None:
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
              "--max-loras", str(max_loras), "--max-model-len", str(max_model_len), "--dtype", dtype,
-             "--parent-pid", str(os.getpid())],
+             "--tensor-parallel-size", str(tensor_parallel_size), "--gpu-memory-utilization",
+             str(gpu_memory_utilization), "--parent-pid", str(os.getpid())],
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             self.target = self._wait_for_port(timeout)
