@@ -10,7 +10,7 @@ from PIL import Image
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.conversion import converted_lm_dir
-from cit_backbone.hf import pixel_values
+from cit_backbone.hf import NORMALISATION, pixel_values
 from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
@@ -62,6 +62,19 @@ def blip2_dir(tmp_path_factory):
     return save_checkpoint(Blip2ForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("blip2"))
 
 
+@pytest.fixture(scope="module")
+def idefics3_dir(tmp_path_factory):
+    """SmolVLM's architecture (Idefics3: SigLIP tower, pixel shuffle, a projection without bias, Llama LM)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
+
+    torch.manual_seed(2)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=tiny_text_config().to_dict(), scale_factor=2,
+                            image_token_id=IMAGE_TOKEN)
+    return save_checkpoint(Idefics3ForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("idefics3"))
+
+
 def images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
@@ -73,8 +86,11 @@ def reference_tokens(cls, directory, backbone, instruction, image, max_new_token
     lm = backbone.lm
     pre, post = lm.prompt_ids(instruction)
     ids = torch.tensor([pre + [IMAGE_TOKEN] * backbone.base_connector().config.num_tokens + post])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         pixel_values=pixel_values([image], backbone.vision.size), max_new_tokens=max_new_tokens,
+    pixels = pixel_values([image], backbone.vision.size, backbone.vision.kind)
+    if backbone.vision.kind == "idefics3":
+        pixels = pixels[:, None]  # [batch, images, channels, height, width]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                         max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id)
     return [t for t in out[0, ids.shape[1]:].tolist() if t != lm.eos_id]
 
@@ -112,6 +128,15 @@ def test_prompts_come_from_the_checkpoints_chat_template_with_the_image_first(ll
     assert other.eos_id == other.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # answers end, labels end, there
 
 
+def test_each_familys_image_normalisation_is_its_image_processors():
+    """cit resizes to the tower's square itself (no tiling, no padding) but normalises as the family does."""
+    from transformers import BlipImageProcessor, CLIPImageProcessor, Idefics3ImageProcessor
+
+    for kind, processor in (("llava", CLIPImageProcessor()), ("blip2", BlipImageProcessor()),
+                            ("idefics3", Idefics3ImageProcessor())):
+        assert NORMALISATION[kind] == (tuple(processor.image_mean), tuple(processor.image_std)), kind
+
+
 def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_path):
     import shutil
 
@@ -130,17 +155,21 @@ def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_p
         Backbone.load(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template"])
-def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir, other_template_dir):
-    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+@pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template", "idefics3"])
+def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir, other_template_dir,
+                                                             idefics3_dir):
+    from transformers import Blip2ForConditionalGeneration, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory, cls = {"llava": (llava_dir, LlavaForConditionalGeneration),
                       "blip2": (blip2_dir, Blip2ForConditionalGeneration),
-                      "llava-other-template": (other_template_dir, LlavaForConditionalGeneration)}[kind]
+                      "llava-other-template": (other_template_dir, LlavaForConditionalGeneration),
+                      "idefics3": (idefics3_dir, Idefics3ForConditionalGeneration)}[kind]
     backbone = Backbone.load(directory)
     base = backbone.base_connector()
-    assert base.config.projector == ("token_linear" if kind == "blip2" else "token_mlp")
-    assert base.config.num_tokens == (4 if kind == "blip2" else 16) and base.config.hidden_size == 64
+    assert base.config.projector == ("token_linear" if kind in ("blip2", "idefics3") else "token_mlp")
+    # LLaVA: 16 patches; BLIP-2: 4 queries; Idefics3: 16 patches, pixel-shuffled 2 x 2 into 4 tokens of 4 x 32
+    assert base.config.num_tokens == {"blip2": 4, "idefics3": 4}.get(kind, 16) and base.config.hidden_size == 64
+    assert base.config.bias == (kind != "idefics3")
     # two instructions of different lengths after the image: one batch, each row's part padded to a common width
     pictures, instructions = images(), ["Describe the image.", "What is in this picture, if anything at all?"]
     assert len(set(map(len, (backbone.lm.prompt_ids(i)[1] for i in instructions)))) == 2
@@ -184,8 +213,10 @@ def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llav
         Engine(ServerConfig(registry=reg.root), backbone=backbone)
 
 
-def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llava_dir, tmp_path, backbone):
-    default, backbone = backbone, Backbone.load(llava_dir)
+@pytest.mark.parametrize("kind", ["llava", "idefics3"])
+def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(kind, request, tmp_path, backbone):
+    checkpoint = request.getfixturevalue(f"{kind}_dir")
+    default, backbone = backbone, Backbone.load(checkpoint)
     base = backbone.base_connector()
     pictures = images()
     features = backbone.encode_images(pictures).clone()  # a plain tensor, as embed_task's torch.cat makes it
@@ -202,7 +233,8 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
     assert losses[-1] < losses[0]
     task.save(tmp_path / "adapter")
     loaded = Connector.load(tmp_path / "adapter")
-    assert loaded.config == base.config and torch.equal(loaded.linear_1.weight, task.linear_1.weight)
+    assert loaded.config == base.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in task.state_dict().items())
 
     # served: a registry task with that projection and a key of this backbone's routing dimensions
     reg = Registry.open(tmp_path / "reg", create=True)
@@ -226,7 +258,7 @@ def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(llav
         served = engine.front.route(engine.front.embed(buf.getvalue(), "Name the picture.")).candidates[0]
         (tmp_path / "picture.png").write_bytes(buf.getvalue())
         shown = run_cli("cit-registry", "route", str(tmp_path / "picture.png"), "Name the picture.",
-                        "--registry", str(reg.root), "--backbone", str(llava_dir)).stdout.splitlines()[2].split()
+                        "--registry", str(reg.root), "--backbone", str(checkpoint)).stdout.splitlines()[2].split()
         assert shown[0] == served.task_id and float(shown[2]) == pytest.approx(served.score, abs=2e-3)
     finally:
         engine.close()

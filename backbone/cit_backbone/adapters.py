@@ -29,8 +29,10 @@ class ConnectorConfig:
     adapter_type: str = "eproj"
     # "linear": one Linear from the pooled feature to all visual tokens (cit's default backbone);
     # "token_mlp": LLaVA's multi_modal_projector, Linear-GELU-Linear on each vision token;
-    # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token.
+    # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token (Idefics3's
+    # modality_projection, without a bias, on each pixel-shuffled vision token).
     projector: str = "linear"
+    bias: bool = True         # the Linear layers have biases (Idefics3's projection has none)
 
     @classmethod
     def read(cls, directory: Path) -> ConnectorConfig:
@@ -55,13 +57,13 @@ class Connector(nn.Module):
         self.config = config
         c = config
         if c.projector == "linear":
-            self.proj = nn.Linear(c.feature_dim, c.hidden_size * c.num_tokens)
+            self.proj = nn.Linear(c.feature_dim, c.hidden_size * c.num_tokens, bias=c.bias)
         elif c.projector == "token_linear":
-            self.proj = nn.Linear(c.feature_dim, c.hidden_size)
+            self.proj = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
         else:
-            self.linear_1 = nn.Linear(c.feature_dim, c.hidden_size)
+            self.linear_1 = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
             self.act = nn.GELU()
-            self.linear_2 = nn.Linear(c.hidden_size, c.hidden_size)
+            self.linear_2 = nn.Linear(c.hidden_size, c.hidden_size, bias=c.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         c, rows = self.config, features.shape[0]

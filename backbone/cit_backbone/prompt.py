@@ -45,10 +45,11 @@ class PromptFormat:
         return self.before.replace(INSTRUCTION, instruction), self.after.replace(INSTRUCTION, instruction)
 
     @classmethod
-    def from_chat_template(cls, tokenizer) -> PromptFormat:
+    def from_chat_template(cls, tokenizer, around_image: tuple[str, str] = ("", "")) -> PromptFormat:
         """The format a tokenizer's chat template writes for one user turn holding the image, a line break and the
-        instruction, followed by the assistant's turn; ValueError when it has no template or the template does not
-        keep the user's text as given (a template that, say, strips or escapes it cannot place the image)."""
+        instruction, followed by the assistant's turn; `around_image`: markup the family writes just before and
+        after the image's tokens. ValueError when it has no template or the template does not keep the user's text
+        as given (a template that, say, strips or escapes it cannot place the image)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the checkpoint's tokenizer has no chat template: cit writes prompts with it")
         user = {"role": "user", "content": f"{IMAGE}\n{INSTRUCTION}"}
@@ -62,7 +63,7 @@ class PromptFormat:
             raise ValueError("the checkpoint's chat template writes nothing before the image; cit needs at least one "
                              "token there (the prompt prefix every row shares)")
         end_of_turn = answered.split(ANSWER)[1] or (tokenizer.eos_token or "")
-        return cls(before, after, end_of_turn)
+        return cls(before + around_image[0], around_image[1] + after, end_of_turn)
 
 
 # cit's own prompt for its default backbone (SmolLM2's ChatML without the system prompt); changing it changes what
