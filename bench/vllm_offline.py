@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--dtype", default="float32", help="the LM's precision, as cit's in the same bench")
     args = parser.parse_args()
     # vLLM's CPU build on a small machine: its KV cache in GB, its OpenMP threads bound to the cores
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -33,7 +34,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     prompts = load_file(args.prompts)["prompt_embeds"]
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, enable_prompt_embeds=True,
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, enable_prompt_embeds=True,
               max_model_len=512, max_num_seqs=len(prompts), seed=0)
     inputs = [{"prompt_embeds": p} for p in prompts]
 
