@@ -17,12 +17,10 @@ import torch
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
-DTYPE_HELP = ("the frozen language model's precision: auto (bfloat16 on a GPU or CPU with native bfloat16 "
-              "arithmetic, else float32), float32, bfloat16 or float16. Serve a task in the precision it was "
-              "trained in: the server warns when they differ")
-# CPU flags of native bfloat16 arithmetic (AVX-512 BF16, AMX): there bfloat16 is faster than float32 (measured on
-# this project's machines: a training step 0.64-0.74x, a decode step 0.83x); elsewhere PyTorch emulates it, slower.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DTYPE_HELP = ("the frozen language model's precision: float32, bfloat16 (faster: a training step 0.64-0.74x, a "
+              "decode step 0.83x on an AVX-512 BF16 CPU; but the main job answered 1.9 points worse, 3.4 on "
+              "held-out wordings) or float16. Serve a task in the precision it was trained in: the server warns "
+              "when they differ")
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class Numerics:
     dtype: torch.dtype = torch.float32
 
     @classmethod
-    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Numerics:
+    def resolve(cls, device: str = "auto", dtype: str = "float32") -> Numerics:
         """From the options' words; ValueError with what to do when the machine cannot honour them."""
         if device == "auto":
             chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,11 +46,8 @@ class Numerics:
                                      f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu")
                 if chosen.index is not None and chosen.index >= torch.cuda.device_count():
                     raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        if dtype == "auto":
-            bf16 = torch.cuda.is_bf16_supported() if chosen.type == "cuda" else native_bf16_cpu()
-            return cls(chosen, torch.bfloat16 if bf16 else torch.float32)
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         return cls(chosen, DTYPES[dtype])
 
     @property
@@ -79,10 +74,6 @@ def cpu_flags() -> frozenset[str]:
     except (OSError, StopIteration):
         return frozenset()
     return frozenset(line.split(":", 1)[1].split())
-
-
-def native_bf16_cpu() -> bool:
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def trained_dtype(training: dict) -> str:

@@ -39,7 +39,7 @@ class ServerConfig:
     metrics_top_tasks: int = 20        # tasks with per-task series (the busiest); the others count as "other"
     grace_seconds: float = 10.0        # on SIGTERM: in-flight requests get this long to finish
     device: str = "auto"               # where the backbone runs (numerics.Numerics.resolve)
-    dtype: str = "auto"                # the LM's precision; tasks are best served in the one they were trained in
+    dtype: str = "float32"             # the LM's precision; tasks are best served in the one they were trained in
     engine: str = "embedded"           # "vllm": the LM decodes in a vLLM worker process (vllm_engine.py)
     vllm_worker: str | None = None     # HOST:PORT of a running worker; unset: the server starts its own
     vllm_python: str | None = None     # the interpreter of vLLM's environment for that worker

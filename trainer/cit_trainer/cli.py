@@ -107,7 +107,7 @@ def add_task_cmd(
     backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local LLaVA or BLIP-2 checkpoint directory as the backbone (default: cit's own); the server must use the same")] = None,
     max_forgetting: Annotated[float | None, typer.Option(help="points of accuracy the new version may lose on any data set its adapter already served (re-measured); more, and it is committed as a candidate that serves nothing until `cit-registry promote` (default: no gate)")] = None,
     device: DEVICE = "auto",
-    dtype: DTYPE = "auto",
+    dtype: DTYPE = "float32",
 ) -> None:
     """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
     from cit_backbone.backbone import Backbone
@@ -160,7 +160,7 @@ def bench(
     orders: Annotated[str, typer.Option(help="order seeds, comma-separated: 0 is the order given, k > 0 that order shuffled with k")] = "0",
     resume: Annotated[bool, typer.Option(help="keep the cells already in --out/cells (same settings) and run the rest")] = False,
     device: DEVICE = "auto",
-    dtype: DTYPE = "auto",
+    dtype: DTYPE = "float32",
 ) -> None:
     """Run the continual-instruction-tuning benchmark: accuracy matrices, A_t, F_t, routing, a threshold sweep."""
     import random
@@ -210,7 +210,7 @@ def routing_eval_cmd(
     tasks: Annotated[str, typer.Option(help="comma-separated suite tasks (default: all eleven)")] = "",
     reuse: Annotated[bool, typer.Option(help="run the reuse study (the longest part)")] = True,
     device: DEVICE = "auto",
-    dtype: DTYPE = "auto",
+    dtype: DTYPE = "float32",
 ) -> None:
     """The routing suite: routing and answers per task and wording over gRPC, fall-back for tasks not yet added,
     the confusion matrix, and the reuse study over pairs of graded similarity. Hours at the default sizes."""
@@ -238,7 +238,7 @@ def train_base_cmd(
     lr: float = 1e-3,
     seed: int = 0,
     device: DEVICE = "auto",
-    dtype: DTYPE = "auto",
+    dtype: DTYPE = "float32",
 ) -> None:
     """Train a starting connector: on easy-VQA captions (base) or captions + yes/no questions (instruct)."""
     from cit_backbone.paths import STARTING_CONNECTORS
