@@ -91,6 +91,16 @@ class RegistryLocked(RuntimeError):
     """Another process is writing the registry."""
 
 
+class LockNotExclusive(RegistryLocked):
+    """The registry's file system takes flock without excluding other processes: two writers could interleave."""
+
+
+# What a process that tries the write lock while this one holds it runs: exit 3 when it could take it too.
+_LOCK_PROBE = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\ntry:\n"
+               "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(0)\nsys.exit(3)")
+_EXCLUSIVE_LOCKS: set[Path] = set()  # registry directories whose write lock was seen to keep another process out
+
+
 class LifecycleError(ValueError):
     """A lifecycle change that does not apply to the task as it stands (FAILED_PRECONDITION over gRPC)."""
 
@@ -665,6 +675,8 @@ class Registry:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self._lock_fd = fd
+                if self.root.resolve() not in _EXCLUSIVE_LOCKS:
+                    self._check_lock_excludes()
                 shutil.rmtree(self.root / ".staging", ignore_errors=True)  # only a dead writer can have left these
             self._lock_depth += 1
             try:
@@ -676,6 +688,27 @@ class Registry:
                     self._lock_fd = None
         finally:
             self._threads.release()
+
+    def _check_lock_excludes(self) -> None:
+        """Once per process and registry directory, while holding the write lock: another process must fail to take it. Some
+        network and FUSE file systems accept flock and exclude nobody; two writers there could take one version
+        number, so nothing is written (the lock is released by the caller's exit)."""
+        import subprocess
+        import sys
+
+        probe = subprocess.run([sys.executable, "-c", _LOCK_PROBE, str(self.root / ".lock")], capture_output=True,
+                               timeout=60)
+        if probe.returncode != 0:
+            assert self._lock_fd is not None  # held by the caller
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            why = "another process could take it too" if probe.returncode == 3 else \
+                f"the check failed ({probe.stderr.decode(errors='replace').strip()[-200:]})"
+            raise LockNotExclusive(
+                f"registry {self.root}: its write lock (flock on .lock) does not keep other processes out here "
+                f"({why}); write to it from a file system with working flock, e.g. a local disk or an NFS v4 mount "
+                "(USAGE.md, 'Replicas')")
+        _EXCLUSIVE_LOCKS.add(self.root.resolve())
 
     @contextmanager
     def writing_if_free(self) -> Iterator[bool]:
