@@ -47,6 +47,20 @@ def full_sequence_loss(lm, visual, instructions, answers, lora=None):
         return lm.model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
 
 
+def assert_training_loss_is_the_full_causal_lm_loss(lm, visual, instructions, answers):
+    """The trainer's loss (prefix cache, answer positions only) and its gradient into `visual` equal transformers'
+    loss over the whole sequences."""
+    import torch
+
+    visual = visual.detach().requires_grad_(True)
+    reference = full_sequence_loss(lm, visual, instructions, answers)
+    (ref_grad,) = torch.autograd.grad(reference, visual)
+    loss = lm.loss(visual, instructions, answers)
+    (grad,) = torch.autograd.grad(loss, visual)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert (grad - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()
+
+
 @pytest.fixture(scope="session")
 def backbone():
     from cit_backbone.backbone import Backbone

@@ -11,7 +11,7 @@ from cit_backbone.decode_batch import KvSlab
 from cit_backbone.images import InvalidImage, decode_image
 from cit_backbone.sampling import Sampling
 
-from .conftest import full_sequence_loss
+from .conftest import assert_training_loss_is_the_full_causal_lm_loss
 
 
 def png(img: Image.Image, fmt="PNG") -> bytes:
@@ -179,10 +179,4 @@ def test_training_loss_equals_the_full_causal_lm_loss(backbone, features):
     answers = ["a dress", "seven", "x"]
     with torch.no_grad():
         visual = connector(features.clone())  # clone: the fixture's features are inference-mode tensors
-    visual.requires_grad_(True)
-    reference = full_sequence_loss(lm, visual, instructions, answers)
-    (ref_grad,) = torch.autograd.grad(reference, visual)
-    loss = lm.loss(visual, instructions, answers)
-    (grad,) = torch.autograd.grad(loss, visual)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert (grad - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()
+    assert_training_loss_is_the_full_causal_lm_loss(lm, visual, instructions, answers)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cit_backbone.numerics import DEVICE_HELP, DTYPE_HELP
+from cit_backbone.options import DEVICE_HELP, DTYPE_HELP
 
 app = typer.Typer(add_completion=False, help=__doc__)
 log = logging.getLogger("cit.server")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cit_backbone.numerics import DEVICE_HELP, DTYPE_HELP
+from cit_backbone.options import DEVICE_HELP, DTYPE_HELP
 from cit_registry.router import REUSE_IMAGE_SHARE, REUSE_THRESHOLD
 from cit_registry.snapshots import REPLAY_SAMPLES
 
