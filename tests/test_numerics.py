@@ -132,3 +132,18 @@ def test_a_task_served_in_another_precision_is_warned_about_and_answers_close(re
     assert f"was trained in {trained} and is served in {other}" in output
     assert changed.routing_accuracy == same.routing_accuracy  # routing is float32 whatever the LM's dtype
     assert abs(changed.answer_accuracy - same.answer_accuracy) <= 0.05
+
+
+def test_the_gpu_check_script_runs_its_steps_on_the_cpu():
+    """scripts/gpu_check.sh runs only where a GPU is lent; its steps run here, so the script does not rot unseen."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "bfloat16"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in ("greedy tokens, cpu bfloat16 vs cpu float32", "a projection trained on cpu",
+                 "served by the embedded engine", "decode: 8 rows x 64 tokens"):
+        assert step in proc.stdout, proc.stdout
