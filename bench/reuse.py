@@ -22,7 +22,8 @@ import numpy as np
 from cit_registry.store import Registry
 from cit_trainer.add_task import AddTaskOptions, add_task
 from cit_trainer.data import PARAPHRASES, export_task
-from cit_trainer.routing_eval import bootstrap, paraphrased
+from cit_trainer.intervals import bootstrap
+from cit_trainer.routing_eval import paraphrased
 
 GOAL = 2.0  # points: the upper 95 % bound of the drop where the default threshold reuses
 
@@ -85,7 +86,7 @@ def main() -> int:
           f"goal: upper 95 % bound <= {GOAL})")
     for (pair, replay), diffs in sorted(drops.items()):
         d = np.concatenate(diffs)
-        lo, hi = bootstrap(d)
+        _, lo, hi = bootstrap(d)
         print(f"  {pair:<11} replay {replay:>4}: {d.mean():5.1f}  [{lo:5.1f}, {hi:5.1f}]  over {len(d)} rows "
               f"({len(diffs)} seeds)  {'goal met' if hi <= GOAL else 'MISSED'}")
     return 0

@@ -38,9 +38,11 @@ from cit_registry.store import TaskKey, atomic_path
 from cit_registry.taskdata import read_jsonl
 
 from .data import export_task
+from .intervals import bootstrap
 from .methods import METHODS, SHARED_METHODS, make_method
 from .training import EmbeddedTask, embed_task, evaluate, train_connector
 
+BOOTSTRAP_ROUNDS = 2000  # resamples per interval (cells are few; the routing suite resamples rows 10,000 times)
 DEFAULT_ORDER = ("fashion-mnist", "digits", "easyvqa-shape", "easyvqa-color", "words")
 
 
@@ -336,7 +338,7 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
     measures = {"A_T": lambda r: r.average_accuracy[-1], "F_T": lambda r: r.forgetting[-1],
                 "learning": lambda r: r.learning_accuracy, "BWT": lambda r: r.backward_transfer,
                 "FWT": lambda r: r.forward_transfer}
-    stats = {group: {k: bootstrap([v for r in rs if (v := f(r)) is not None]) for k, f in measures.items()}
+    stats = {group: {k: bootstrap([v for r in rs if (v := f(r)) is not None], BOOTSTRAP_ROUNDS) for k, f in measures.items()}
              for group, rs in groups.items()}
     summary = [{"start": st, "method": m, "cells": len(groups[st, m]), **stats[st, m]} for st, m in groups]
     grid = [(st, o, sd, m) for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
@@ -535,15 +537,6 @@ def _write_file(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def bootstrap(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile-bootstrap interval of `values` (one value: no interval, the value thrice)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()),) * 3 if len(x) else (math.nan,) * 3  # type: ignore[return-value]
-    means = np.random.default_rng(seed).choice(x, size=(rounds, len(x))).mean(1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 PAIRED = [("tir-ewc", "ewc"), ("tir-mas", "mas"), ("tir-si", "si"), ("er", "seqft")]
 
 
@@ -560,6 +553,6 @@ def paired_differences(results: list[MethodResult]) -> list[dict]:
     for name, pairs in claims:
         diffs = [a_t[x] - a_t[y] for x, y in dict.fromkeys(pairs) if x in a_t and y in a_t]
         if diffs:
-            mean, low, high = bootstrap(diffs)
+            mean, low, high = bootstrap(diffs, BOOTSTRAP_ROUNDS)
             out.append({"claim": name, "cells": len(diffs), "mean": mean, "low": low, "high": high})
     return out

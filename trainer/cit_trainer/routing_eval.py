@@ -35,6 +35,7 @@ from cit_server.process import ServerProcess
 
 from .add_task import AddTaskOptions, add_task
 from .data import PARAPHRASES, export_task
+from .intervals import bootstrap
 from .training import embed_task
 
 SUITE_TASKS = ("fashion-mnist", "digits", "words", "easyvqa-shape", "easyvqa-color", "fashion-footwear",
@@ -101,13 +102,6 @@ class SuiteOptions:
     pairs: tuple[ReusePair, ...] = REUSE_PAIRS
     server_timeout: float = 600.0  # seconds for cit-server to start
     numerics: Numerics = CPU_FLOAT32  # add-task's and the server's alike
-
-
-def bootstrap(diffs: np.ndarray, rounds: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the mean of paired differences, resampling rows."""
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (rounds, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paraphrased(task_dir: Path, wordings: list[str], seed: int) -> None:
@@ -291,7 +285,7 @@ def reuse_pair(work: Path, pair: ReusePair, suite: Registry, opts: SuiteOptions,
         pair.name, pair.grade.value, pair.first, pair.second_dataset, similarity, share,
         "reuse" if _reuses(similarity, share, REUSE_THRESHOLD) else "expand",
         "reuse" if pair.grade.should_reuse else "expand",
-        float(then[: len(now)].mean()), float(now.mean()), float(diffs.mean()), bootstrap(diffs),
+        float(then[: len(now)].mean()), float(now.mean()), float(diffs.mean()), bootstrap(diffs)[1:],
         card.metrics["accuracy_after"], expanded, len(now), card.training.get("replayed", {}))
 
 
