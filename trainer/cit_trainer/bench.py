@@ -341,10 +341,9 @@ def write_report(out: Path, order: tuple[str, ...], results: list[MethodResult],
     stats = {group: {k: bootstrap([v for r in rs if (v := f(r)) is not None], BOOTSTRAP_ROUNDS) for k, f in measures.items()}
              for group, rs in groups.items()}
     summary = [{"start": st, "method": m, "cells": len(groups[st, m]), **stats[st, m]} for st, m in groups]
-    grid = [(st, o, sd, m) for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
-            for m in config["methods"]]
-    present = {(r.start, r.order, r.seed, r.method) for r in results}
-    missing = [f"{st}-o{o}-s{sd}-{m}" for st, o, sd, m in grid if (st, o, sd, m) not in present]
+    grid = grid_cells(config)
+    present = {cell_name(r.start, r.order, r.seed, r.method) for r in results}
+    missing = [cell for cell in grid if cell not in present]
     claims = paired_differences(results)
     payload = {"config": config, "tasks": list(order), "summary": summary, "paired": claims, "missing": missing,
                "methods": [asdict(r) for r in results], "threshold_sweep": sweep}
@@ -454,7 +453,7 @@ def run_benchmark(out: Path, methods: list[str], order: tuple[str, ...], preset:
             for s in seeds:
                 bench.use_cell(o, s)
                 for m in methods:
-                    cell = cells_dir / f"{start}-o{o}-s{s}-{m}.json"
+                    cell = cells_dir / f"{cell_name(start, o, s, m)}.json"
                     if resume and cell.exists():
                         results.append(MethodResult(**json.loads(cell.read_text())))
                         log(f"cell {cell.stem}: done before, kept")
@@ -480,14 +479,24 @@ def report_from_cells(out: Path) -> list[str]:
     if not (cells_dir / "grid.json").exists():
         raise ValueError(f"{cells_dir} holds no benchmark cells")
     config = json.loads((cells_dir / "grid.json").read_text())
-    grid = {f"{st}-o{o}-s{sd}-{m}" for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
-            for m in config["methods"]}  # cells of an earlier grid in the same directory are not this run's
+    grid = set(grid_cells(config))  # cells of an earlier grid in the same directory are not this run's
     results = [MethodResult(**json.loads(f.read_text())) for f in sorted(cells_dir.glob("*-o*-s*-*.json"))
                if f.stem in grid]
     sweep_file = cells_dir / "threshold-sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.exists() else []
     write_report(Path(out), tuple(config["tasks"]), results, sweep, config)
     return json.loads((Path(out) / "results.json").read_text())["missing"]
+
+
+def cell_name(start: str, order: int, seed: int, method: str) -> str:
+    """A cell's name, and the stem of its files in <out>/cells."""
+    return f"{start}-o{order}-s{seed}-{method}"
+
+
+def grid_cells(config: dict) -> list[str]:
+    """The names of every cell of a run's grid (grid.json), in the order they run."""
+    return [cell_name(st, o, sd, m) for st in config["starts"] for o in config["orders"] for sd in config["seeds"]
+            for m in config["methods"]]
 
 
 def permuted(order: tuple[str, ...], order_seed: int) -> tuple[str, ...]:
@@ -502,10 +511,10 @@ def _distinct_orders(order: tuple[str, ...], orders: tuple[int, ...], log) -> tu
     """Order seeds that give distinct orders (two seeds giving one order would count one experiment twice)."""
     kept: dict[tuple[str, ...], int] = {}
     for o in orders:
-        if permuted(order, o) in kept:
-            log(f"order seed {o} gives the order of seed {kept[permuted(order, o)]}: left out")
+        if (names := permuted(order, o)) in kept:
+            log(f"order seed {o} gives the order of seed {kept[names]}: left out")
         else:
-            kept[permuted(order, o)] = o
+            kept[names] = o
     return tuple(kept.values())
 
 
