@@ -72,7 +72,8 @@ class DecodeBatch:
         lm = self.lm
         loras = list(loras) if loras is not None else [None] * len(instructions)
         n = len(instructions)
-        prefixes = [lm.prefix(lm.prompt_ids(ins)[0], lora) for ins, lora in zip(instructions, loras)]
+        prompts = [lm.prompt_ids(ins) for ins in instructions]  # (before the image, after it), tokenised once
+        prefixes = [lm.prefix(before, lora) for (before, _), lora in zip(prompts, loras)]
         lengths = [kv[0][0].shape[2] for kv in prefixes]
         width = max(lengths)
         kv = [(torch.cat([pad_left(p[layer][0], width - length) for p, length in zip(prefixes, lengths)]),
@@ -81,7 +82,7 @@ class DecodeBatch:
         # The text after the image is the same for every row in cit's own prompt; where the instruction follows the
         # image (prompt.PromptFormat.image_first) it differs: each row's image + text is right-aligned, and the
         # columns between its prefix and it are masked (positions run on from the prefix, as if they were not there).
-        posts = [tuple(lm.prompt_ids(ins)[1]) for ins in instructions]
+        posts = [tuple(after) for _, after in prompts]
         embedded = {post: lm.embed(list(post)) for post in set(posts)}
         owns = [visual.shape[1] + len(post) for post in posts]
         suffix = max(owns)

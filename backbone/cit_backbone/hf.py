@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "blip2": (CLIP_MEAN, CLIP_STD),
                  "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-# Idefics3 / SmolVLM wrap a global image's tokens in these (their processor writes them); used when the tokenizer
-# has them
-AROUND_IMAGE = {"idefics3": ("<fake_token_around_image><global-img>", "<fake_token_around_image>")}
+# Idefics3 / SmolVLM wrap a global image's tokens in these (their processor writes them), tokens before and after;
+# used when the tokenizer has them
+AROUND_IMAGE = {"idefics3": (("<fake_token_around_image>", "<global-img>"), ("<fake_token_around_image>",))}
 
 
 def pixel_values(images: list[Image.Image], size: int, kind: str = "llava") -> torch.Tensor:
@@ -129,11 +128,11 @@ def load_checkpoint(directory: Path):
     cls = classes.get(kind, AutoModelForImageTextToText)  # Idefics3 or SmolVLM, by the config's model_type
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    around = AROUND_IMAGE.get(kind, ("", ""))
-    if any(t not in tokenizer.get_vocab() for t in re.findall(r"<[^<>]+>", "".join(around))):
-        around = ("", "")  # a tokenizer without the family's image markup (a test checkpoint's)
+    before, after = AROUND_IMAGE.get(kind, ((), ()))
+    if not set(before + after) <= tokenizer.get_vocab().keys():
+        before, after = (), ()  # a tokenizer without the family's image markup (a test checkpoint's)
     try:
-        prompt = PromptFormat.from_chat_template(tokenizer, around)
+        prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
     return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer), prompt

@@ -1,5 +1,5 @@
-"""The frozen language model (SmolLM2-135M-Instruct by default): its prompt (prompt.py), its training loss, and the prefix cache that
-training and decoding share. Its LoRAs are owned by lora.LoraManager (`lm.loras`), the running batch lives in
+"""The frozen language model (SmolLM2-135M-Instruct by default): its prompt (prompt.py), its training loss, and
+the prefix cache that training and decoding share. Its LoRAs are owned by lora.LoraManager (`lm.loras`), the running batch lives in
 decode_batch.py, sampling in sampling.py, and the one-time GGUF conversion in conversion.py."""
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ class LanguageModel:
 
         self.path = path = path or converted_lm_dir()
         self.numerics, self.prompt = numerics, prompt
-        self.device, self.dtype = numerics.device, numerics.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self._tokenizer_lock = threading.Lock()
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=numerics.dtype, device_map=str(numerics.device))
@@ -51,6 +50,14 @@ class LanguageModel:
         self.prefix_cache_bytes = PREFIX_CACHE_BYTES  # the bound; the server sets its --prefix-cache-bytes
         # rows name the LoRA they use; a LoRA whose weights change takes its cached prefixes with it
         self.loras = LoraManager(self.model, LM_NAME, on_change=self._drop_prefixes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.numerics.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.numerics.dtype
 
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:  # front threads check prompt lengths while the scheduler thread encodes

@@ -690,9 +690,9 @@ class Registry:
             self._threads.release()
 
     def _check_lock_excludes(self) -> None:
-        """Once per process and registry directory, while holding the write lock: another process must fail to take it. Some
-        network and FUSE file systems accept flock and exclude nobody; two writers there could take one version
-        number, so nothing is written (the lock is released by the caller's exit)."""
+        """Once per process and registry directory, while holding the write lock: another process must fail to take
+        it. Some network and FUSE file systems accept flock and exclude nobody; two writers there could take one
+        version number, so nothing is written (the lock is released by the caller's exit)."""
         import subprocess
         import sys
 
@@ -815,7 +815,7 @@ class Registry:
                 if removable := tuple(v for v in status.versions if v not in needed):
                     plan[task_id] = removable
             size = sum(f.stat().st_size for task_id, versions in plan.items() for v in versions
-                       for f in (self._version_path(task_id, v)).rglob("*") if f.is_file())
+                       for f in self._version_path(task_id, v).rglob("*") if f.is_file())
             collected = Collected(plan, size)
             if dry_run or not plan:
                 return collected
