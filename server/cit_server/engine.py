@@ -181,7 +181,8 @@ class Engine:
         self.metrics = Metrics(self.adapters, config.metrics_top_tasks)
         self.admission = Admission(config.max_requests)
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
-        self.front = Front(config, self.registry, self.backbone, embedder or TextEmbedder(self.backbone.numerics.device.type),
+        embedder = embedder or TextEmbedder(str(self.backbone.numerics.device))
+        self.front = Front(config, self.registry, self.backbone, embedder,
                            self.adapters.base.connector.config.num_tokens, self._model_lock)
         self._front_threads = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, reads
         # the vLLM worker this server starts (None: embedded, or a --vllm-worker started by someone else)

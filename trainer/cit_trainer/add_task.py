@@ -101,7 +101,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     test_samples = _subset(read_jsonl(test_file), opts.max_eval) if test_file else []
 
     backbone = backbone or Backbone()
-    embedder = embedder or TextEmbedder(backbone.numerics.device.type)
+    embedder = embedder or TextEmbedder(str(backbone.numerics.device))
     torch.manual_seed(opts.seed)
     train = embed_task(backbone, embedder, train_samples, f"{name} train")
     test = embed_task(backbone, embedder, test_samples, f"{name} test") if test_samples else None

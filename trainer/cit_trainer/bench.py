@@ -106,7 +106,7 @@ class Bench:
         self.out, self.order, self.preset, self.seed, self.log = Path(out), order, preset, seed, log
         self.strength, self.replay_fraction = strength, replay_fraction  # λ; the replay buffer's share of a task
         self.backbone = Backbone(numerics=numerics)
-        self.embedder = TextEmbedder(numerics.device.type)
+        self.embedder = TextEmbedder(str(numerics.device))
         self.background = self.embedder.embed(background_questions())
         self.use_start("base")
         self.train: list[EmbeddedTask] = []

@@ -328,7 +328,7 @@ def run_suite(work: Path, opts: SuiteOptions, backbone: Backbone | None = None, 
                          "those, or choose another --work")
     settings.write_text(json.dumps(mine) + "\n")
     backbone = backbone or Backbone(numerics=opts.numerics)
-    embedder = embedder or TextEmbedder(opts.numerics.device.type)
+    embedder = embedder or TextEmbedder(str(opts.numerics.device))
 
     registry = build_registry(work, opts, backbone, embedder, log)
     report = {"command": command, "settings": mine, "tasks": list(opts.tasks),
