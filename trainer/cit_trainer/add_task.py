@@ -17,6 +17,7 @@ from cit_registry.store import Registry, TaskCard, TaskVersion, validate_task_id
 from cit_registry.taskdata import read_jsonl, resolve_task_files
 
 from .methods import SHARED_METHODS, make_method
+from .parallel import ALONE, Ranks
 from .training import embed_task, evaluate, train_connector
 
 ADAPTER_METHODS = ("eproj", "lora")  # a projection per task, or a projection plus a LoRA on the LM
@@ -67,7 +68,10 @@ def add_task(
     backbone: Backbone | None = None,
     embedder: TextEmbedder | None = None,
     log=print,
-) -> AddTaskResult:
+    ranks: Ranks = ALONE,
+) -> AddTaskResult | None:
+    """Add a task from `data`. Under a launcher (`ranks`: parallel.py) every process trains its share of each step;
+    the main process alone holds the write lock, evaluates, commits and returns the result (the others: None)."""
     opts = options or AddTaskOptions()
     if opts.method not in ADD_TASK_METHODS:
         raise ValueError(f"unknown method {opts.method!r}; add-task trains {', '.join(ADD_TASK_METHODS)}"
@@ -81,9 +85,14 @@ def add_task(
                          "re-measurement)")
     train_file, test_file = resolve_task_files(data)
     name = validate_task_id(task_id or train_file.parent.name.lower())
+    if not ranks.main:  # reads the registry once the main process holds its write lock
+        ranks.barrier()
+        return _add(Registry.open(registry_root), name, train_file, test_file, opts, backbone, embedder,
+                    lambda *_: None, ranks)
     registry = Registry.open(registry_root, create=True)
     with registry.writing():  # one writer at a time: a second add-task fails at once, clearly
-        return _add(registry, name, train_file, test_file, opts, backbone, embedder, log)
+        ranks.barrier()
+        return _add(registry, name, train_file, test_file, opts, backbone, embedder, log, ranks)
 
 
 def _why_not(sims: dict, task_id: str, inside: float, opts: AddTaskOptions) -> str:
@@ -96,7 +105,7 @@ def _why_not(sims: dict, task_id: str, inside: float, opts: AddTaskOptions) -> s
 
 
 def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None, opts: AddTaskOptions,
-         backbone: Backbone | None, embedder: TextEmbedder | None, log) -> AddTaskResult:
+         backbone: Backbone | None, embedder: TextEmbedder | None, log, ranks: Ranks) -> AddTaskResult | None:
     train_samples = _subset(read_jsonl(train_file), opts.max_train)
     test_samples = _subset(read_jsonl(test_file), opts.max_eval) if test_file else []
 
@@ -180,13 +189,16 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     kept = random.Random(opts.seed).sample(train_samples, keep)
 
     try:
-        before = evaluate(backbone, adapter, test, desc="accuracy before") if test else None
+        before = evaluate(backbone, adapter, test, desc="accuracy before") if test and ranks.main else None
         training = train.joined(embed_task(backbone, embedder, [s for r in replayed.values() for s in r], "replay")) \
             if replayed else train
         start = time.time()
         losses = train_connector(backbone, adapter.connector, training, opts.epochs, opts.batch_size, opts.lr,
-                                 opts.seed, desc=f"training {target_id} v{version}", method=method, lora=adapter.lora)
+                                 opts.seed, desc=f"training {target_id} v{version}", method=method, lora=adapter.lora,
+                                 ranks=ranks)
         seconds = time.time() - start
+        if not ranks.main:
+            return None
         if adapter.lora:
             backbone.lm.loras.set_trainable(adapter.lora, False)
         after = evaluate(backbone, adapter, test, desc="accuracy after") if test else None

@@ -109,7 +109,10 @@ def add_task_cmd(
     device: DEVICE = "auto",
     dtype: DTYPE = "float32",
 ) -> None:
-    """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report."""
+    """Add a task: reuse the most similar task's adapter, or expand with a new one; train it; report.
+
+    Data-parallel: `accelerate launch --multi_gpu --num_processes N -m cit_trainer.cli add-task ...` (or torchrun)
+    trains each step's rows across N processes, on N GPUs or, with --device cpu, CPU processes over gloo."""
     from cit_backbone.backbone import Backbone
 
     from .add_task import AddTaskOptions, add_task
@@ -121,12 +124,17 @@ def add_task_cmd(
     )
     from cit_registry.store import RegistryLocked
 
+    from .parallel import launched
+
     try:
-        result = add_task(registry, data, name, opts, backbone=Backbone.load(backbone, _numerics(device, dtype)),
-                          log=console.print)
+        ranks, numerics = launched(_numerics(device, dtype))
+        result = add_task(registry, data, name, opts, backbone=Backbone.load(backbone, numerics), log=console.print,
+                          ranks=ranks)
     except (ValueError, FileNotFoundError, RegistryLocked) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if result is None:  # a launched process other than the main one: its share of the training is done
+        return
     t = result.task
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
     console.print(f"\n[bold]{t.task_id} v{t.version}[/bold] ({result.action}): test accuracy "

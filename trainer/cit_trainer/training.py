@@ -1,6 +1,7 @@
 """Training and evaluating a connector on one task's samples."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from cit_registry.taskdata import Sample, Verdict, accuracy_by_template, judge
 
 from .data import load_images
 from .methods import Batch, Method
+from .parallel import ALONE, Ranks
 
 
 @dataclass
@@ -90,6 +92,7 @@ def train_connector(
     desc: str = "training",
     method: Method | None = None,
     lora: str | None = None,
+    ranks: Ranks = ALONE,
 ) -> list[float]:
     """Train `connector` in place on the task (vision tower and LM frozen, except the LoRA named `lora`, loaded
     trainable in the LM, which trains with it); returns the loss of each step.
@@ -97,7 +100,8 @@ def train_connector(
     AdamW with a one-cycle schedule (10 % warm-up, cosine decay): at a constant rate the last steps' noise decides
     the final accuracy, which then swings by several points from epoch to epoch. A continual-learning `method`
     (methods.py) may add replayed rows or a penalty to each step and adjust its gradient; it is told when the
-    task begins and ends (needs the task's key).
+    task begins and ends (needs the task's key). Under a launcher (`ranks`, parallel.py) each process takes its
+    share of every step's rows and the gradients are summed: the same steps as one process, to float rounding.
     """
     connector.to(backbone.lm.device)  # in place: the caller's connector is the one trained
     gen = torch.Generator().manual_seed(seed)
@@ -126,10 +130,18 @@ def train_connector(
             for i in range(0, len(order), batch_size):
                 batch = data.take(order[i : i + batch_size])
                 replayed = method.replay(batch_size, method_gen)
-                loss = loss_fn(Batch.concat([batch, replayed]) if replayed else batch)
-                penalty = method.penalty(connector)
+                rows = Batch.concat([batch, replayed]) if replayed else batch
                 opt.zero_grad()
-                (loss + penalty if penalty is not None else loss).backward()
+                if ranks.world == 1:
+                    loss = loss_fn(rows)
+                    penalty = method.penalty(connector)
+                    (loss + penalty if penalty is not None else loss).backward()
+                else:
+                    penalty = method.penalty(connector) if ranks.main else None  # once in the summed gradient
+                    if penalty is not None:
+                        penalty.backward()
+                    loss = _backward_share(rows, ranks, loss_fn, backbone.lm.answer_ids)
+                    ranks.reduce_sum([*_gradients(params), loss])
                 method.adjust_gradient(connector, loss_fn, method_gen)
                 opt.step()
                 schedule.step()
@@ -140,6 +152,27 @@ def train_connector(
     method.end_task(connector, key, data, loss_fn)
     connector.eval()
     return losses
+
+
+def _backward_share(rows: Batch, ranks: Ranks, loss_fn, answer_ids) -> torch.Tensor:
+    """Backpropagate this process's rows' share of the step's mean loss over answer tokens (their mean weighted by
+    their share of the tokens): summed over the processes, the gradient of the whole batch's mean. Returns the share
+    ([1], detached); a process left without rows (a batch smaller than the world) adds nothing."""
+    mine = rows.take(ranks.rows(len(rows)))
+    if not len(mine):
+        return torch.zeros(1)
+    tokens = lambda batch: sum(len(answer_ids(a)) for a in batch.answers)  # noqa: E731
+    share = loss_fn(mine) * (tokens(mine) / tokens(rows))
+    share.backward()
+    return share.detach().reshape(1)
+
+
+def _gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's gradient, zeros where this process's step gave it none (it still takes part in the sum)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [g for p in params if (g := p.grad) is not None]
 
 
 class Evaluation(NamedTuple):
