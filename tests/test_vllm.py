@@ -6,17 +6,19 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cit_backbone.sampling import Sampling
-from cit_registry.store import Registry, TaskCard
+from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
 from cit_server.engine import Engine, Request
 from cit_server.vllm_engine import WorkerError, default_worker_python
 
 from .test_engine import synthetic_key
+from .test_hf_backbone import llava_dir  # noqa: F401 (a fixture)
 
 
 def png(colour) -> bytes:
@@ -34,26 +36,32 @@ def vllm_python():
     return python
 
 
-@pytest.fixture(scope="module")
-def mixed_registry(tmp_path_factory, backbone):
+def make_mixed_registry(root, backbone, keys=synthetic_key, scale: float = 0.02):
     """An EProj task (a changed projection) and a LoRA task (its own projection and a LoRA with random weights,
     so that it really changes the LM's output)."""
-    root = tmp_path_factory.mktemp("vllm") / "reg"
     reg = Registry.open(root, create=True)
     gen = torch.Generator().manual_seed(0)
     eproj = backbone.base_connector().clone()
     with torch.no_grad():
-        eproj.proj.weight.add_(0.02 * torch.randn(eproj.proj.weight.shape, generator=gen))
-    reg.commit(TaskCard("shapes", 1, "eproj", {"action": "expanded"}), synthetic_key(0), {"adapter": eproj.save})
+        for p in eproj.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    reg.commit(TaskCard("shapes", 1, "eproj", {"action": "expanded"}), keys(0), {"adapter": eproj.save},
+               backbone=backbone.identity)
     lm = backbone.lm
     lm.loras.add("fresh")
     with torch.no_grad():
         for p in lm.loras.parameters("fresh"):
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    reg.commit(TaskCard("words", 1, "lora", {"action": "expanded"}), synthetic_key(1),
-               {"adapter": backbone.base_connector().save, "lora": lambda d: lm.loras.save("fresh", d)})
+    reg.commit(TaskCard("words", 1, "lora", {"action": "expanded"}), keys(1),
+               {"adapter": backbone.base_connector().save, "lora": lambda d: lm.loras.save("fresh", d)},
+               backbone=backbone.identity)
     lm.loras.unload("fresh")
     return root
+
+
+@pytest.fixture(scope="module")
+def mixed_registry(tmp_path_factory, backbone):
+    return make_mixed_registry(tmp_path_factory.mktemp("vllm") / "reg", backbone)
 
 
 MAX_MODEL_LEN = 128  # the vLLM worker's context: LONG's prompt does not fit it
@@ -118,3 +126,84 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_ou
     steps = next(s.value for s in batches if s.name.endswith("_count"))
     at_most_two = next(s.value for s in batches if s.name.endswith("_bucket") and s.labels["le"] == "2.0")
     assert steps > at_most_two, "the three requests never ran in one batch"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_backbone(tmp_path_factory):
+    """A tiny random LLaVA checkpoint whose chat template is not ChatML (the image first in the user turn), its
+    LM's heads 32 wide (vLLM's CPU attention has no kernel for narrower ones)."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from cit_backbone.backbone import Backbone
+
+    from .test_hf_backbone import IMAGE_TOKEN, OTHER_TEMPLATE, save_checkpoint, tiny_text_config
+
+    torch.manual_seed(3)
+    text = tiny_text_config()
+    text.hidden_size, text.intermediate_size, text.head_dim = 128, 256, 32  # 4 heads of 32
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    directory = save_checkpoint(LlavaForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("llava-vllm"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = OTHER_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Backbone.load(directory)
+
+
+def test_vllm_serves_a_checkpoint_backbone_with_its_own_chat_template_as_the_embedded_engine_does(
+        checkpoint_backbone, tmp_path, vllm_python):
+    backbone = checkpoint_backbone
+    assert not backbone.lm.prompt_ids("Describe the image.")[0][-1:] == []  # the template writes text before the image
+    width = backbone.routing_features(backbone.encode_images([Image.new("RGB", (8, 8))])).shape[1]
+
+    def keys(seed: int):
+        rng = np.random.default_rng(seed)
+        return TaskKey.from_embeddings(rng.random((4, width)), rng.normal(size=(4, 384)), rng.normal(size=(4, 384)))
+
+    registry = make_mixed_registry(tmp_path / "reg", backbone, keys, scale=0.5)
+    config = dict(registry=registry, routing_margin=1.0, batch_window_ms=2000, adapter_cache_size=5, max_batch_size=5)
+    results = {}
+    for engine_kind in ("embedded", "vllm"):
+        extra = dict(engine="vllm", vllm_python=vllm_python, vllm_max_model_len=MAX_MODEL_LEN) \
+            if engine_kind == "vllm" else {}
+        engine = Engine(ServerConfig(**config, **extra), backbone=backbone)
+        try:
+            results[engine_kind] = answers(engine)
+            if engine_kind == "vllm":
+                results["after its engine core died"] = answers_after_the_engine_core_dies(engine)
+        finally:
+            engine.close()
+            for adapter in engine.adapters.resident():
+                engine.adapters.evict(adapter)
+    assert [task for task, _, _ in results["embedded"]] == ["", "shapes", "words"]
+    assert results["vllm"] == results["after its engine core died"] == results["embedded"]
+    assert len({text for _, text, _ in results["embedded"]}) == 3, results  # each adapter changes the answer
+
+
+def answers_after_the_engine_core_dies(engine: Engine) -> list[tuple[str, str, int]]:
+    """vLLM's engine core (a process of its own) is killed, as the OOM killer would: the worker finds its engine
+    dead at the next request, fails it, and exits, so that the server starts a new one; then answers again."""
+    import psutil
+
+    worker = engine.supervisor.worker.proc
+    for child in psutil.Process(worker.pid).children(recursive=True):
+        child.kill()
+    with pytest.raises(WorkerError):
+        engine.generate(Request(png((1, 2, 3)), "Describe the image.", Sampling(max_new_tokens=2)))
+    deadline = time.monotonic() + 300
+    while (engine.supervisor.worker.proc is worker or not engine.ready()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine.supervisor.worker.proc is not worker, "the worker with a dead engine never exited"
+    return answers(engine)
+
+
+def test_a_model_vllm_cannot_run_fails_the_workers_start_with_the_reason(llava_dir, vllm_python):  # noqa: F811
+    """The tiny LLaVA's LM has 16-wide attention heads, which vLLM's CPU attention cannot run: the worker's start
+    fails (its warm-up generation), instead of a worker that says it serves and fails every request."""
+    from cit_backbone.backbone import Backbone
+    from cit_server.vllm_engine import WorkerProcess
+
+    with pytest.raises(WorkerError, match=r"exited while starting \(code 1\): \w+"):
+        WorkerProcess(vllm_python, Backbone.load(llava_dir).lm.path, max_loras=1, max_model_len=MAX_MODEL_LEN)

@@ -162,16 +162,18 @@ class WorkerProcess:
             lines.put(b"")
 
         threading.Thread(target=drain, daemon=True, name="cit-vllm-output").start()
-        deadline = time.monotonic() + timeout
+        deadline, why = time.monotonic() + timeout, ""
         while (left := deadline - time.monotonic()) > 0:
             try:
                 line = lines.get(timeout=left)
             except queue.Empty:
                 break
             if not line:
-                raise WorkerError(f"the vLLM worker exited while starting (code {self.proc.wait()}); see its log")
-            match = re.search(rb"cit-vllm-worker listening on (\S+)", line)
-            if match:
+                raise WorkerError(f"the vLLM worker exited while starting (code {self.proc.wait()})"
+                                  + (f": {why}" if why else "") + "; see its log")
+            if failed := re.search(rb"cit-vllm-worker failed: (.*)", line):
+                why = failed.group(1).decode(errors="replace").strip()
+            elif match := re.search(rb"cit-vllm-worker listening on (\S+)", line):
                 return match.group(1).decode()
         raise WorkerError(f"the vLLM worker did not start within {timeout:.0f} s; see its log")
 

@@ -29,6 +29,7 @@ class LmWorker(pb_grpc.LmWorkerServicer):
         self.engine, self.model, self.hidden_size, self.max_loras = engine, model, hidden_size, max_loras
         self.dtype = dtype  # the LM's; prompt embeddings arrive as float32 and are cast to it
         self._lora_ids: dict[str, int] = {}  # vLLM wants a positive int per adapter; names are unique per version
+        self.dead = asyncio.Event()  # vLLM's engine core died: every later request would fail, so the worker exits
 
     async def Info(self, request, context):
         return pb.InfoResponse(model=self.model, hidden_size=self.hidden_size, max_loras=self.max_loras,
@@ -40,6 +41,7 @@ class LmWorker(pb_grpc.LmWorkerServicer):
         from vllm.exceptions import VLLMClientError
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if request.rows < 1 or len(request.prompt_embeds) != request.rows * self.hidden_size * 4:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -61,6 +63,10 @@ class LmWorker(pb_grpc.LmWorkerServicer):
                 yield pb.LmTokens(token_ids=out.outputs[0].token_ids, finished=out.finished)
         except (VLLMClientError, ValueError) as exc:  # this request's fault (e.g. a prompt over max_model_len)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDeadError:
+            log.error("vLLM's engine core died: this worker exits (cit-server starts a new one)")
+            self.dead.set()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the LM worker's engine died; it is being restarted")
 
 
 async def start_engine(args: argparse.Namespace):
@@ -80,20 +86,28 @@ async def start_engine(args: argparse.Namespace):
 
 async def serve(args: argparse.Namespace, engine, hidden_size: int) -> None:
     """Serve LmWorker on `engine` (vLLM's AsyncLLM, or anything with its `generate` and `shutdown`) until
-    terminated, or until the process that started this worker is gone."""
+    terminated, until the process that started this worker is gone, or until the engine dies (exit code 1: the
+    server that started this worker starts a new one)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_LmWorkerServicer_to_server(LmWorker(engine, args.model, hidden_size, args.max_loras, args.dtype), server)
+    worker = LmWorker(engine, args.model, hidden_size, args.max_loras, args.dtype)
+    pb_grpc.add_LmWorkerServicer_to_server(worker, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     print(f"cit-vllm-worker listening on {args.host}:{port}", flush=True)
+    ends = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(worker.dead.wait())]
+    if args.parent_pid:
+        ends.append(asyncio.ensure_future(_until_orphaned(args.parent_pid)))
     try:
-        if args.parent_pid:
-            await _until_orphaned(args.parent_pid)
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        if worker.dead.is_set():
+            await server.stop(grace=1)
+            raise SystemExit(1)
+        if args.parent_pid and ends[2].done():
             log.warning("the process that started this worker (pid %d) is gone: stopping", args.parent_pid)
             await server.stop(grace=1)
-        else:
-            await server.wait_for_termination()
     finally:
+        for end in ends:
+            end.cancel()
         engine.shutdown()
 
 
@@ -120,8 +134,27 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+async def warm_up(engine, hidden_size: int, dtype: str) -> None:
+    """One token from a two-row prompt, before the worker says it listens: a model vLLM cannot run (a head size its
+    attention has no kernel for, a cache that does not fit) fails the start with vLLM's error, not every request."""
+    import torch
+    from vllm import SamplingParams
+
+    async for _ in engine.generate({"prompt_embeds": torch.zeros(2, hidden_size, dtype=getattr(torch, dtype))},
+                                   SamplingParams(max_tokens=1, detokenize=False), "cit-warm-up"):
+        pass
+
+
 async def _main(args: argparse.Namespace) -> None:
-    await serve(args, *await start_engine(args))
+    engine, hidden_size = await start_engine(args)
+    try:
+        await warm_up(engine, hidden_size, args.dtype)
+    except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, this worker cannot serve: say why and exit
+        # the line WorkerProcess reports when this worker exits while starting
+        print(f"cit-vllm-worker failed: {type(exc).__name__}: {exc}", flush=True)
+        engine.shutdown()
+        raise SystemExit(1) from None
+    await serve(args, engine, hidden_size)
 
 
 def main() -> None:
