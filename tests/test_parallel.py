@@ -23,7 +23,7 @@ LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_
 
 
 def add_task(registry: Path, data: Path, *options: str, processes: int = 1) -> str:
-    command = [*LAUNCH] if processes == 2 else ["cit-trainer"]
+    command = LAUNCH if processes == 2 else ["cit-trainer"]
     return run_cli(*command, "add-task", str(data), "--registry", str(registry), "--device", "cpu", *TRAIN,
                    *options).stdout
 

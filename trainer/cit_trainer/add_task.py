@@ -113,7 +113,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     embedder = embedder or TextEmbedder(str(backbone.numerics.device))
     torch.manual_seed(opts.seed)
     train = embed_task(backbone, embedder, train_samples, f"{name} train")
-    test = embed_task(backbone, embedder, test_samples, f"{name} test") if test_samples else None
+    # the test split is evaluated by the main process alone: the others do not encode it
+    test = embed_task(backbone, embedder, test_samples, f"{name} test") if test_samples and ranks.main else None
     key = train.key()
 
     # Compare with every registered task; the most similar one decides reuse or expansion.
@@ -189,7 +190,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     kept = random.Random(opts.seed).sample(train_samples, keep)
 
     try:
-        before = evaluate(backbone, adapter, test, desc="accuracy before") if test and ranks.main else None
+        before = evaluate(backbone, adapter, test, desc="accuracy before") if test else None
         training = train.joined(embed_task(backbone, embedder, [s for r in replayed.values() for s in r], "replay")) \
             if replayed else train
         start = time.time()
