@@ -40,7 +40,7 @@ def gone(pid: int, within: float) -> bool:
 
 
 def test_a_silent_worker_misses_its_start_deadline_and_is_stopped(tmp_path):
-    python = interpreter(tmp_path, f"echo $$ > {tmp_path}/pid\nexec sleep 30")
+    python = interpreter(tmp_path, f"echo $$ > {tmp_path}/pid\nexec sleep 12")
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match="did not start within 2 s"):
         WorkerProcess(str(python), tmp_path, max_loras=2, timeout=2)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 class Mutant:
     name: str
     removes: str               # the guarantee it takes away
-    tests: tuple[str, ...]     # pytest node ids (or files) that must fail with it applied
+    tests: tuple[str, ...]     # pytest node ids (or files) that must fail with it applied; the quickest to fail
+                               # first (the run stops at the first failure)
     patch: Callable[[], None]
     slow: bool = False         # its tests take minutes (a real vLLM worker, add-task runs): not in CI's quick run
 
@@ -32,6 +33,20 @@ def apply(name: str) -> None:
     MUTANTS[name].patch()
 
 
+def apply_from_environment() -> None:
+    """Apply $CIT_MUTANT and note in $CIT_MUTANT_STATUS whether it applied: a mutant that fails to apply is
+    reported broken by the mutation check, never killed."""
+    import os
+
+    try:
+        apply(os.environ["CIT_MUTANT"])
+        status = "applied"
+    except Exception as exc:  # noqa: BLE001 - reported by the mutation check as a broken mutant
+        status = f"broken: {type(exc).__name__}: {exc}"
+    with open(os.environ["CIT_MUTANT_STATUS"], "a") as f:
+        f.write(status.replace("\n", " ") + "\n")
+
+
 def _replace(owner, attribute: str, value) -> None:
     if not hasattr(owner, attribute):
         raise AttributeError(f"mutant target {owner.__name__}.{attribute} no longer exists")
@@ -42,8 +57,8 @@ def _replace(owner, attribute: str, value) -> None:
 ISOLATION = "tests/test_isolation.py"
 
 
-@mutant("greedy-below-1e-5", "tests/test_fuzz.py",
-        f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody")
+@mutant("greedy-below-1e-5", f"{ISOLATION}::test_a_temperature_that_overflows_is_greedy_and_harms_nobody",
+        "tests/test_fuzz.py")
 def _greedy():
     """A temperature below 1e-5 is sampled (logits / temperature overflows) instead of decoded greedily."""
     from cit_backbone.sampling import Sampling
