@@ -154,9 +154,10 @@ def to_route_pb(d: RouteDecision) -> cit_pb2.RouteDecision:
     )
 
 
-LIFECYCLE_CHANGES = {cit_pb2.TASK_CHANGE_RETIRE: Action.RETIRE, cit_pb2.TASK_CHANGE_RESTORE: Action.RESTORE,
-                     cit_pb2.TASK_CHANGE_ROLLBACK: Action.ROLLBACK, cit_pb2.TASK_CHANGE_PROMOTE: Action.PROMOTE,
-                     cit_pb2.TASK_CHANGE_REJECT: Action.REJECT}
+# The proto's TaskChange values are the registry's lifecycle actions by name (TASK_CHANGE_RETIRE -> Action.RETIRE):
+# a value added to the proto without its action fails here, at import, not on a request.
+LIFECYCLE_CHANGES = {value: Action(name.removeprefix("TASK_CHANGE_").lower())
+                     for name, value in cit_pb2.TaskChange.items() if value != cit_pb2.TASK_CHANGE_UNSPECIFIED}
 
 
 def to_history_pb(c: Change) -> cit_pb2.HistoryEntry:

@@ -29,6 +29,8 @@ from cit_backbone.sampling import RowState, Sampling
 from cit_proto import lm_worker_pb2 as pb
 from cit_proto import lm_worker_pb2_grpc as pb_grpc
 
+from .config import ServerConfig
+
 log = logging.getLogger("cit.server")
 WORKER_START_TIMEOUT_S = 600.0  # vLLM's import and engine start take ~30-45 s on 2 cores; a cold disk more
 WORKER_RETRY_S = 5.0  # a vLLM worker that failed to start is tried again after this long
@@ -135,9 +137,11 @@ class WorkerProcess:
     worker itself died. It exits by itself when this server's process is gone (--parent-pid), so that not even a
     SIGKILL of the server leaves it running."""
 
-    def __init__(self, python: str, model: Path, max_loras: int, max_model_len: int = 2048,
-                 timeout: float = WORKER_START_TIMEOUT_S, dtype: str = "float32", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9) -> None:
+    def __init__(self, python: str, model: Path, max_loras: int,
+                 max_model_len: int = ServerConfig.vllm_max_model_len, timeout: float = WORKER_START_TIMEOUT_S,
+                 dtype: str = ServerConfig.dtype, tensor_parallel_size: int = ServerConfig.vllm_tensor_parallel_size,
+                 gpu_memory_utilization: float = ServerConfig.vllm_gpu_memory_utilization) -> None:
+        """The defaults are the server's (ServerConfig owns them)."""
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
