@@ -1,5 +1,6 @@
 """The task format's instruction wordings and how answers are judged (no model needed)."""
 import json
+import time
 
 import pytest
 
@@ -58,19 +59,22 @@ def test_cit_evaluate_counts_each_wording_kind_and_saves_every_prediction(tmp_pa
 
     task_dir, _ = export_task("digits", tmp_path, 4, 3)
     rows = read_jsonl(task_dir / "test.jsonl")
-    answers = iter([rows[0].output, rows[1].output + "\nmore", "wrong", rows[3].output, "x", "y"])
-    routes = iter(["digits", "digits", "digits", "", "digits", "other"])
+    answers = [rows[0].output, rows[1].output + "\nmore", "wrong", rows[3].output, "x", "y"]
+    routes = ["digits", "digits", "digits", "", "digits", "other"]
+    row_of = {(str(r.image), r.instruction): i for i, r in enumerate(rows)}
 
-    class Client:
+    class Client:  # answers in flight at once finish in another order than they were sent
         def generate(self, image, instruction, max_new_tokens):
-            task = next(routes)
-            return SimpleNamespace(text=next(answers), route=cit_pb2.RouteDecision(
-                task_id=task, score=1.2, fell_back=not task, fell_back_because=0 if task else 3))
+            i = row_of[str(image), instruction]
+            time.sleep(0.05 * (len(rows) - i))
+            return SimpleNamespace(text=answers[i], route=cit_pb2.RouteDecision(
+                task_id=routes[i], score=1.2, fell_back=not routes[i], fell_back_because=0 if routes[i] else 3))
     out = io.StringIO()
-    s = evaluate_dataset(Client(), task_dir, owners={"digits": "digits"}, predictions=out)
+    s = evaluate_dataset(Client(), task_dir, owners={"digits": "digits"}, predictions=out, concurrency=4)
     assert (s.requests, s.routed, s.correct) == (6, 4, 2) and s.errors == {"format": 1, "knowledge": 3}
     assert {k: (t.requests, t.routed, t.correct) for k, t in s.by_template.items()} == {
         "train": (3, 3, 1), "held-out": (3, 1, 1)}
     saved = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [p["verdict"] for p in saved] == ["correct", "format", "knowledge", "correct", "knowledge", "knowledge"]
     assert saved[3]["fell_back"] == "instruction unlike" and saved[1]["template"] == "held-out"
+    assert [p["instruction"] for p in saved] == [r.instruction for r in rows]  # in the rows' order

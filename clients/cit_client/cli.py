@@ -12,6 +12,7 @@ import typer
 from cit_proto import cit_pb2
 
 from .client import CitClient, fell_back_reason
+from .evaluate import EVALUATION_CONCURRENCY
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 SERVER = Annotated[str, typer.Option("--server", "-s", envvar="CIT_SERVER", help="host:port of cit-server")]
@@ -164,6 +165,8 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="at most N test rows per task")] = None,
     predictions: Annotated[Path | None, typer.Option(help="write every request, answer, verdict and route "
                                                              "to this JSONL file")] = None,
+    concurrency: Annotated[int, typer.Option(
+        min=1, help="requests in flight (the server batches them)")] = EVALUATION_CONCURRENCY,
 ) -> None:
     """Send every held-out test row over gRPC; report routing and answer accuracy per task, and per instruction
     wording where the test file marks it (training wordings vs held-out ones)."""
@@ -175,7 +178,7 @@ def evaluate(
         try:
             owners = dataset_owners(client)
             for task_dir in task_dirs:
-                s = evaluate_dataset(client, task_dir, limit, owners, out)
+                s = evaluate_dataset(client, task_dir, limit, owners, out, concurrency)
                 typer.echo(f"{s.dataset:<16} {s.requests:>4} requests  routed to {s.expected_task}: "
                            f"{s.routing_accuracy:6.1%}  answers correct: {s.answer_accuracy:6.1%}  served by {s.served_by}")
                 for kind, t in s.by_template.items():
