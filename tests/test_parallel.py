@@ -79,3 +79,42 @@ def test_a_launcher_needs_each_process_on_its_own_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="each process takes the GPU of its local rank"):
         launched(Numerics(torch.device("cuda:1")))
+
+
+def test_each_process_encodes_only_its_share_of_the_images(tmp_path):
+    """Under a launcher each process runs the vision tower on its rows alone (i mod N) and gathers the rest; a
+    stand-in backbone counts what it encoded and a stand-in gather returns what one process encodes."""
+    import numpy as np
+    import torch
+
+    from cit_registry.taskdata import read_jsonl
+    from cit_trainer.data import export_task
+    from cit_trainer.parallel import Ranks
+    from cit_trainer.training import embed_task
+
+    task_dir, _ = export_task("digits", tmp_path, 5, 1)
+    samples = read_jsonl(task_dir / "train.jsonl")
+    encoded: list[bytes] = []
+
+    class Backbone:
+        def encode_images(self, images):
+            encoded.extend(img.tobytes() for img in images)
+            return torch.tensor([[float(np.asarray(img).sum())] for img in images]).reshape(len(images), 1)
+
+        def routing_features(self, features):
+            return features
+
+    class Embedder:
+        def embed(self, texts):
+            return np.zeros((len(texts), 4), np.float32)
+
+    class SecondOfTwo(Ranks):
+        def gather_rows(self, mine, n):
+            assert mine.shape == (len(self.rows(n)), 1)
+            return whole.features
+
+    whole = embed_task(Backbone(), Embedder(), samples, "all")
+    assert len(encoded) == 5
+    encoded.clear()
+    share = embed_task(Backbone(), Embedder(), samples, "share", ranks=SecondOfTwo(1, 2))
+    assert len(encoded) == 2 and torch.equal(share.features, whole.features)

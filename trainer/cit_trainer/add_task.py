@@ -112,7 +112,7 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
     backbone = backbone or Backbone()
     embedder = embedder or TextEmbedder(str(backbone.numerics.device))
     torch.manual_seed(opts.seed)
-    train = embed_task(backbone, embedder, train_samples, f"{name} train")
+    train = embed_task(backbone, embedder, train_samples, f"{name} train", ranks=ranks)
     # the test split is evaluated by the main process alone: the others do not encode it
     test = embed_task(backbone, embedder, test_samples, f"{name} test") if test_samples and ranks.main else None
     key = train.key()
@@ -191,8 +191,8 @@ def _add(registry: Registry, name: str, train_file: Path, test_file: Path | None
 
     try:
         before = evaluate(backbone, adapter, test, desc="accuracy before") if test else None
-        training = train.joined(embed_task(backbone, embedder, [s for r in replayed.values() for s in r], "replay")) \
-            if replayed else train
+        training = train.joined(embed_task(backbone, embedder, [s for r in replayed.values() for s in r], "replay",
+                                           ranks=ranks)) if replayed else train
         start = time.time()
         losses = train_connector(backbone, adapter.connector, training, opts.epochs, opts.batch_size, opts.lr,
                                  opts.seed, desc=f"training {target_id} v{version}", method=method, lora=adapter.lora,

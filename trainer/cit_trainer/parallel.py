@@ -4,7 +4,8 @@ processes talking over gloo) train one adapter as one process would.
 Every process reads the same data and draws the same order, so each builds the same batch at each step; the batch's
 rows are dealt out across the processes, each backpropagates its rows' share of the step's loss (its rows' mean
 weighted by its share of the batch's answer tokens), and the gradients are summed, so every process takes the
-optimiser step one process takes with the whole batch, to float rounding. What a method computes once per task
+optimiser step one process takes with the whole batch, to float rounding. The task's images are encoded the same
+way: each process encodes its share and the features are gathered. What a method computes once per task
 (EWC's importance, A-GEM's reference gradient) is computed whole by every process; evaluating, re-measuring and
 committing are the main process's alone.
 """
@@ -49,6 +50,23 @@ class Ranks:
         for t in tensors:
             t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def gather_rows(self, mine: torch.Tensor, n: int) -> torch.Tensor:
+        """The whole [n, ...] tensor in every process, from each process's rows of it (`mine`: its rows(n), in
+        order): what one process computes for all n rows, each process computing only its share."""
+        if self.world == 1:
+            return mine
+        per = -(-n // self.world)  # the most rows one process holds; the others are padded to it
+        on = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.distributed.get_backend() == "nccl" else mine.device  # NCCL gathers only on the GPU
+        padded = torch.zeros(per, *mine.shape[1:], dtype=mine.dtype, device=on)
+        padded[: len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, padded)
+        whole = torch.empty(n, *mine.shape[1:], dtype=mine.dtype, device=mine.device)
+        for rank, part in enumerate(parts):
+            whole[rank :: self.world] = part[: len(range(rank, n, self.world))].to(mine.device)
+        return whole
 
 
 ALONE = Ranks()

@@ -61,17 +61,21 @@ class EmbeddedTask:
         return TaskKey.from_embeddings(self.routing_image, self.instruction, self.output)
 
 
-def embed_task(backbone: Backbone, embedder: TextEmbedder, samples: list[Sample], desc: str, batch: int = 64) -> EmbeddedTask:
-    feats = []
-    for i in tqdm(range(0, len(samples), batch), desc=f"encoding {desc}", unit="batch", leave=False):
-        feats.append(backbone.encode_images(load_images(samples[i : i + batch])))
+def embed_task(backbone: Backbone, embedder: TextEmbedder, samples: list[Sample], desc: str, batch: int = 64,
+               ranks: Ranks = ALONE) -> EmbeddedTask:
+    """The task's image features and text embeddings. Under a launcher (`ranks`) each process encodes its share
+    of the images (the vision tower's work) and every process gets them all."""
+    mine = [samples[i] for i in ranks.rows(len(samples))]
+    feats = [backbone.encode_images([])]  # [0, feature width]: a process may hold no rows
+    for i in tqdm(range(0, len(mine), batch), desc=f"encoding {desc}", unit="batch", leave=False):
+        feats.append(backbone.encode_images(load_images(mine[i : i + batch])))
 
     def embed_unique(texts: list[str]) -> np.ndarray:  # instructions repeat a lot: embed each once
         unique = sorted(set(texts))
         table = dict(zip(unique, embedder.embed(unique)))
         return np.stack([table[t] for t in texts])
 
-    features = torch.cat(feats)
+    features = ranks.gather_rows(torch.cat(feats), len(samples))
     return EmbeddedTask(
         samples,
         features,
