@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from routing_scores import NEW_QUESTIONS
+from routing_scores import NEW_QUESTIONS, unit
 
 from cit_backbone.embedder import TextEmbedder
 from cit_backbone.language_model import LanguageModel
 from cit_registry.router import background_questions
+from cit_registry.store import instruction_floor
 from cit_trainer.data import DIGIT_WORDS, FASHION_CLASSES, PARAPHRASES, TEMPLATES, WORDS
 
 LABELS = {
@@ -85,16 +86,13 @@ PROBE_NEW = {
 }
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class AnswerSide:
     """The LM, text only: its states at the answer position and the log-probability of a label set."""
 
     def __init__(self) -> None:
         self.lm = LanguageModel()
         self.model = self.lm.model
+        self._states: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each space asks again for the same wordings
 
     def prompt(self, instruction: str) -> list[int]:
         before, after = self.lm.prompt.texts(instruction)
@@ -102,12 +100,12 @@ class AnswerSide:
 
     @torch.no_grad()
     def states(self, instructions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        last, mid = [], []
         for q in instructions:
-            out = self.model.model(input_ids=torch.tensor([self.prompt(q)]), output_hidden_states=True)
-            hs = out.hidden_states
-            last.append(out.last_hidden_state[0, -1].float().numpy())
-            mid.append(hs[len(hs) // 2][0, -1].float().numpy())
+            if q not in self._states:
+                out = self.model.model(input_ids=torch.tensor([self.prompt(q)]), output_hidden_states=True)
+                hs = out.hidden_states
+                self._states[q] = (out.last_hidden_state[0, -1].float().numpy(), hs[len(hs) // 2][0, -1].float().numpy())
+        last, mid = zip(*(self._states[q] for q in instructions))
         return unit(np.stack(last)), unit(np.stack(mid))
 
     @torch.no_grad()
@@ -126,9 +124,8 @@ class AnswerSide:
 
 
 def floor_of(vectors: np.ndarray) -> tuple[np.ndarray, float]:
-    """Centroid and the router's instruction floor: the lowest leave-one-out cosine, less 0.1."""
-    loo = [float(unit(np.delete(vectors, i, 0).mean(0)) @ vectors[i]) for i in range(len(vectors))]
-    return unit(vectors.mean(0)), min(loo) - 0.1
+    """Centroid and the router's instruction floor (store.instruction_floor), whatever the space."""
+    return unit(vectors.mean(0)), instruction_floor(vectors)
 
 
 def main() -> None:
@@ -178,12 +175,12 @@ def main() -> None:
         print(f"{kind + (' [route]' if must else ' [fall]'):<28}{len(rows):>4}  {cells}")
     print("\nper task, clean probes: routed paraphrases / fallen-back new questions")
     for name, p in passes.items():
-        cells = []
+        per_task = []
         for task in LABELS:
             same = [ok for (t, _, _), ok in zip(groups["probe paraphrase (clean)"], p["probe paraphrase (clean)"]) if t == task]
             new = [not ok for (t, _, _), ok in zip(groups["probe new question (clean)"], p["probe new question (clean)"]) if t == task]
-            cells.append(f"{task.split('-')[-1][:6]} {sum(same)}/{len(same)} {sum(new)}/{len(new)}")
-        print(f"  {name:<11} " + " | ".join(cells))
+            per_task.append(f"{task.split('-')[-1][:6]} {sum(same)}/{len(same)} {sum(new)}/{len(new)}")
+        print(f"  {name:<11} " + " | ".join(per_task))
     print("\nmissed (both): " + "; ".join(
         f"{task}: {q!r}" for kind, rows in groups.items() for (task, q, must), ok in zip(rows, passes["both"][kind])
         if ok != must))
