@@ -33,9 +33,7 @@ PRELOAD = ("numpy", "PIL.Image", "torch", "transformers", "peft", "sentence_tran
 
 def run_tests(tests: tuple[str, ...], name: str | None, status: Path | None = None) -> tuple[int, str]:
     """pytest over `tests` in a forked child with the mutant applied (the processes it starts apply it through
-    sitecustomize on PYTHONPATH): its exit code and output."""
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(HERE), *os.environ.get(
-        "PYTHONPATH", "").split(os.pathsep)])))
+    sitecustomize on PYTHONPATH, which main sets): its exit code and output."""
     with tempfile.TemporaryFile("w+") as out:
         pid = os.fork()
         if pid == 0:  # the child: never returns
@@ -69,14 +67,15 @@ def main() -> int:
     parser.add_argument("--baseline", action="store_true", help="first run every mutant's tests unmutated")
     parser.add_argument("--quick", action="store_true", help="leave out mutants whose tests take minutes")
     args = parser.parse_args()
-    for module in PRELOAD:
-        importlib.import_module(module)
     chosen = [MUTANTS[n] for n in args.only] if args.only else list(MUTANTS.values())
     chosen = [m for m in chosen if not (args.quick and m.slow)]
     if args.list:
         for m in chosen:
             print(f"{m.name:<40} {m.removes}{' (slow)' if m.slow else ''}\n{'':<40} tests: {' '.join(m.tests)}")
         return 0
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    for module in PRELOAD:
+        importlib.import_module(module)
     if args.baseline:
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         code, output = run_tests(tests, None)
