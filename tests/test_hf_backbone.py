@@ -1,7 +1,7 @@
-"""Hugging Face checkpoints as backbones: tiny LLaVA and BLIP-2 checkpoints (random weights, SmolLM2's tokenizer)
-are built in the test, written to a directory, and loaded with `Backbone.load(DIR)`. Their greedy tokens must
-equal transformers' own generate with the same pixels; their projection becomes the base connector and the shape
-of a task's projection, served through the engine."""
+"""Hugging Face checkpoints as backbones: tiny LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2 and Idefics3 checkpoints
+(random weights, SmolLM2's tokenizer) are built in the test, written to a directory, and loaded with
+`Backbone.load(DIR)`. Their greedy tokens must equal transformers' own generate with the same pixels; their projection
+becomes the base connector and the shape of a task's projection, served through the engine."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +10,7 @@ from PIL import Image
 from cit_backbone.adapters import Connector, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.conversion import converted_lm_dir
-from cit_backbone.hf import NORMALISATION, pixel_values
+from cit_backbone.hf import NORMALISATION
 from cit_backbone.sampling import Sampling
 from cit_registry.store import Registry, TaskCard, TaskKey
 from cit_server.config import ServerConfig
@@ -75,6 +75,39 @@ def idefics3_dir(tmp_path_factory):
     return save_checkpoint(Idefics3ForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("idefics3"))
 
 
+# grid resolutions of the tiny anyres checkpoints (tower input 32): cit's tiled view is the smallest square above 32,
+# 64 x 64, 2 x 2 tiles; the non-square ones are there to be passed over
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 96]]
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(3)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    config = LlavaNextConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=TINY_PINPOINTS)
+    return save_checkpoint(LlavaNextForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("llava-next"))
+
+
+@pytest.fixture(scope="module")
+def llava_onevision_dir(tmp_path_factory):
+    """OneVision's shape: a SigLIP tower (no CLS token, "full" selection, last layer), anyres_max_9."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(4)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=TINY_PINPOINTS)
+    return save_checkpoint(LlavaOnevisionForConditionalGeneration(config).eval(),
+                           tmp_path_factory.mktemp("llava-onevision"))
+
+
 def images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
@@ -83,13 +116,16 @@ def images():
 def reference_tokens(cls, directory, backbone, instruction, image, max_new_tokens):
     """transformers' own generate: the same prompt with image-token placeholders, the same pixels."""
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
-    lm = backbone.lm
+    lm, vision = backbone.lm, backbone.vision
     pre, post = lm.prompt_ids(instruction)
-    ids = torch.tensor([pre + [IMAGE_TOKEN] * backbone.base_connector().config.num_tokens + post])
-    pixels = pixel_values([image], backbone.vision.size, backbone.vision.kind)
-    if backbone.vision.kind == "idefics3":
-        pixels = pixels[:, None]  # [batch, images, channels, height, width]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+    ids = torch.tensor([pre + [IMAGE_TOKEN] * backbone.base_connector().config.output_tokens + post])
+    pixels = vision.views([image])  # [batch, views, channels, height, width]: Idefics3's and anyres' own shape
+    extra = {}
+    if vision.kind in ("llava", "blip2"):
+        pixels = pixels[:, 0]
+    elif vision.side:  # the image's size, as the family's processor reports it for cit's square tiled view
+        extra["image_sizes"] = torch.tensor([[vision.side * vision.size] * 2])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **extra,
                          max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id)
     return [t for t in out[0, ids.shape[1]:].tolist() if t != lm.eos_id]
@@ -129,12 +165,62 @@ def test_prompts_come_from_the_checkpoints_chat_template_with_the_image_first(ll
 
 
 def test_each_familys_image_normalisation_is_its_image_processors():
-    """cit resizes to the tower's square itself (no tiling, no padding) but normalises as the family does."""
-    from transformers import BlipImageProcessor, CLIPImageProcessor, Idefics3ImageProcessor
+    """cit resizes to the tower's square itself (and to the tiled square, no padding) but normalises as the family
+    does: with the checkpoint's preprocessor_config.json where it has one, else the family's defaults."""
+    from transformers import (
+        BlipImageProcessor,
+        CLIPImageProcessor,
+        Idefics3ImageProcessor,
+        LlavaNextImageProcessor,
+        LlavaOnevisionImageProcessor,
+    )
 
     for kind, processor in (("llava", CLIPImageProcessor()), ("blip2", BlipImageProcessor()),
-                            ("idefics3", Idefics3ImageProcessor())):
+                            ("idefics3", Idefics3ImageProcessor()), ("llava_next", LlavaNextImageProcessor()),
+                            ("llava_onevision", LlavaOnevisionImageProcessor())):
         assert NORMALISATION[kind] == (tuple(processor.image_mean), tuple(processor.image_std)), kind
+
+
+def test_a_checkpoints_own_image_processor_normalises_its_images(llava_onevision_dir, tmp_path):
+    """OneVision's released checkpoints normalise with 0.5, not their processor class's CLIP defaults."""
+    import shutil
+
+    from transformers import LlavaOnevisionImageProcessor
+
+    for f in llava_onevision_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    LlavaOnevisionImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    picture = images()[:1]
+    default, own = Backbone.load(llava_onevision_dir).vision, Backbone.load(tmp_path).vision
+    assert default.normalisation == NORMALISATION["llava_onevision"]
+    assert own.normalisation == ((0.5,) * 3, (0.5,) * 3)
+    expected = torch.from_numpy(np.asarray(picture[0].convert("RGB").resize((32, 32), Image.Resampling.BICUBIC),
+                                           dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    assert torch.allclose(own.views(picture)[0, 0], expected, atol=1e-6)
+    assert not torch.allclose(default.views(picture)[0, 0], expected, atol=1e-2)
+
+
+def test_anyres_checkpoints_give_every_image_one_tiled_view_of_fixed_size(llava_next_dir):
+    """The base view, then 2 x 2 tiles of the image at 64 x 64, cut row by row as the family's processor cuts them;
+    the projection writes 16 base tokens, then 8 rows of 8 grid tokens each followed by image_newline."""
+    backbone = Backbone.load(llava_next_dir)
+    picture = images()[:1]
+    views = backbone.vision.views(picture)
+    assert views.shape == (1, 5, 3, 32, 32)
+    from transformers import LlavaNextImageProcessor
+
+    processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size=32, image_grid_pinpoints=TINY_PINPOINTS,
+                                        do_center_crop=False, resample=Image.Resampling.BICUBIC)
+    square = picture[0].convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)
+    theirs = processor(square, return_tensors="pt").pixel_values[0]
+    assert theirs.shape == views[0].shape and torch.allclose(theirs[1:], views[0, 1:], atol=0.05)
+    base = backbone.base_connector()
+    assert (base.config.num_tokens, base.config.grid_rows, base.config.output_tokens) == (80, 8, 88)
+    with torch.inference_mode():
+        out = base(backbone.encode_images(picture))[0]
+    newline = base.image_newline
+    assert all(torch.equal(out[16 + 9 * row + 8], newline) for row in range(8))
+    assert not any(torch.equal(out[i], newline) for i in range(88) if i < 16 or (i - 16) % 9 != 8)
 
 
 def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_path):
@@ -155,20 +241,24 @@ def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_p
         Backbone.load(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template", "idefics3"])
-def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, llava_dir, blip2_dir, other_template_dir,
-                                                             idefics3_dir):
-    from transformers import Blip2ForConditionalGeneration, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+@pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template", "idefics3", "llava_next",
+                                  "llava_onevision"])
+def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
+    import transformers
 
-    directory, cls = {"llava": (llava_dir, LlavaForConditionalGeneration),
-                      "blip2": (blip2_dir, Blip2ForConditionalGeneration),
-                      "llava-other-template": (other_template_dir, LlavaForConditionalGeneration),
-                      "idefics3": (idefics3_dir, Idefics3ForConditionalGeneration)}[kind]
+    directory = request.getfixturevalue("other_template_dir" if kind == "llava-other-template" else f"{kind}_dir")
+    cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration", "blip2": "Blip2ForConditionalGeneration",
+                                 "llava-other-template": "LlavaForConditionalGeneration",
+                                 "idefics3": "Idefics3ForConditionalGeneration",
+                                 "llava_next": "LlavaNextForConditionalGeneration",
+                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[kind])
     backbone = Backbone.load(directory)
     base = backbone.base_connector()
     assert base.config.projector == ("token_linear" if kind in ("blip2", "idefics3") else "token_mlp")
-    # LLaVA: 16 patches; BLIP-2: 4 queries; Idefics3: 16 patches, pixel-shuffled 2 x 2 into 4 tokens of 4 x 32
-    assert base.config.num_tokens == {"blip2": 4, "idefics3": 4}.get(kind, 16) and base.config.hidden_size == 64
+    # LLaVA: 16 patches; BLIP-2: 4 queries; Idefics3: 16 patches, pixel-shuffled 2 x 2 into 4 tokens of 4 x 32;
+    # NeXT / OneVision: 16 base patches and 4 tiles' 64 as an 8 x 8 grid (+ 8 newlines in the prompt)
+    tokens = {"blip2": 4, "idefics3": 4, "llava_next": 80, "llava_onevision": 80}.get(kind, 16)
+    assert base.config.num_tokens == tokens and base.config.hidden_size == 64
     assert base.config.bias == (kind != "idefics3")
     # two instructions of different lengths after the image: one batch, each row's part padded to a common width
     pictures, instructions = images(), ["Describe the image.", "What is in this picture, if anything at all?"]
@@ -207,7 +297,7 @@ def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llav
         Engine(ServerConfig(registry=reg.root), backbone=backbone)
 
 
-@pytest.mark.parametrize("kind", ["llava", "idefics3"])
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "llava_next"])
 def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(kind, request, tmp_path, backbone):
     checkpoint = request.getfixturevalue(f"{kind}_dir")
     default, backbone = backbone, Backbone.load(checkpoint)

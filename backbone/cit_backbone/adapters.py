@@ -33,6 +33,10 @@ class ConnectorConfig:
     # modality_projection, without a bias, on each pixel-shuffled vision token).
     projector: str = "linear"
     bias: bool = True         # the Linear layers have biases (Idefics3's projection has none)
+    # LLaVA-NeXT / OneVision's image_newline: the last grid_rows x grid_columns tokens are the tiled image's grid,
+    # row by row (the base view's tokens come before it), and a learned embedding follows each row of the grid
+    grid_rows: int = 0
+    grid_columns: int = 0
 
     @classmethod
     def read(cls, directory: Path) -> ConnectorConfig:
@@ -46,11 +50,20 @@ class ConnectorConfig:
             raise ValueError(f"unknown projector {self.projector!r}; choose from {', '.join(PROJECTORS)}")
         if min(self.feature_dim, self.hidden_size, self.num_tokens) < 1:
             raise ValueError(f"connector dimensions must be positive: {self}")
+        grid = self.grid_rows * self.grid_columns
+        if (self.grid_rows > 0) != (self.grid_columns > 0) or min(self.grid_rows, self.grid_columns) < 0 \
+                or grid > self.num_tokens or (grid and self.projector == "linear"):
+            raise ValueError(f"a newline grid is rows x columns of a token projector's tokens: {self}")
+
+    @property
+    def output_tokens(self) -> int:
+        """Visual tokens the projection puts into the prompt: the tokens it reads and a newline per grid row."""
+        return self.num_tokens + self.grid_rows
 
 
 class Connector(nn.Module):
     """Vision features [B, feature_dim] ("linear") or [B, num_tokens * feature_dim] (token_*) -> visual token
-    embeddings [B, num_tokens, hidden_size]. Parameter names follow the checkpoints the projectors come from."""
+    embeddings [B, output_tokens, hidden_size]. Parameter names follow the checkpoints the projectors come from."""
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
@@ -64,15 +77,22 @@ class Connector(nn.Module):
             self.linear_1 = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(c.hidden_size, c.hidden_size, bias=c.bias)
+        if c.grid_rows:
+            self.image_newline = nn.Parameter(torch.zeros(c.hidden_size))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         c, rows = self.config, features.shape[0]
         if c.projector == "linear":
             return self.proj(features).view(rows, c.num_tokens, c.hidden_size)
         tokens = features.view(rows, c.num_tokens, c.feature_dim)
-        if c.projector == "token_linear":
-            return self.proj(tokens)
-        return self.linear_2(self.act(self.linear_1(tokens)))
+        out = self.proj(tokens) if c.projector == "token_linear" else self.linear_2(self.act(self.linear_1(tokens)))
+        if not c.grid_rows:
+            return out
+        # as LLaVA-NeXT's pack_image_features writes it: the base view's tokens, then each grid row and a newline
+        base, grid = out.split([c.num_tokens - c.grid_rows * c.grid_columns, c.grid_rows * c.grid_columns], dim=1)
+        newline = self.image_newline.to(out.dtype).expand(rows, c.grid_rows, 1, c.hidden_size)
+        grid = torch.cat((grid.reshape(rows, c.grid_rows, c.grid_columns, c.hidden_size), newline), dim=2)
+        return torch.cat((base, grid.flatten(1, 2)), dim=1)
 
     def clone(self) -> Connector:
         twin = Connector(self.config).to(next(self.parameters()).device)

@@ -24,7 +24,7 @@ class Backbone:
     """One shared backbone. It knows nothing of tasks or caching: callers hand it an adapter per row.
 
     The default is cit's own (EfficientNet-Lite0 -> one visual token -> SmolLM2-135M-Instruct); `Backbone.load(DIR)`
-    builds one from a LLaVA or BLIP-2 checkpoint directory instead (hf.py), whose projection is the base connector.
+    builds one from a Hugging Face checkpoint directory instead (hf.py), whose projection is the base connector.
     Everything it builds lives on `numerics.device`; the LM computes in `numerics.dtype` (numerics.py)."""
 
     def __init__(self, vision: VisionTower | HfVision | None = None, lm: LanguageModel | None = None,
@@ -39,12 +39,13 @@ class Backbone:
 
     @classmethod
     def load(cls, checkpoint: Path | None = None, numerics: Numerics = CPU_FLOAT32) -> Backbone:
-        """cit's default backbone, or one from a local LLaVA / BLIP-2 checkpoint directory."""
+        """cit's default backbone, or one from a local checkpoint directory (hf.py lists the families)."""
         if checkpoint is None:
             return cls(numerics=numerics)
-        kind, model, base, lm_dir, prompt = load_checkpoint(Path(checkpoint))
-        return cls(HfVision(model, kind, numerics.device), LanguageModel(lm_dir, numerics, prompt), base,
-                   checkpoint_identity(Path(checkpoint), kind), numerics)
+        loaded = load_checkpoint(Path(checkpoint))
+        return cls(HfVision(loaded.model, loaded.kind, numerics.device, loaded.normalisation),
+                   LanguageModel(loaded.lm_dir, numerics, loaded.prompt), loaded.base,
+                   checkpoint_identity(loaded.directory, loaded.kind), numerics)
 
     @property
     def routing_dim(self) -> int:
@@ -114,7 +115,7 @@ class Backbone:
     def project(self, features: torch.Tensor, adapters: Sequence[TaskAdapter]) -> torch.Tensor:
         """Per-row projection, in the LM's dtype on its device: rows sharing a connector are projected together."""
         first = adapters[0].connector.config
-        out = torch.empty(features.shape[0], first.num_tokens, first.hidden_size, dtype=self.lm.dtype,
+        out = torch.empty(features.shape[0], first.output_tokens, first.hidden_size, dtype=self.lm.dtype,
                           device=self.lm.device)
         features = features.to(self.lm.device)
         groups: dict[int, list[int]] = {}

@@ -1,13 +1,23 @@
 """Backbones from Hugging Face multimodal checkpoints in a local directory.
 
-LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower -> multi_modal_projector -> LM), BLIP-2
-(`Blip2ForConditionalGeneration`: ViT -> Q-Former -> language_projection -> LM) and Idefics3 / SmolVLM
-(`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle -> connector.modality_projection -> LM; one
-global image, no splitting into tiles). The checkpoint's projection becomes the base connector and the shape of
-every task's projection (EProj: `token_mlp` or `token_linear`); the vision side (with Idefics3's pixel shuffle, which
-has no weights) and the LM stay frozen. The LM is written once into the local cache as a plain causal LM, so that
-LanguageModel (decode loop, LoRAs, prefix cache) runs it like the default one.
+LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower -> multi_modal_projector -> LM), LLaVA-NeXT and
+LLaVA-OneVision (the same, on tiles: see below), BLIP-2 (`Blip2ForConditionalGeneration`: ViT -> Q-Former ->
+language_projection -> LM) and Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle
+-> connector.modality_projection -> LM; one global image, no splitting into tiles). The checkpoint's projection
+becomes the base connector and the shape of every task's projection (EProj: `token_mlp` or `token_linear`); the
+vision side (with Idefics3's pixel shuffle, which has no weights) and the LM stay frozen. The LM is written once into
+the local cache as a plain causal LM, so that LanguageModel (decode loop, LoRAs, prefix cache) runs it like the
+default one.
 
+LLaVA-NeXT / OneVision ("anyres") give an image as many visual tokens as its size asks. cit gives every image the
+same number, so that rows of any image batch and a task's projection has one shape: the image is resized to the
+smallest square of the checkpoint's `image_grid_pinpoints` larger than the tower's input (LLaVA-NeXT's 672 x 672,
+OneVision's 768 x 768: 2 x 2 tiles) and to the tower's input for the base view, which is what the family's own
+processor and `pack_image_features` do with a square image of that size (no padding to unpad; at most 9 tiles, so
+OneVision does not interpolate). The projection is the checkpoint's multi_modal_projector with its image_newline
+(trained with it per task, as the family trains them together).
+
+Image normalisation is the checkpoint's `preprocessor_config.json` where it has one, else the family's default.
 Prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
 Limits, checked with clear errors: the tokenizer must have a chat template that keeps the user's text as given;
 InstructBLIP's Q-Former reads the instruction too, which cit's instruction-independent image features cannot give
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +44,21 @@ from .prompt import PromptFormat
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD); Idefics3's (0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "blip2": (CLIP_MEAN, CLIP_STD),
+NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "llava_next": (CLIP_MEAN, CLIP_STD),
+                 "llava_onevision": (CLIP_MEAN, CLIP_STD), "blip2": (CLIP_MEAN, CLIP_STD),
                  "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+ANYRES = ("llava_next", "llava_onevision")  # base view + tiles, multi_modal_projector, image_newline
 # Idefics3 / SmolVLM wrap a global image's tokens in these (their processor writes them), tokens before and after;
 # used when the tokenizer has them
 AROUND_IMAGE = {"idefics3": (("<fake_token_around_image>", "<global-img>"), ("<fake_token_around_image>",))}
 
 
-def pixel_values(images: list[Image.Image], size: int, kind: str = "llava") -> torch.Tensor:
-    """Images -> [B, 3, size, size]: RGB, bicubic resize to a square, the family's normalisation."""
-    mean, std = NORMALISATION[kind]
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def pixel_values(images: list[Image.Image], size: int, normalisation: Normalisation) -> torch.Tensor:
+    """Images -> [B, 3, size, size]: RGB, bicubic resize to a square, normalised by (mean, std)."""
+    mean, std = normalisation
     arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
               for img in images]
     x = (np.stack(arrays) - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
@@ -53,12 +69,14 @@ class HfVision:
     """The frozen vision side of a checkpoint: images -> vision tokens flattened [B, tokens * dim]. Routing uses
     their mean over tokens (`pooled`), generation the tokens themselves."""
 
-    def __init__(self, model, kind: str, device: torch.device = CPU) -> None:
+    def __init__(self, model, kind: str, device: torch.device = CPU, normalisation: Normalisation | None = None) -> None:
         config = model.config
         self.device = device  # float32, features returned on the CPU, as VisionTower's
         self.kind, self.size = kind, config.vision_config.image_size
+        self.normalisation = normalisation or NORMALISATION[kind]
         self.tokens, self.dim = vision_tokens(config, kind)
-        if kind == "llava":
+        self.side = anyres_side(config, kind) if kind in ANYRES else 0  # tiles per side of the tiled view
+        if kind == "llava" or kind in ANYRES:
             self.tower = model.model.vision_tower
             self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
         elif kind == "idefics3":
@@ -76,17 +94,31 @@ class HfVision:
     def feature_dim(self) -> int:
         return self.tokens * self.dim
 
+    def views(self, images: list[Image.Image]) -> torch.Tensor:
+        """The pixels the tower sees of each image, [B, views, 3, size, size]: one view; anyres: the base view, then
+        the tiles of the image at side x size, row by row (as the family's processor cuts them)."""
+        base = pixel_values(images, self.size, self.normalisation)[:, None]
+        if not self.side:
+            return base
+        rows, n, s = len(images), self.side, self.size
+        tiled = pixel_values(images, n * s, self.normalisation).view(rows, 3, n, s, n, s)
+        return torch.cat((base, tiled.permute(0, 2, 4, 1, 3, 5).reshape(rows, n * n, 3, s, s)), dim=1)
+
     @torch.inference_mode()
     def encode(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        out = [self.encode_pixels(pixel_values(images[i : i + batch_size], self.size, self.kind).to(self.device)).cpu()
+        out = [self.encode_pixels(self.views(images[i : i + batch_size]).to(self.device)).cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.feature_dim)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.kind == "llava":
+    def encode_pixels(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, views, 3, size, size] (`views`) -> [B, tokens * dim]."""
+        rows, pixels = views.shape[0], views.flatten(0, 1)
+        if self.kind == "llava" or self.side:
             hidden = self.tower(pixels, output_hidden_states=True).hidden_states[self.layer]
-            tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops CLS
+            tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops the first (CLS)
+            if self.side:
+                tokens = self._base_then_grid(tokens.view(rows, 1 + self.side ** 2, -1, self.dim))
         elif self.kind == "idefics3":
             side = self.size // self.patch  # every patch is image: no padding to mask
             mask = torch.ones(pixels.shape[0], side, side, dtype=torch.bool, device=pixels.device)
@@ -96,17 +128,45 @@ class HfVision:
             mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
             tokens = self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
                                   encoder_attention_mask=mask).last_hidden_state
-        return tokens.flatten(1)
+        return tokens.reshape(rows, -1)
+
+    def _base_then_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + side^2 views, patches, dim] -> [B, tokens, dim]: the base view's patches, then the tiles' patches
+        as one grid, row by row (pack_image_features' order; the projection is per token, so ordering the vision
+        tokens before it equals ordering the projected ones after it)."""
+        rows, n, dim = tokens.shape[0], self.side, self.dim
+        h = round((tokens.shape[2]) ** 0.5)
+        grid = tokens[:, 1:].reshape(rows, n, n, h, h, dim).permute(0, 1, 3, 2, 4, 5).reshape(rows, -1, dim)
+        return torch.cat((tokens[:, 0], grid), dim=1)
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         return features.view(features.shape[0], self.tokens, self.dim).mean(dim=1)
 
 
+def anyres_side(config, kind: str) -> int:
+    """Tiles per side of the view LLaVA-NeXT / OneVision checkpoints get from cit: the smallest square of
+    image_grid_pinpoints larger than the tower's input (module docstring)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    size, pinpoints = config.vision_config.image_size, [tuple(p) for p in config.image_grid_pinpoints]
+    squares = sorted(h for h, w in pinpoints if h == w and h > size and h % size == 0)
+    if not squares:
+        raise ValueError(f"image_grid_pinpoints {pinpoints} has no square resolution that is a multiple of the "
+                         f"tower's {size}: cit gives every image one tiled view of a fixed size")
+    side = squares[0] // size
+    assert tuple(select_best_resolution((squares[0], squares[0]), pinpoints)) == (squares[0], squares[0])
+    if kind == "llava_onevision":  # more tiles than anyres_max_N allows are interpolated down: not cit's layout
+        limit = int(str(config.vision_aspect_ratio).removeprefix("anyres_max_"))
+        if side / limit ** 0.5 > 1.1:
+            raise ValueError(f"{side} x {side} tiles exceed the checkpoint's {config.vision_aspect_ratio}")
+    return side
+
+
 def _kind(directory: Path) -> str:
     config = json.loads((directory / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type == "llava":
-        return "llava"
+    if model_type in ("llava",) + ANYRES:
+        return model_type
     if model_type == "blip-2":
         return "blip2"
     if model_type in ("idefics3", "smolvlm"):
@@ -114,18 +174,32 @@ def _kind(directory: Path) -> str:
     if model_type == "instructblip":
         raise ValueError("InstructBLIP's Q-Former reads the instruction; cit's image features do not depend on it "
                          "(use a BLIP-2 or LLaVA checkpoint)")
-    raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, BLIP-2 or Idefics3 / SmolVLM checkpoint")
+    raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2 "
+                     "or Idefics3 / SmolVLM checkpoint")
 
 
-def load_checkpoint(directory: Path):
-    """(kind, model, base connector, cached LM directory, prompt format) of a local LLaVA, BLIP-2 or Idefics3 /
-    SmolVLM checkpoint."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A local checkpoint loaded for Backbone.load: its family, the model, its projection as the base connector,
+    its LM in the local cache, its prompt and its image normalisation."""
+
+    directory: Path
+    kind: str
+    model: Any
+    base: Connector
+    lm_dir: Path
+    prompt: PromptFormat
+    normalisation: Normalisation
+
+
+def load_checkpoint(directory: Path) -> Checkpoint:
+    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2 or Idefics3 / SmolVLM checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory = Path(directory)
     kind = _kind(directory)
     classes: dict[str, Any] = {"llava": LlavaForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
-    cls = classes.get(kind, AutoModelForImageTextToText)  # Idefics3 or SmolVLM, by the config's model_type
+    cls = classes.get(kind, AutoModelForImageTextToText)  # the others by the config's model_type
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     before, after = AROUND_IMAGE.get(kind, ((), ()))
@@ -135,7 +209,20 @@ def load_checkpoint(directory: Path):
         prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
-    return kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer), prompt
+    return Checkpoint(directory, kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer),
+                      prompt, _normalisation(directory, kind))
+
+
+def _normalisation(directory: Path, kind: str) -> Normalisation:
+    """The checkpoint's image processor's mean and std (preprocessor_config.json), else the family's default."""
+    path = directory / "preprocessor_config.json"
+    processor = json.loads(path.read_text()) if path.exists() else {}
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    if mean is None or std is None:
+        return NORMALISATION[kind]
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{path}: image_mean and image_std need one value per RGB channel")
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
 
 
 def checkpoint_identity(directory: Path, kind: str) -> str:
@@ -158,18 +245,29 @@ def vision_tokens(config, kind: str) -> tuple[int, int]:
     layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
     if not isinstance(layer, int) or strategy not in ("default", "full"):
         raise ValueError("only one vision feature layer and the 'default' or 'full' selection are supported")
-    return patches + (strategy == "full"), config.vision_config.hidden_size  # "default" drops the CLS token
+    # a CLIP tower puts a CLS token first, a SigLIP tower none; "default" drops the first token
+    per_view = patches + (config.vision_config.model_type != "siglip_vision_model") - (strategy == "default")
+    if kind in ANYRES:
+        if per_view != patches:
+            raise ValueError(f"a view gives {per_view} tokens for {patches} patches: tiles cannot form a grid")
+        return patches * (1 + anyres_side(config, kind) ** 2), config.vision_config.hidden_size
+    return per_view, config.vision_config.hidden_size
 
 
 def base_connector(model, kind: str) -> Connector:
     """The checkpoint's own projection as a connector: every task's projection has its shape."""
     config, hidden = model.config, model.config.text_config.hidden_size
     tokens, width = vision_tokens(config, kind)
-    if kind == "llava":
+    if kind == "llava" or kind in ANYRES:
         if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
             raise ValueError("only LLaVA projectors with GELU and biases are supported")
-        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_mlp"))
-        state = model.model.multi_modal_projector.state_dict()  # linear_1.*, linear_2.*: the connector's names
+        grid = 0 if kind == "llava" else \
+            anyres_side(config, kind) * config.vision_config.image_size // config.vision_config.patch_size
+        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_mlp", grid_rows=grid,
+                                              grid_columns=grid))
+        state = dict(model.model.multi_modal_projector.state_dict())  # linear_1.*, linear_2.*: the connector's names
+        if grid:
+            state["image_newline"] = model.model.image_newline.detach()
     elif kind == "idefics3":
         connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear", bias=False))
         state = model.model.connector.modality_projection.state_dict()  # proj.weight: the connector's name
@@ -196,7 +294,7 @@ def _cached_lm(directory: Path, model, tokenizer) -> Path:
     target = cache_dir() / f"hf-lm-{digest.hexdigest()[:16]}"
     if (target / "config.json").exists():
         return target
-    if hasattr(model, "model"):  # LLaVA, Idefics3: the decoder and the head sit apart
+    if hasattr(model, "model"):  # LLaVA (and NeXT, OneVision), Idefics3: the decoder and the head sit apart
         lm = AutoModelForCausalLM.from_config(model.config.text_config, dtype=torch.float32)
         decoder = model.model.text_model if hasattr(model.model, "text_model") else model.model.language_model
         state = {f"model.{k}": v for k, v in decoder.state_dict().items()}

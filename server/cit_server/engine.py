@@ -183,7 +183,7 @@ class Engine:
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
         embedder = embedder or TextEmbedder(str(self.backbone.numerics.device))
         self.front = Front(config, self.registry, self.backbone, embedder,
-                           self.adapters.base.connector.config.num_tokens, self._model_lock)
+                           self.adapters.base.connector.config.output_tokens, self._model_lock)
         self._front_threads = ThreadPoolExecutor(config.workers, thread_name_prefix="cit-front")  # decoding, reads
         # the vLLM worker this server starts (None: embedded, or a --vllm-worker started by someone else)
         self.supervisor = WorkerSupervisor(self._start_worker) \
