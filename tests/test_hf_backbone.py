@@ -108,13 +108,30 @@ def llava_onevision_dir(tmp_path_factory):
                            tmp_path_factory.mktemp("llava-onevision"))
 
 
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
+    """Qwen2-VL's shape: a vision transformer on flat 2 x 2-merged patches, visual.merger, a Qwen2 LM with
+    multimodal RoPE (sections 2 + 3 + 3 of the 8 frequencies of a 16-wide head)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(5)
+    text = {**tiny_text_config().to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                "mrope_section": [2, 3, 3]}}
+    text = {k: v for k, v in text.items() if k not in ("model_type", "architectures")}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 8, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "mlp_ratio": 2}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN)
+    return save_checkpoint(Qwen2VLForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("qwen2-vl"))
+
+
 def images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
 
 
 def reference_tokens(cls, directory, backbone, instruction, image, max_new_tokens):
-    """transformers' own generate: the same prompt with image-token placeholders, the same pixels."""
+    """transformers' own generate: the same prompt with image-token placeholders, the same pixels. Its tokens and
+    the logits of each step."""
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     lm, vision = backbone.lm, backbone.vision
     pre, post = lm.prompt_ids(instruction)
@@ -123,12 +140,15 @@ def reference_tokens(cls, directory, backbone, instruction, image, max_new_token
     extra = {}
     if vision.kind in ("llava", "blip2"):
         pixels = pixels[:, 0]
+    elif vision.kind == "qwen2_vl":  # flat patches, their grid, and which tokens are the image's (for M-RoPE)
+        pixels, side = vision._patches(pixels[:, 0]), vision.size // vision.patch
+        extra = {"image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
     elif vision.side:  # the image's size, as the family's processor reports it for cit's square tiled view
         extra["image_sizes"] = torch.tensor([[vision.side * vision.size] * 2])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **extra,
-                         max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id)
-    return [t for t in out[0, ids.shape[1]:].tolist() if t != lm.eos_id]
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id,
+                         output_logits=True, return_dict_in_generate=True)
+    return [t for t in out.sequences[0, ids.shape[1]:].tolist() if t != lm.eos_id], [x[0] for x in out.logits]
 
 
 # A template of another family's shape (Idefics3 / SmolVLM: "User:<image>...<end_of_utterance>\nAssistant:"), written
@@ -179,6 +199,20 @@ def test_each_familys_image_normalisation_is_its_image_processors():
                             ("idefics3", Idefics3ImageProcessor()), ("llava_next", LlavaNextImageProcessor()),
                             ("llava_onevision", LlavaOnevisionImageProcessor())):
         assert NORMALISATION[kind] == (tuple(processor.image_mean), tuple(processor.image_std)), kind
+
+
+def test_qwen2_vl_images_are_patched_as_its_image_processor_patches_them(qwen2_vl_dir):
+    """cit's square (16 x 16 merged tokens: 256 pixels at the tiny tower's 8-pixel patches), cut into the flat
+    patches Qwen2VLImageProcessor writes for that image: merge blocks in a row, each patch twice in time."""
+    from transformers import Qwen2VLImageProcessor
+
+    vision = Backbone.load(qwen2_vl_dir).vision
+    square = images()[0].convert("RGB").resize((vision.size, vision.size), Image.Resampling.BICUBIC)
+    processor = Qwen2VLImageProcessor(do_resize=False, patch_size=8, merge_size=2, temporal_patch_size=2)
+    theirs = processor(square, return_tensors="pt")
+    assert theirs.image_grid_thw.tolist() == [[1, 32, 32]]
+    ours = vision._patches(vision.views([square])[:, 0])
+    assert ours.shape == theirs.pixel_values.shape and torch.allclose(ours, theirs.pixel_values, atol=1e-5)
 
 
 def test_a_checkpoints_own_image_processor_normalises_its_images(llava_onevision_dir, tmp_path):
@@ -242,7 +276,7 @@ def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template", "idefics3", "llava_next",
-                                  "llava_onevision"])
+                                  "llava_onevision", "qwen2_vl"])
 def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
     import transformers
 
@@ -251,13 +285,16 @@ def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
                                  "llava-other-template": "LlavaForConditionalGeneration",
                                  "idefics3": "Idefics3ForConditionalGeneration",
                                  "llava_next": "LlavaNextForConditionalGeneration",
-                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[kind])
+                                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                                 "qwen2_vl": "Qwen2VLForConditionalGeneration"}[kind])
     backbone = Backbone.load(directory)
     base = backbone.base_connector()
-    assert base.config.projector == ("token_linear" if kind in ("blip2", "idefics3") else "token_mlp")
+    assert base.config.projector == {"blip2": "token_linear", "idefics3": "token_linear",
+                                     "qwen2_vl": "merger"}.get(kind, "token_mlp")
     # LLaVA: 16 patches; BLIP-2: 4 queries; Idefics3: 16 patches, pixel-shuffled 2 x 2 into 4 tokens of 4 x 32;
-    # NeXT / OneVision: 16 base patches and 4 tiles' 64 as an 8 x 8 grid (+ 8 newlines in the prompt)
-    tokens = {"blip2": 4, "idefics3": 4, "llava_next": 80, "llava_onevision": 80}.get(kind, 16)
+    # NeXT / OneVision: 16 base patches and 4 tiles' 64 as an 8 x 8 grid (+ 8 newlines in the prompt);
+    # Qwen2-VL: 32 x 32 patches merged 2 x 2 into a 16 x 16 grid
+    tokens = {"blip2": 4, "idefics3": 4, "llava_next": 80, "llava_onevision": 80, "qwen2_vl": 256}.get(kind, 16)
     assert base.config.num_tokens == tokens and base.config.hidden_size == 64
     assert base.config.bias == (kind != "idefics3")
     # two instructions of different lengths after the image: one batch, each row's part padded to a common width
@@ -266,10 +303,20 @@ def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
     features = backbone.encode_images(pictures)
     assert features.shape == (2, base.config.num_tokens * base.config.feature_dim)
     assert backbone.routing_features(features).shape == (2, base.config.feature_dim)
-    ours = backbone.generate(features, [TaskAdapter(base)] * 2, instructions, [Sampling(max_new_tokens=8)] * 2)
-    for state, instruction, picture in zip(ours, instructions, pictures):
-        assert state.token_ids == reference_tokens(cls, directory, backbone, instruction, picture, 8)
-        assert len(state.token_ids) >= 1
+    logits: list[torch.Tensor] = []  # each forward pass's last logits, [rows alive, vocab]
+    head = backbone.lm.model.get_output_embeddings().register_forward_hook(lambda m, i, out: logits.append(out[:, -1]))
+    try:
+        ours = backbone.generate(features, [TaskAdapter(base)] * 2, instructions, [Sampling(max_new_tokens=8)] * 2)
+    finally:
+        head.remove()
+    for row, (state, instruction, picture) in enumerate(zip(ours, instructions, pictures)):
+        tokens, steps = reference_tokens(cls, directory, backbone, instruction, picture, 8)
+        assert state.token_ids == tokens and len(tokens) >= 1
+        # the same numbers, not only the same argmax: a tiny random LM's greedy tokens hardly depend on positions
+        both = [(ours, theirs) for ours, theirs in zip(logits, steps) if len(ours) == 2]
+        assert len(both) >= 2
+        for at, (mine, theirs) in enumerate(both):
+            assert torch.allclose(mine[row], theirs, atol=2e-4, rtol=1e-4), (kind, row, at)
 
 
 def test_the_training_loss_with_an_image_first_prompt_equals_the_full_causal_lm_loss(other_template_dir):
@@ -281,6 +328,40 @@ def test_the_training_loss_with_an_image_first_prompt_equals_the_full_causal_lm_
     with torch.no_grad():
         visual = connector(backbone.encode_images(images()).clone())
     assert_training_loss_is_the_full_causal_lm_loss(lm, visual, instructions, answers)
+
+
+def test_training_logits_under_multimodal_rope_equal_qwen2_vls_own(qwen2_vl_dir):
+    """Training places the visual tokens by M-RoPE as Qwen2-VL's forward does (grid positions, the text after them
+    from the grid's side on): the prefix-cached logits at two rows' answer positions equal the model's own."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    backbone = Backbone.load(qwen2_vl_dir)
+    lm, vision, connector = backbone.lm, backbone.vision, backbone.base_connector()
+    pictures, instructions, answers = images(), ["What is it?", "Which digit is written here, if any?"], ["a dress", "7"]
+    with torch.no_grad():
+        ours, targets = lm.answer_logits(connector(backbone.encode_images(pictures)), instructions, answers)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2_vl_dir, dtype=torch.float32).eval()
+    theirs = []
+    for picture, instruction, answer in zip(pictures, instructions, answers):
+        pre, post = lm.prompt_ids(instruction)
+        ans = lm.answer_ids(answer)
+        ids = torch.tensor([pre + [IMAGE_TOKEN] * connector.config.output_tokens + post + ans])
+        side = vision.size // vision.patch
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=vision._patches(vision.views([picture])[:, 0]),
+                           image_grid_thw=torch.tensor([[1, side, side]]),
+                           mm_token_type_ids=(ids == IMAGE_TOKEN).int()).logits[0]
+        theirs.append(logits[-len(ans) - 1 : -1])  # the positions that predict the answer's tokens
+    assert targets.tolist() == [t for a in answers for t in lm.answer_ids(a)]
+    assert torch.allclose(ours, torch.cat(theirs), atol=2e-4, rtol=1e-4)
+
+
+def test_the_vllm_engine_refuses_a_multimodal_rope_backbone_clearly(qwen2_vl_dir, tmp_path):
+    """vLLM takes prompt embeddings with one position per token: Qwen2-VL's image positions cannot reach it."""
+    reg = Registry.open(tmp_path / "reg", create=True)
+    with pytest.raises(ValueError, match="multimodal RoPE: serve it with --engine embedded"):
+        Engine(ServerConfig(registry=reg.root, engine="vllm"), backbone=Backbone.load(qwen2_vl_dir))
 
 
 def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llava_dir, tmp_path):
@@ -297,7 +378,7 @@ def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llav
         Engine(ServerConfig(registry=reg.root), backbone=backbone)
 
 
-@pytest.mark.parametrize("kind", ["llava", "idefics3", "llava_next"])
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "llava_next", "qwen2_vl"])
 def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(kind, request, tmp_path, backbone):
     checkpoint = request.getfixturevalue(f"{kind}_dir")
     default, backbone = backbone, Backbone.load(checkpoint)

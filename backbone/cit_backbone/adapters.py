@@ -18,7 +18,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-PROJECTORS = ("linear", "token_mlp", "token_linear")
+PROJECTORS = ("linear", "token_mlp", "token_linear", "merger")
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,16 @@ class ConnectorConfig:
     # "linear": one Linear from the pooled feature to all visual tokens (cit's default backbone);
     # "token_mlp": LLaVA's multi_modal_projector, Linear-GELU-Linear on each vision token;
     # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token (Idefics3's
-    # modality_projection, without a bias, on each pixel-shuffled vision token).
+    # modality_projection, without a bias, on each pixel-shuffled vision token);
+    # "merger": Qwen2-VL's visual.merger, a LayerNorm on each of the `merged_patches` patches a token folds, then
+    # Linear-GELU-Linear on the token.
     projector: str = "linear"
     bias: bool = True         # the Linear layers have biases (Idefics3's projection has none)
     # LLaVA-NeXT / OneVision's image_newline: the last grid_rows x grid_columns tokens are the tiled image's grid,
     # row by row (the base view's tokens come before it), and a learned embedding follows each row of the grid
     grid_rows: int = 0
     grid_columns: int = 0
+    merged_patches: int = 1   # "merger": patches folded into one vision token (feature_dim = merged_patches x width)
 
     @classmethod
     def read(cls, directory: Path) -> ConnectorConfig:
@@ -54,6 +57,8 @@ class ConnectorConfig:
         if (self.grid_rows > 0) != (self.grid_columns > 0) or min(self.grid_rows, self.grid_columns) < 0 \
                 or grid > self.num_tokens or (grid and self.projector == "linear"):
             raise ValueError(f"a newline grid is rows x columns of a token projector's tokens: {self}")
+        if self.merged_patches < 1 or self.feature_dim % self.merged_patches:
+            raise ValueError(f"a merged token's width is a whole number of patches: {self}")
 
     @property
     def output_tokens(self) -> int:
@@ -73,6 +78,10 @@ class Connector(nn.Module):
             self.proj = nn.Linear(c.feature_dim, c.hidden_size * c.num_tokens, bias=c.bias)
         elif c.projector == "token_linear":
             self.proj = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
+        elif c.projector == "merger":  # Qwen2-VL's names: ln_q, mlp.0, mlp.2
+            self.ln_q = nn.LayerNorm(c.feature_dim // c.merged_patches, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(c.feature_dim, c.feature_dim, bias=c.bias), nn.GELU(),
+                                     nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias))
         else:
             self.linear_1 = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
             self.act = nn.GELU()
@@ -85,6 +94,9 @@ class Connector(nn.Module):
         if c.projector == "linear":
             return self.proj(features).view(rows, c.num_tokens, c.hidden_size)
         tokens = features.view(rows, c.num_tokens, c.feature_dim)
+        if c.projector == "merger":
+            patches = self.ln_q(tokens.view(rows, c.num_tokens, c.merged_patches, -1))
+            return self.mlp(patches.view(rows, c.num_tokens, c.feature_dim))
         out = self.proj(tokens) if c.projector == "token_linear" else self.linear_2(self.act(self.linear_1(tokens)))
         if not c.grid_rows:
             return out

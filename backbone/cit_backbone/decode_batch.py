@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .language_model import LanguageModel, pad_left
+from .language_model import LanguageModel, pad_left, unaxed
 from .sampling import RowState, Sampling, sample_token
 
 
@@ -88,15 +88,17 @@ class DecodeBatch:
         suffix = max(owns)
         emb = torch.zeros(n, suffix, lm.hidden_size, dtype=lm.dtype, device=lm.device)
         mask = torch.zeros(n, width + suffix, dtype=torch.long)
-        positions = torch.zeros(n, suffix, dtype=torch.long)
+        relative = [lm.image_text_positions(visual.shape[1], len(post)) for post in posts]  # [axes, own] each
+        positions = torch.zeros(relative[0].shape[0], n, suffix, dtype=torch.long)
         for i, (length, own, post) in enumerate(zip(lengths, owns, posts)):
             emb[i, suffix - own :] = torch.cat([visual[i].to(lm.device, lm.dtype), embedded[post]])
             mask[i, width - length : width] = 1
             mask[i, width + suffix - own :] = 1
-            positions[i] = length + (torch.arange(suffix) - (suffix - own)).clamp(min=0)
+            positions[:, i] = length  # the masked columns' (nothing attends to them)
+            positions[:, i, suffix - own :] += relative[i]
         mask, positions = mask.to(lm.device), positions.to(lm.device)
         with lm.loras.rows(loras):
-            out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+            out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=unaxed(positions),
                            cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
         rows = [_Row(RowState(prompt_tokens=length + own), s,
                      torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)
@@ -107,7 +109,8 @@ class DecodeBatch:
         live = [i for i, r in enumerate(rows) if not r.state.finish_reason]
         if live:
             index = torch.tensor(live, device=lm.device)
-            self._append([(k[index], v[index]) for k, v, *_ in out.cache], mask[index], positions[index, -1:],
+            # a row's last prompt token is text, at one position on every axis: decoding runs on from it
+            self._append([(k[index], v[index]) for k, v, *_ in out.cache], mask[index], positions[0, index, -1:],
                          [rows[i] for i in live])
         return [r.state for r in rows]
 

@@ -1,8 +1,8 @@
 """Backbones from Hugging Face multimodal checkpoints in a local directory.
 
 LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower -> multi_modal_projector -> LM), LLaVA-NeXT and
-LLaVA-OneVision (the same, on tiles: see below), BLIP-2 (`Blip2ForConditionalGeneration`: ViT -> Q-Former ->
-language_projection -> LM) and Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle
+LLaVA-OneVision (the same, on tiles: see below), Qwen2-VL (below), BLIP-2 (`Blip2ForConditionalGeneration`: ViT ->
+Q-Former -> language_projection -> LM) and Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle
 -> connector.modality_projection -> LM; one global image, no splitting into tiles). The checkpoint's projection
 becomes the base connector and the shape of every task's projection (EProj: `token_mlp` or `token_linear`); the
 vision side (with Idefics3's pixel shuffle, which has no weights) and the LM stay frozen. The LM is written once into
@@ -16,6 +16,14 @@ OneVision's 768 x 768: 2 x 2 tiles) and to the tower's input for the base view, 
 processor and `pack_image_features` do with a square image of that size (no padding to unpad; at most 9 tiles, so
 OneVision does not interpolate). The projection is the checkpoint's multi_modal_projector with its image_newline
 (trained with it per task, as the family trains them together).
+
+Qwen2-VL (`Qwen2VLForConditionalGeneration`: a vision transformer on flat patches -> visual.merger -> a Qwen2 LM
+with multimodal RoPE) takes images of any size; cit resizes every image to QWEN2_VL_SIDE x QWEN2_VL_SIDE merged
+tokens (448 x 448 pixels at the released 14-pixel patches), patches it as the family's processor does, and keeps
+the tower's states before the merger as vision tokens; the merger (a LayerNorm per patch, then Linear-GELU-Linear
+on 2 x 2 patches) is the projection. Its LM is written as Qwen2 with the RoPE sections kept: LanguageModel gives the
+visual tokens their (0, row, column) positions and the text after them positions from the grid's side on, as
+Qwen2-VL's get_rope_index does. The vLLM engine cannot take such positions and refuses the backbone.
 
 Image normalisation is the checkpoint's `preprocessor_config.json` where it has one, else the family's default.
 Prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
@@ -46,11 +54,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "llava_next": (CLIP_MEAN, CLIP_STD),
                  "llava_onevision": (CLIP_MEAN, CLIP_STD), "blip2": (CLIP_MEAN, CLIP_STD),
-                 "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+                 "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "qwen2_vl": (CLIP_MEAN, CLIP_STD)}
 ANYRES = ("llava_next", "llava_onevision")  # base view + tiles, multi_modal_projector, image_newline
+# Qwen2-VL's merged tokens per side of the square cit resizes every image to (16 x 16 = 256 visual tokens: 448 x 448
+# pixels for the released checkpoints' 14-pixel patches merged 2 x 2)
+QWEN2_VL_SIDE = 16
 # Idefics3 / SmolVLM wrap a global image's tokens in these (their processor writes them), tokens before and after;
 # used when the tokenizer has them
-AROUND_IMAGE = {"idefics3": (("<fake_token_around_image>", "<global-img>"), ("<fake_token_around_image>",))}
+AROUND_IMAGE = {"idefics3": (("<fake_token_around_image>", "<global-img>"), ("<fake_token_around_image>",)),
+                "qwen2_vl": (("<|vision_start|>",), ("<|vision_end|>",))}
 
 
 Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -72,11 +84,15 @@ class HfVision:
     def __init__(self, model, kind: str, device: torch.device = CPU, normalisation: Normalisation | None = None) -> None:
         config = model.config
         self.device = device  # float32, features returned on the CPU, as VisionTower's
-        self.kind, self.size = kind, config.vision_config.image_size
+        self.kind, self.size = kind, square_size(config, kind)
         self.normalisation = normalisation or NORMALISATION[kind]
         self.tokens, self.dim = vision_tokens(config, kind)
         self.side = anyres_side(config, kind) if kind in ANYRES else 0  # tiles per side of the tiled view
-        if kind == "llava" or kind in ANYRES:
+        if kind == "qwen2_vl":
+            vision = config.vision_config
+            self.tower, self.patch, self.merge = model.model.visual, vision.patch_size, vision.spatial_merge_size
+            self.temporal = vision.temporal_patch_size
+        elif kind == "llava" or kind in ANYRES:
             self.tower = model.model.vision_tower
             self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
         elif kind == "idefics3":
@@ -119,6 +135,10 @@ class HfVision:
             tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops the first (CLS)
             if self.side:
                 tokens = self._base_then_grid(tokens.view(rows, 1 + self.side ** 2, -1, self.dim))
+        elif self.kind == "qwen2_vl":
+            side = self.size // self.patch
+            grid = torch.tensor([[1, side, side]] * rows, device=pixels.device)
+            tokens = self.tower(self._patches(pixels), grid_thw=grid).last_hidden_state  # before visual.merger
         elif self.kind == "idefics3":
             side = self.size // self.patch  # every patch is image: no padding to mask
             mask = torch.ones(pixels.shape[0], side, side, dtype=torch.bool, device=pixels.device)
@@ -129,6 +149,14 @@ class HfVision:
             tokens = self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
                                   encoder_attention_mask=mask).last_hidden_state
         return tokens.reshape(rows, -1)
+
+    def _patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, size, size] -> Qwen2-VL's flat patches [B * patches, 3 * temporal * patch^2]: merge x merge blocks
+        of patches in a row, each patch repeated over the temporal patch (an image is a one-frame video), as the
+        family's image processor lays them out."""
+        rows, m, p, g = pixels.shape[0], self.merge, self.patch, self.size // (self.merge * self.patch)
+        blocks = pixels.reshape(rows, 3, g, m, p, g, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        return blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1).reshape(rows * (g * m) ** 2, -1)
 
     def _base_then_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, 1 + side^2 views, patches, dim] -> [B, tokens, dim]: the base view's patches, then the tiles' patches
@@ -141,6 +169,15 @@ class HfVision:
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         return features.view(features.shape[0], self.tokens, self.dim).mean(dim=1)
+
+
+def square_size(config, kind: str) -> int:
+    """The side in pixels of the square every image is resized to: the tower's input; Qwen2-VL's tower takes any
+    size, cit gives it QWEN2_VL_SIDE merged tokens a side."""
+    vision = config.vision_config
+    if kind == "qwen2_vl":
+        return QWEN2_VL_SIDE * vision.spatial_merge_size * vision.patch_size
+    return vision.image_size
 
 
 def anyres_side(config, kind: str) -> int:
@@ -165,7 +202,7 @@ def anyres_side(config, kind: str) -> int:
 def _kind(directory: Path) -> str:
     config = json.loads((directory / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type in ("llava",) + ANYRES:
+    if model_type in ("llava", "qwen2_vl") + ANYRES:
         return model_type
     if model_type == "blip-2":
         return "blip2"
@@ -174,8 +211,8 @@ def _kind(directory: Path) -> str:
     if model_type == "instructblip":
         raise ValueError("InstructBLIP's Q-Former reads the instruction; cit's image features do not depend on it "
                          "(use a BLIP-2 or LLaVA checkpoint)")
-    raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2 "
-                     "or Idefics3 / SmolVLM checkpoint")
+    raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, "
+                     "Idefics3 / SmolVLM or Qwen2-VL checkpoint")
 
 
 @dataclass(frozen=True)
@@ -190,10 +227,11 @@ class Checkpoint:
     lm_dir: Path
     prompt: PromptFormat
     normalisation: Normalisation
+    visual_grid: tuple[int, int] | None  # Qwen2-VL: the visual tokens' rows x columns, for M-RoPE positions
 
 
 def load_checkpoint(directory: Path) -> Checkpoint:
-    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2 or Idefics3 / SmolVLM checkpoint."""
+    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, Idefics3 / SmolVLM or Qwen2-VL checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory = Path(directory)
@@ -209,8 +247,9 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
+    grid = (QWEN2_VL_SIDE, QWEN2_VL_SIDE) if kind == "qwen2_vl" else None
     return Checkpoint(directory, kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer),
-                      prompt, _normalisation(directory, kind))
+                      prompt, _normalisation(directory, kind), grid)
 
 
 def _normalisation(directory: Path, kind: str) -> Normalisation:
@@ -239,6 +278,8 @@ def vision_tokens(config, kind: str) -> tuple[int, int]:
     """(tokens, width) of the vision features a checkpoint's projection reads."""
     if kind == "blip2":
         return config.num_query_tokens, config.qformer_config.hidden_size
+    if kind == "qwen2_vl":  # merge x merge patches folded into one token
+        return QWEN2_VL_SIDE ** 2, config.vision_config.embed_dim * config.vision_config.spatial_merge_size ** 2
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     if kind == "idefics3":  # the pixel shuffle folds scale x scale patches into one token
         return patches // config.scale_factor ** 2, config.vision_config.hidden_size * config.scale_factor ** 2
@@ -268,6 +309,10 @@ def base_connector(model, kind: str) -> Connector:
         state = dict(model.model.multi_modal_projector.state_dict())  # linear_1.*, linear_2.*: the connector's names
         if grid:
             state["image_newline"] = model.model.image_newline.detach()
+    elif kind == "qwen2_vl":
+        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="merger",
+                                              merged_patches=config.vision_config.spatial_merge_size ** 2))
+        state = model.model.visual.merger.state_dict()  # ln_q.*, mlp.0.*, mlp.2.*: the connector's names
     elif kind == "idefics3":
         connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear", bias=False))
         state = model.model.connector.modality_projection.state_dict()  # proj.weight: the connector's name
@@ -294,11 +339,25 @@ def _cached_lm(directory: Path, model, tokenizer) -> Path:
     target = cache_dir() / f"hf-lm-{digest.hexdigest()[:16]}"
     if (target / "config.json").exists():
         return target
-    if hasattr(model, "model"):  # LLaVA (and NeXT, OneVision), Idefics3: the decoder and the head sit apart
-        lm = AutoModelForCausalLM.from_config(model.config.text_config, dtype=torch.float32)
+    if hasattr(model, "model"):  # LLaVA (and NeXT, OneVision), Idefics3, Qwen2-VL: the decoder and the head sit apart
+        lm = AutoModelForCausalLM.from_config(_causal_lm_config(model.config.text_config), dtype=torch.float32)
         decoder = model.model.text_model if hasattr(model.model, "text_model") else model.model.language_model
         state = {f"model.{k}": v for k, v in decoder.state_dict().items()}
         lm.load_state_dict({**state, "lm_head.weight": model.lm_head.weight}, strict=True)
     else:  # BLIP-2: a whole causal LM already
         lm = model.language_model
     return save_to_cache(lm, tokenizer, target)
+
+
+def _causal_lm_config(text_config):
+    """The config of the checkpoint's LM as a plain causal LM. Qwen2-VL's LM is Qwen2 with multimodal RoPE: written as
+    Qwen2 with its sections kept as `cit_mrope_section` (LanguageModel rotates with them where positions are 3-D;
+    text-only positions are plain RoPE)."""
+    if text_config.model_type != "qwen2_vl_text":
+        return text_config
+    from transformers import Qwen2Config
+
+    fields = {k: v for k, v in text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    rope = dict(fields.pop("rope_parameters"))
+    sections = list(rope.pop("mrope_section"))
+    return Qwen2Config(**fields, rope_parameters=rope, cit_mrope_section=sections)

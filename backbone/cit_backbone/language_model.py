@@ -32,7 +32,8 @@ def prompt_length(encode, instruction: str, visual_tokens: int, prompt: PromptFo
 
 class LanguageModel:
     def __init__(self, path: Path | None = None, numerics: Numerics = CPU_FLOAT32,
-                 prompt: PromptFormat = CIT_CHATML) -> None:
+                 prompt: PromptFormat = CIT_CHATML, visual_grid: tuple[int, int] | None = None) -> None:
+        """`visual_grid`: rows x columns of the visual tokens, for an LM with multimodal RoPE (Qwen2-VL's)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = path = path or converted_lm_dir()
@@ -43,6 +44,12 @@ class LanguageModel:
         self.model.eval().requires_grad_(False)
         pack_linears(self.model)  # frozen CPU weights packed once for oneDNN: decode steps ~3x faster in their matmuls
         self.hidden_size: int = self.model.config.hidden_size
+        sections = getattr(self.model.config, "cit_mrope_section", None)
+        if (sections is None) != (visual_grid is None):
+            raise ValueError("an LM with multimodal RoPE needs the visual tokens' grid, and only such an LM takes one")
+        if sections is not None:
+            self.model.model.rotary_emb = MultimodalRotary(self.model.model.rotary_emb, sections)
+        self.visual_grid = visual_grid
         self.eos_id: int = self.encode(prompt.end_of_turn)[0]  # ends an answer: decoding stops, labels end with it
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -70,6 +77,19 @@ class LanguageModel:
 
     def prompt_tokens(self, instruction: str, visual_tokens: int) -> int:
         return prompt_length(self.encode, instruction, visual_tokens, self.prompt)
+
+    def image_text_positions(self, visual_tokens: int, text_tokens: int) -> torch.Tensor:
+        """Positions of a row's visual tokens and the text after them, counted from the end of its prefix: [1, V + T]
+        (0, 1, 2, ...), or [3, V + T] under multimodal RoPE (as Qwen2-VL's get_rope_index: visual tokens at
+        (0, row, column) of the grid, the text from max(rows, columns) on in all three)."""
+        if self.visual_grid is None:
+            return torch.arange(visual_tokens + text_tokens).unsqueeze(0)
+        rows, columns = self.visual_grid
+        if rows * columns != visual_tokens:
+            raise ValueError(f"{visual_tokens} visual tokens do not fill the {rows} x {columns} grid")
+        grid = torch.stack([torch.zeros(visual_tokens, dtype=torch.long), torch.arange(rows).repeat_interleave(columns),
+                            torch.arange(columns).repeat(rows)])
+        return torch.cat([grid, (max(rows, columns) + torch.arange(text_tokens)).expand(3, -1)], dim=1)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
@@ -124,7 +144,8 @@ class LanguageModel:
         labels, mask = labels.to(self.device), mask.to(self.device)
         kv = [tuple(torch.cat([pad_left(p[layer][part], width - n) for p, n in zip(prefixes, lengths)])
                     for part in (0, 1)) for layer in range(len(prefixes[0]))]
-        positions = (torch.tensor(lengths).unsqueeze(1) + torch.arange(length)).to(self.device)
+        relative = self.image_text_positions(visual.shape[1], length - visual.shape[1])  # [axes, length]
+        positions = unaxed(torch.tensor(lengths).view(1, -1, 1) + relative.unsqueeze(1)).to(self.device)
         with self.loras.rows([lora] * rows):
             hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
                                       cache=DynamicCache(kv, config=self.model.config), use_cache=True).last_hidden_state
@@ -178,3 +199,29 @@ def pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[axis] = n
     return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def unaxed(positions: torch.Tensor) -> torch.Tensor:
+    """Positions [axes, rows, L] as the LM takes them: [rows, L] for plain RoPE, all axes for multimodal RoPE."""
+    return positions[0] if positions.shape[0] == 1 else positions
+
+
+class MultimodalRotary(torch.nn.Module):
+    """Qwen2-VL's multimodal RoPE over a plain LM's rotary embedding: with positions [3, rows, L] (temporal,
+    height, width) each section of the head's frequencies turns with its own axis (`sections`: frequencies per
+    axis, cycling); positions [rows, L] are text, the same on every axis, which is plain RoPE."""
+
+    def __init__(self, rotary: torch.nn.Module, sections: list[int]) -> None:
+        super().__init__()
+        self.rotary, self.sections = rotary, list(sections) * 2  # cos / sin repeat their frequencies in two halves
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.dim() == 2:
+            return self.rotary(x, position_ids)
+        cos, sin = zip(*(self.rotary(x, axis) for axis in position_ids))  # [rows, L, dim] per axis
+        return self._mix(cos), self._mix(sin)
+
+    def _mix(self, per_axis: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Section i of the frequencies from axis i mod 3."""
+        chunks = [part.split(self.sections, dim=-1) for part in per_axis]
+        return torch.cat([chunks[i % 3][i] for i in range(len(self.sections))], dim=-1)

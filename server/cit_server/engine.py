@@ -178,6 +178,9 @@ class Engine:
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_backbone()
+        if config.engine == "vllm" and self.backbone.lm.visual_grid is not None:
+            raise ValueError("--engine vllm takes prompt embeddings with one position per token; this backbone's LM "
+                             "(Qwen2-VL's) places image tokens by multimodal RoPE: serve it with --engine embedded")
         self.metrics = Metrics(self.adapters, config.metrics_top_tasks)
         self.admission = Admission(config.max_requests)
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more
