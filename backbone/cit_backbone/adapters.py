@@ -31,8 +31,8 @@ class ConnectorConfig:
     # "token_mlp": LLaVA's multi_modal_projector, Linear-GELU-Linear on each vision token;
     # "token_linear": BLIP-2's language_projection, one Linear on each Q-Former output token (Idefics3's
     # modality_projection, without a bias, on each pixel-shuffled vision token);
-    # "merger": Qwen2-VL's visual.merger, a LayerNorm on each of the `merged_patches` patches a token folds, then
-    # Linear-GELU-Linear on the token.
+    # "merger": Qwen2-VL's visual.merger, a LayerNorm (Qwen2.5-VL: an RMSNorm, `norm`) on each of the
+    # `merged_patches` patches a token folds, then Linear-GELU-Linear on the token.
     projector: str = "linear"
     bias: bool = True         # the Linear layers have biases (Idefics3's projection has none)
     # LLaVA-NeXT / OneVision's image_newline: the last grid_rows x grid_columns tokens are the tiled image's grid,
@@ -40,6 +40,7 @@ class ConnectorConfig:
     grid_rows: int = 0
     grid_columns: int = 0
     merged_patches: int = 1   # "merger": patches folded into one vision token (feature_dim = merged_patches x width)
+    norm: str = "layer"       # "merger": "layer" (LayerNorm) or "rms" (RMSNorm) on each patch
 
     @classmethod
     def read(cls, directory: Path) -> ConnectorConfig:
@@ -59,6 +60,8 @@ class ConnectorConfig:
             raise ValueError(f"a newline grid is rows x columns of a token projector's tokens: {self}")
         if self.merged_patches < 1 or self.feature_dim % self.merged_patches:
             raise ValueError(f"a merged token's width is a whole number of patches: {self}")
+        if self.norm not in ("layer", "rms"):
+            raise ValueError(f"unknown norm {self.norm!r}; choose from layer, rms")
 
     @property
     def output_tokens(self) -> int:
@@ -79,7 +82,8 @@ class Connector(nn.Module):
         elif c.projector == "token_linear":
             self.proj = nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias)
         elif c.projector == "merger":  # Qwen2-VL's names: ln_q, mlp.0, mlp.2
-            self.ln_q = nn.LayerNorm(c.feature_dim // c.merged_patches, eps=1e-6)
+            norm = nn.LayerNorm if c.norm == "layer" else nn.RMSNorm
+            self.ln_q = norm(c.feature_dim // c.merged_patches, eps=1e-6)
             self.mlp = nn.Sequential(nn.Linear(c.feature_dim, c.feature_dim, bias=c.bias), nn.GELU(),
                                      nn.Linear(c.feature_dim, c.hidden_size, bias=c.bias))
         else:

@@ -17,13 +17,15 @@ processor and `pack_image_features` do with a square image of that size (no padd
 OneVision does not interpolate). The projection is the checkpoint's multi_modal_projector with its image_newline
 (trained with it per task, as the family trains them together).
 
-Qwen2-VL (`Qwen2VLForConditionalGeneration`: a vision transformer on flat patches -> visual.merger -> a Qwen2 LM
-with multimodal RoPE) takes images of any size; cit resizes every image to QWEN2_VL_SIDE x QWEN2_VL_SIDE merged
-tokens (448 x 448 pixels at the released 14-pixel patches), patches it as the family's processor does, and keeps
-the tower's states before the merger as vision tokens; the merger (a LayerNorm per patch, then Linear-GELU-Linear
-on 2 x 2 patches) is the projection. Its LM is written as Qwen2 with the RoPE sections kept: LanguageModel gives the
-visual tokens their (0, row, column) positions and the text after them positions from the grid's side on, as
-Qwen2-VL's get_rope_index does. The vLLM engine cannot take such positions and refuses the backbone.
+Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`: a vision
+transformer on flat patches -> visual.merger -> a Qwen2 LM with multimodal RoPE) take images of any size; cit
+resizes every image to QWEN2_VL_SIDE x QWEN2_VL_SIDE merged tokens (448 x 448 pixels at the released 14-pixel
+patches), patches it as the family's processor does, and keeps the tower's states before the merger as vision
+tokens, in the image's order (Qwen2.5-VL's tower runs them in window order and puts the merger's output back); the
+merger (a LayerNorm per patch, Qwen2.5-VL's an RMSNorm, then Linear-GELU-Linear on 2 x 2 patches) is the
+projection. Its LM is written as Qwen2 with the RoPE sections kept: LanguageModel gives the visual tokens their
+(0, row, column) positions and the text after them positions from the grid's side on, as Qwen2-VL's
+get_rope_index does. The vLLM engine cannot take such positions and refuses the backbone.
 
 Image normalisation is the checkpoint's `preprocessor_config.json` where it has one, else the family's default.
 Prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
@@ -82,6 +84,8 @@ class HfVision:
     their mean over tokens (`pooled`), generation the tokens themselves."""
 
     def __init__(self, model, kind: str, device: torch.device = CPU, normalisation: Normalisation | None = None) -> None:
+        """`model`: the checkpoint's model, whose vision side this takes over (Qwen2-VL's merger then folds its
+        input instead of projecting it)."""
         config = model.config
         self.device = device  # float32, features returned on the CPU, as VisionTower's
         self.kind, self.size = kind, square_size(config, kind)
@@ -92,6 +96,9 @@ class HfVision:
             vision = config.vision_config
             self.tower, self.patch, self.merge = model.model.visual, vision.patch_size, vision.spatial_merge_size
             self.temporal = vision.temporal_patch_size
+            # the tower's output path, with each merged token's patches folded instead of projected: the patches
+            # before the merger, grouped and ordered as the merger's output is (Qwen2.5-VL reorders it)
+            self.tower.merger.register_forward_hook(lambda merger, args, out: args[0].reshape(out.shape[0], -1))
         elif kind == "llava" or kind in ANYRES:
             self.tower = model.model.vision_tower
             self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
@@ -138,7 +145,7 @@ class HfVision:
         elif self.kind == "qwen2_vl":
             side = self.size // self.patch
             grid = torch.tensor([[1, side, side]] * rows, device=pixels.device)
-            tokens = self.tower(self._patches(pixels), grid_thw=grid).last_hidden_state  # before visual.merger
+            tokens = self.tower(self._patches(pixels), grid_thw=grid).pooler_output  # the merger folds (above)
         elif self.kind == "idefics3":
             side = self.size // self.patch  # every patch is image: no padding to mask
             mask = torch.ones(pixels.shape[0], side, side, dtype=torch.bool, device=pixels.device)
@@ -204,6 +211,8 @@ def _kind(directory: Path) -> str:
     model_type = config.get("model_type")
     if model_type in ("llava", "qwen2_vl") + ANYRES:
         return model_type
+    if model_type == "qwen2_5_vl":  # Qwen2-VL's path; the config says where the two differ
+        return "qwen2_vl"
     if model_type == "blip-2":
         return "blip2"
     if model_type in ("idefics3", "smolvlm"):
@@ -212,7 +221,7 @@ def _kind(directory: Path) -> str:
         raise ValueError("InstructBLIP's Q-Former reads the instruction; cit's image features do not depend on it "
                          "(use a BLIP-2 or LLaVA checkpoint)")
     raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, "
-                     "Idefics3 / SmolVLM or Qwen2-VL checkpoint")
+                     "Idefics3 / SmolVLM, Qwen2-VL or Qwen2.5-VL checkpoint")
 
 
 @dataclass(frozen=True)
@@ -231,7 +240,7 @@ class Checkpoint:
 
 
 def load_checkpoint(directory: Path) -> Checkpoint:
-    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, Idefics3 / SmolVLM or Qwen2-VL checkpoint."""
+    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, Idefics3 / SmolVLM, Qwen2-VL or Qwen2.5-VL checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory = Path(directory)
@@ -278,8 +287,10 @@ def vision_tokens(config, kind: str) -> tuple[int, int]:
     """(tokens, width) of the vision features a checkpoint's projection reads."""
     if kind == "blip2":
         return config.num_query_tokens, config.qformer_config.hidden_size
-    if kind == "qwen2_vl":  # merge x merge patches folded into one token
-        return QWEN2_VL_SIDE ** 2, config.vision_config.embed_dim * config.vision_config.spatial_merge_size ** 2
+    if kind == "qwen2_vl":  # merge x merge patches folded into one token; a patch's width is Qwen2.5-VL's hidden_size
+        vision = config.vision_config
+        width = vision.embed_dim if config.model_type == "qwen2_vl" else vision.hidden_size
+        return QWEN2_VL_SIDE ** 2, width * vision.spatial_merge_size ** 2
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     if kind == "idefics3":  # the pixel shuffle folds scale x scale patches into one token
         return patches // config.scale_factor ** 2, config.vision_config.hidden_size * config.scale_factor ** 2
@@ -311,7 +322,8 @@ def base_connector(model, kind: str) -> Connector:
             state["image_newline"] = model.model.image_newline.detach()
     elif kind == "qwen2_vl":
         connector = Connector(ConnectorConfig(width, hidden, tokens, projector="merger",
-                                              merged_patches=config.vision_config.spatial_merge_size ** 2))
+                                              merged_patches=config.vision_config.spatial_merge_size ** 2,
+                                              norm="layer" if config.model_type == "qwen2_vl" else "rms"))
         state = model.model.visual.merger.state_dict()  # ln_q.*, mlp.0.*, mlp.2.*: the connector's names
     elif kind == "idefics3":
         connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear", bias=False))
@@ -350,10 +362,10 @@ def _cached_lm(directory: Path, model, tokenizer) -> Path:
 
 
 def _causal_lm_config(text_config):
-    """The config of the checkpoint's LM as a plain causal LM. Qwen2-VL's LM is Qwen2 with multimodal RoPE: written as
+    """The config of the checkpoint's LM as a plain causal LM. Qwen2(.5)-VL's LM is Qwen2 with multimodal RoPE: written as
     Qwen2 with its sections kept as `cit_mrope_section` (LanguageModel rotates with them where positions are 3-D;
     text-only positions are plain RoPE)."""
-    if text_config.model_type != "qwen2_vl_text":
+    if text_config.model_type not in ("qwen2_vl_text", "qwen2_5_vl_text"):
         return text_config
     from transformers import Qwen2Config
 
