@@ -142,28 +142,51 @@ def qwen2_5_vl_dir(qwen2_vl_dir, tmp_path_factory):
     return save_checkpoint(Qwen2_5_VLForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("qwen2.5-vl"))
 
 
+@pytest.fixture(scope="module")
+def paligemma_dir(tmp_path_factory):
+    """PaliGemma's shape: a SigLIP tower, one Linear, a Gemma LM (embeddings scaled by the square root of the width)."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(7)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8, projection_dim=64)
+    text = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projection_dim=64)
+    return save_checkpoint(PaliGemmaForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("paligemma"))
+
+
 def images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+
+
+def family_inputs(vision, ids, image, prompt):
+    """transformers' own inputs for `ids` (image-token placeholders where the visual tokens go) and `image`: its
+    pixels in the family's shape and what else its forward needs. `prompt`: how many ids are prompt."""
+    pixels = vision.views([image])  # [batch, views, channels, height, width]: Idefics3's and anyres' own shape
+    if vision.kind == "qwen2_vl":  # flat patches, their grid, and which tokens are the image's (for M-RoPE)
+        side = vision.size // vision.patch
+        return {"pixel_values": vision._patches(pixels[:, 0]), "image_grid_thw": torch.tensor([[1, side, side]]),
+                "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    if vision.side:  # the image's size, as the family's processor reports it for cit's square tiled view
+        return {"pixel_values": pixels, "image_sizes": torch.tensor([[vision.side * vision.size] * 2])}
+    if vision.kind == "paligemma":  # 0: the prompt, seen both ways; 1: the answer
+        types = torch.ones_like(ids)
+        types[:, :prompt] = 0
+        return {"pixel_values": pixels[:, 0], "token_type_ids": types}
+    return {"pixel_values": pixels if vision.kind == "idefics3" else pixels[:, 0]}
 
 
 def reference_tokens(cls, directory, backbone, instruction, image, max_new_tokens):
     """transformers' own generate: the same prompt with image-token placeholders, the same pixels. Its tokens and
     the logits of each step."""
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
-    lm, vision = backbone.lm, backbone.vision
+    lm = backbone.lm
     pre, post = lm.prompt_ids(instruction)
     ids = torch.tensor([pre + [IMAGE_TOKEN] * backbone.base_connector().config.output_tokens + post])
-    pixels = vision.views([image])  # [batch, views, channels, height, width]: Idefics3's and anyres' own shape
-    extra = {}
-    if vision.kind in ("llava", "blip2"):
-        pixels = pixels[:, 0]
-    elif vision.kind == "qwen2_vl":  # flat patches, their grid, and which tokens are the image's (for M-RoPE)
-        pixels, side = vision._patches(pixels[:, 0]), vision.size // vision.patch
-        extra = {"image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
-    elif vision.side:  # the image's size, as the family's processor reports it for cit's square tiled view
-        extra["image_sizes"] = torch.tensor([[vision.side * vision.size] * 2])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **extra,
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         **family_inputs(backbone.vision, ids, image, ids.shape[1]),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id,
                          output_logits=True, return_dict_in_generate=True)
     return [t for t in out.sequences[0, ids.shape[1]:].tolist() if t != lm.eos_id], [x[0] for x in out.logits]
@@ -294,7 +317,7 @@ def test_a_checkpoint_without_a_usable_chat_template_is_refused(llava_dir, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["llava", "blip2", "llava-other-template", "idefics3", "llava_next",
-                                  "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+                                  "llava_onevision", "qwen2_vl", "qwen2_5_vl", "paligemma"])
 def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
     import transformers
 
@@ -305,11 +328,12 @@ def test_a_checkpoint_backbone_decodes_as_transformers_does(kind, request):
                                  "llava_next": "LlavaNextForConditionalGeneration",
                                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                                  "qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[kind])
+                                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                 "paligemma": "PaliGemmaForConditionalGeneration"}[kind])
     backbone = Backbone.load(directory)
     base = backbone.base_connector()
     assert base.config.projector == {"blip2": "token_linear", "idefics3": "token_linear", "qwen2_vl": "merger",
-                                     "qwen2_5_vl": "merger"}.get(kind, "token_mlp")
+                                     "qwen2_5_vl": "merger", "paligemma": "token_linear"}.get(kind, "token_mlp")
     # LLaVA: 16 patches; BLIP-2: 4 queries; Idefics3: 16 patches, pixel-shuffled 2 x 2 into 4 tokens of 4 x 32;
     # NeXT / OneVision: 16 base patches and 4 tiles' 64 as an 8 x 8 grid (+ 8 newlines in the prompt);
     # Qwen2(.5)-VL: 32 x 32 patches merged 2 x 2 into a 16 x 16 grid
@@ -350,17 +374,19 @@ def test_the_training_loss_with_an_image_first_prompt_equals_the_full_causal_lm_
     assert_training_loss_is_the_full_causal_lm_loss(lm, visual, instructions, answers)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
-def test_training_logits_under_multimodal_rope_equal_the_models_own(kind, request):
-    """Training places the visual tokens by M-RoPE as Qwen2-VL's forward does (grid positions, the text after them
-    from the grid's side on): the prefix-cached logits at two rows' answer positions equal the model's own."""
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "paligemma"])
+def test_training_logits_equal_the_models_own_where_positions_or_attention_are_the_familys(kind, request):
+    """Training places and shows the visual tokens as the family's forward does: Qwen2(.5)-VL's multimodal RoPE
+    (grid positions, the text after them from the grid's side on), PaliGemma's prompt seen both ways and positions
+    from 1. The prefix-cached logits at two rows' answer positions equal the model's own."""
     import transformers
 
     directory = request.getfixturevalue(f"{kind}_dir")
     cls = getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[kind])
+                                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                 "paligemma": "PaliGemmaForConditionalGeneration"}[kind])
     backbone = Backbone.load(directory)
-    lm, vision, connector = backbone.lm, backbone.vision, backbone.base_connector()
+    lm, connector = backbone.lm, backbone.base_connector()
     pictures, instructions, answers = images(), ["What is it?", "Which digit is written here, if any?"], ["a dress", "7"]
     with torch.no_grad():
         ours, targets = lm.answer_logits(connector(backbone.encode_images(pictures)), instructions, answers)
@@ -370,22 +396,21 @@ def test_training_logits_under_multimodal_rope_equal_the_models_own(kind, reques
         pre, post = lm.prompt_ids(instruction)
         ans = lm.answer_ids(answer)
         ids = torch.tensor([pre + [IMAGE_TOKEN] * connector.config.output_tokens + post + ans])
-        side = vision.size // vision.patch
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           pixel_values=vision._patches(vision.views([picture])[:, 0]),
-                           image_grid_thw=torch.tensor([[1, side, side]]),
-                           mm_token_type_ids=(ids == IMAGE_TOKEN).int()).logits[0]
+                           **family_inputs(backbone.vision, ids, picture, ids.shape[1] - len(ans))).logits[0]
         theirs.append(logits[-len(ans) - 1 : -1])  # the positions that predict the answer's tokens
     assert targets.tolist() == [t for a in answers for t in lm.answer_ids(a)]
     assert torch.allclose(ours, torch.cat(theirs), atol=2e-4, rtol=1e-4)
 
 
-def test_the_vllm_engine_refuses_a_multimodal_rope_backbone_clearly(qwen2_vl_dir, tmp_path):
-    """vLLM takes prompt embeddings with one position per token: Qwen2-VL's image positions cannot reach it."""
+@pytest.mark.parametrize("kind", ["qwen2_vl", "paligemma"])
+def test_the_vllm_engine_refuses_a_backbone_it_cannot_place_clearly(kind, request, tmp_path):
+    """vLLM takes prompt embeddings with one position per token under causal attention: Qwen2-VL's image positions
+    and PaliGemma's prompt seen both ways cannot reach it."""
     reg = Registry.open(tmp_path / "reg", create=True)
-    with pytest.raises(ValueError, match="multimodal RoPE: serve it with --engine embedded"):
-        Engine(ServerConfig(registry=reg.root, engine="vllm"), backbone=Backbone.load(qwen2_vl_dir))
+    with pytest.raises(ValueError, match="serve it with --engine embedded"):
+        Engine(ServerConfig(registry=reg.root, engine="vllm"), backbone=Backbone.load(request.getfixturevalue(f"{kind}_dir")))
 
 
 def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llava_dir, tmp_path):
@@ -402,7 +427,7 @@ def test_a_registry_trained_on_the_earlier_chatml_prompt_is_refused_by_name(llav
         Engine(ServerConfig(registry=reg.root), backbone=backbone)
 
 
-@pytest.mark.parametrize("kind", ["llava", "idefics3", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "llava_next", "qwen2_vl", "paligemma"])
 def test_a_task_projection_of_a_checkpoint_backbone_trains_saves_and_serves(kind, request, tmp_path, backbone):
     checkpoint = request.getfixturevalue(f"{kind}_dir")
     default, backbone = backbone, Backbone.load(checkpoint)

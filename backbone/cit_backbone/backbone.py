@@ -44,7 +44,7 @@ class Backbone:
             return cls(numerics=numerics)
         loaded = load_checkpoint(Path(checkpoint))
         return cls(HfVision(loaded.model, loaded.kind, numerics.device, loaded.normalisation),
-                   LanguageModel(loaded.lm_dir, numerics, loaded.prompt, loaded.visual_grid), loaded.base,
+                   LanguageModel(loaded.lm_dir, numerics, loaded.prompt, loaded.layout), loaded.base,
                    checkpoint_identity(loaded.directory, loaded.kind), numerics)
 
     @property

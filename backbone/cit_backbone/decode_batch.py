@@ -90,15 +90,18 @@ class DecodeBatch:
         mask = torch.zeros(n, width + suffix, dtype=torch.long)
         relative = [lm.image_text_positions(visual.shape[1], len(post)) for post in posts]  # [axes, own] each
         positions = torch.zeros(relative[0].shape[0], n, suffix, dtype=torch.long)
+        prompt = torch.zeros(n, suffix, dtype=torch.bool)  # every row's own columns: all prompt, no answer yet
         for i, (length, own, post) in enumerate(zip(lengths, owns, posts)):
             emb[i, suffix - own :] = torch.cat([visual[i].to(lm.device, lm.dtype), embedded[post]])
             mask[i, width - length : width] = 1
             mask[i, width + suffix - own :] = 1
+            prompt[i, suffix - own :] = True
             positions[:, i] = length  # the masked columns' (nothing attends to them)
             positions[:, i, suffix - own :] += relative[i]
         mask, positions = mask.to(lm.device), positions.to(lm.device)
         with lm.loras.rows(loras):
-            out = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=unaxed(positions),
+            out = lm.model(inputs_embeds=emb, attention_mask=lm.attention(mask, prompt.to(lm.device)),
+                           position_ids=unaxed(positions),
                            cache=DynamicCache(kv, config=lm.model.config), use_cache=True, logits_to_keep=1)
         rows = [_Row(RowState(prompt_tokens=length + own), s,
                      torch.Generator().manual_seed(s.seed) if s.seed is not None else None, lora)

@@ -27,8 +27,13 @@ projection. Its LM is written as Qwen2 with the RoPE sections kept: LanguageMode
 (0, row, column) positions and the text after them positions from the grid's side on, as Qwen2-VL's
 get_rope_index does. The vLLM engine cannot take such positions and refuses the backbone.
 
+PaliGemma (`PaliGemmaForConditionalGeneration`: SigLIP -> multi_modal_projector, one Linear -> Gemma) has no chat
+template: its prompt is what its processor writes, the image, then BOS, the instruction and a line break, and the
+answer ends with EOS. The image and that text attend to each other both ways (a prefix LM; the answer causally:
+VisualLayout); with nothing before the image, there is no prefix to cache.
+
 Image normalisation is the checkpoint's `preprocessor_config.json` where it has one, else the family's default.
-Prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
+Other prompts are what the checkpoint's own chat template writes, the image first in the user turn (prompt.py).
 Limits, checked with clear errors: the tokenizer must have a chat template that keeps the user's text as given;
 InstructBLIP's Q-Former reads the instruction too, which cit's instruction-independent image features cannot give
 it, so InstructBLIP checkpoints are refused.
@@ -47,16 +52,18 @@ from PIL import Image
 
 from .adapters import Connector, ConnectorConfig
 from .conversion import save_to_cache
+from .language_model import VisualLayout
 from .numerics import CPU
 from .paths import cache_dir
-from .prompt import PromptFormat
+from .prompt import INSTRUCTION, PromptFormat
 
 # CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD); Idefics3's (0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "llava_next": (CLIP_MEAN, CLIP_STD),
                  "llava_onevision": (CLIP_MEAN, CLIP_STD), "blip2": (CLIP_MEAN, CLIP_STD),
-                 "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "qwen2_vl": (CLIP_MEAN, CLIP_STD)}
+                 "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "qwen2_vl": (CLIP_MEAN, CLIP_STD),
+                 "paligemma": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 ANYRES = ("llava_next", "llava_onevision")  # base view + tiles, multi_modal_projector, image_newline
 # Qwen2-VL's merged tokens per side of the square cit resizes every image to (16 x 16 = 256 visual tokens: 448 x 448
 # pixels for the released checkpoints' 14-pixel patches merged 2 x 2)
@@ -99,9 +106,10 @@ class HfVision:
             # the tower's output path, with each merged token's patches folded instead of projected: the patches
             # before the merger, grouped and ordered as the merger's output is (Qwen2.5-VL reorders it)
             self.tower.merger.register_forward_hook(lambda merger, args, out: args[0].reshape(out.shape[0], -1))
-        elif kind == "llava" or kind in ANYRES:
+        elif kind in ("llava", "paligemma") or kind in ANYRES:
             self.tower = model.model.vision_tower
-            self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+            if kind != "paligemma":  # PaliGemma reads the tower's last hidden state
+                self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
         elif kind == "idefics3":
             self.tower, self.patch = model.model.vision_model, config.vision_config.patch_size
             connector = model.model.connector
@@ -142,6 +150,8 @@ class HfVision:
             tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops the first (CLS)
             if self.side:
                 tokens = self._base_then_grid(tokens.view(rows, 1 + self.side ** 2, -1, self.dim))
+        elif self.kind == "paligemma":
+            tokens = self.tower(pixels).last_hidden_state
         elif self.kind == "qwen2_vl":
             side = self.size // self.patch
             grid = torch.tensor([[1, side, side]] * rows, device=pixels.device)
@@ -209,7 +219,7 @@ def anyres_side(config, kind: str) -> int:
 def _kind(directory: Path) -> str:
     config = json.loads((directory / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type in ("llava", "qwen2_vl") + ANYRES:
+    if model_type in ("llava", "qwen2_vl", "paligemma") + ANYRES:
         return model_type
     if model_type == "qwen2_5_vl":  # Qwen2-VL's path; the config says where the two differ
         return "qwen2_vl"
@@ -221,7 +231,7 @@ def _kind(directory: Path) -> str:
         raise ValueError("InstructBLIP's Q-Former reads the instruction; cit's image features do not depend on it "
                          "(use a BLIP-2 or LLaVA checkpoint)")
     raise ValueError(f"{directory}: model_type {model_type!r} is not a LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, "
-                     "Idefics3 / SmolVLM, Qwen2-VL or Qwen2.5-VL checkpoint")
+                     "Idefics3 / SmolVLM, Qwen2-VL, Qwen2.5-VL or PaliGemma checkpoint")
 
 
 @dataclass(frozen=True)
@@ -236,11 +246,12 @@ class Checkpoint:
     lm_dir: Path
     prompt: PromptFormat
     normalisation: Normalisation
-    visual_grid: tuple[int, int] | None  # Qwen2-VL: the visual tokens' rows x columns, for M-RoPE positions
+    layout: VisualLayout
 
 
 def load_checkpoint(directory: Path) -> Checkpoint:
-    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, Idefics3 / SmolVLM, Qwen2-VL or Qwen2.5-VL checkpoint."""
+    """A local LLaVA, LLaVA-NeXT, LLaVA-OneVision, BLIP-2, Idefics3 / SmolVLM, Qwen2-VL, Qwen2.5-VL or PaliGemma
+    checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     directory = Path(directory)
@@ -249,16 +260,22 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     cls = classes.get(kind, AutoModelForImageTextToText)  # the others by the config's model_type
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    before, after = AROUND_IMAGE.get(kind, ((), ()))
-    if not set(before + after) <= tokenizer.get_vocab().keys():
-        before, after = (), ()  # a tokenizer without the family's image markup (a test checkpoint's)
-    try:
-        prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
-    except ValueError as exc:
-        raise ValueError(f"{directory}: {exc}") from None
-    grid = (QWEN2_VL_SIDE, QWEN2_VL_SIDE) if kind == "qwen2_vl" else None
+    layout = VisualLayout()
+    if kind == "paligemma":  # its processor's prompt (module docstring)
+        prompt = PromptFormat("", f"{tokenizer.bos_token}{INSTRUCTION}\n", tokenizer.eos_token)
+        layout = VisualLayout(prefix_lm=True)
+    else:
+        before, after = AROUND_IMAGE.get(kind, ((), ()))
+        if not set(before + after) <= tokenizer.get_vocab().keys():
+            before, after = (), ()  # a tokenizer without the family's image markup (a test checkpoint's)
+        try:
+            prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
+        except ValueError as exc:
+            raise ValueError(f"{directory}: {exc}") from None
+        if kind == "qwen2_vl":
+            layout = VisualLayout(visual_grid=(QWEN2_VL_SIDE, QWEN2_VL_SIDE))
     return Checkpoint(directory, kind, model, base_connector(model, kind), _cached_lm(directory, model, tokenizer),
-                      prompt, _normalisation(directory, kind), grid)
+                      prompt, _normalisation(directory, kind), layout)
 
 
 def _normalisation(directory: Path, kind: str) -> Normalisation:
@@ -287,6 +304,8 @@ def vision_tokens(config, kind: str) -> tuple[int, int]:
     """(tokens, width) of the vision features a checkpoint's projection reads."""
     if kind == "blip2":
         return config.num_query_tokens, config.qformer_config.hidden_size
+    if kind == "paligemma":  # SigLIP: one token per patch, no CLS
+        return (config.vision_config.image_size // config.vision_config.patch_size) ** 2, config.vision_config.hidden_size
     if kind == "qwen2_vl":  # merge x merge patches folded into one token; a patch's width is Qwen2.5-VL's hidden_size
         vision = config.vision_config
         width = vision.embed_dim if config.model_type == "qwen2_vl" else vision.hidden_size
@@ -325,6 +344,9 @@ def base_connector(model, kind: str) -> Connector:
                                               merged_patches=config.vision_config.spatial_merge_size ** 2,
                                               norm="layer" if config.model_type == "qwen2_vl" else "rms"))
         state = model.model.visual.merger.state_dict()  # ln_q.*, mlp.0.*, mlp.2.*: the connector's names
+    elif kind == "paligemma":
+        connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear"))
+        state = {f"proj.{k}": v for k, v in model.model.multi_modal_projector.linear.state_dict().items()}
     elif kind == "idefics3":
         connector = Connector(ConnectorConfig(width, hidden, tokens, projector="token_linear", bias=False))
         state = model.model.connector.modality_projection.state_dict()  # proj.weight: the connector's name
@@ -351,7 +373,7 @@ def _cached_lm(directory: Path, model, tokenizer) -> Path:
     target = cache_dir() / f"hf-lm-{digest.hexdigest()[:16]}"
     if (target / "config.json").exists():
         return target
-    if hasattr(model, "model"):  # LLaVA (and NeXT, OneVision), Idefics3, Qwen2-VL: the decoder and the head sit apart
+    if hasattr(model, "model"):  # all but BLIP-2: the decoder and the head sit apart
         lm = AutoModelForCausalLM.from_config(_causal_lm_config(model.config.text_config), dtype=torch.float32)
         decoder = model.model.text_model if hasattr(model.model, "text_model") else model.model.language_model
         state = {f"model.{k}": v for k, v in decoder.state_dict().items()}

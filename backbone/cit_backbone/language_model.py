@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,10 +31,25 @@ def prompt_length(encode, instruction: str, visual_tokens: int, prompt: PromptFo
     return len(encode(before)) + visual_tokens + len(encode(after))
 
 
+@dataclass(frozen=True)
+class VisualLayout:
+    """Where a family's LM puts a prompt's visual tokens and what they attend to. The default: a plain causal LM,
+    positions counted from 0, one per token."""
+
+    visual_grid: tuple[int, int] | None = None  # multimodal RoPE (Qwen2-VL): the visual tokens' rows x columns
+    # PaliGemma: the image and the prompt text after it attend to each other both ways (it counts positions from 1;
+    # rotary attention depends on differences only, so cit's from 0 give the same numbers: tested)
+    prefix_lm: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """One position per token, causal attention: what a prompt-embeddings engine (vLLM) can run."""
+        return self == VisualLayout()
+
+
 class LanguageModel:
     def __init__(self, path: Path | None = None, numerics: Numerics = CPU_FLOAT32,
-                 prompt: PromptFormat = CIT_CHATML, visual_grid: tuple[int, int] | None = None) -> None:
-        """`visual_grid`: rows x columns of the visual tokens, for an LM with multimodal RoPE (Qwen2-VL's)."""
+                 prompt: PromptFormat = CIT_CHATML, layout: VisualLayout = VisualLayout()) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = path = path or converted_lm_dir()
@@ -45,11 +61,11 @@ class LanguageModel:
         pack_linears(self.model)  # frozen CPU weights packed once for oneDNN: decode steps ~3x faster in their matmuls
         self.hidden_size: int = self.model.config.hidden_size
         sections = getattr(self.model.config, "cit_mrope_section", None)
-        if (sections is None) != (visual_grid is None):
+        if (sections is None) != (layout.visual_grid is None):
             raise ValueError("an LM with multimodal RoPE needs the visual tokens' grid, and only such an LM takes one")
         if sections is not None:
             self.model.model.rotary_emb = MultimodalRotary(self.model.model.rotary_emb, sections)
-        self.visual_grid = visual_grid
+        self.layout = layout
         self.eos_id: int = self.encode(prompt.end_of_turn)[0]  # ends an answer: decoding stops, labels end with it
         self.stop_ids = {self.eos_id, self.tokenizer.eos_token_id}
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -80,16 +96,33 @@ class LanguageModel:
 
     def image_text_positions(self, visual_tokens: int, text_tokens: int) -> torch.Tensor:
         """Positions of a row's visual tokens and the text after them, counted from the end of its prefix: [1, V + T]
-        (0, 1, 2, ...), or [3, V + T] under multimodal RoPE (as Qwen2-VL's get_rope_index: visual tokens at
-        (0, row, column) of the grid, the text from max(rows, columns) on in all three)."""
-        if self.visual_grid is None:
+        (0, 1, 2, ...), or [3, V + T] under multimodal RoPE (as Qwen2-VL's get_rope_index:
+        visual tokens at (0, row, column) of the grid, the text from max(rows, columns) on in all three)."""
+        if self.layout.visual_grid is None:
             return torch.arange(visual_tokens + text_tokens).unsqueeze(0)
-        rows, columns = self.visual_grid
+        rows, columns = self.layout.visual_grid
         if rows * columns != visual_tokens:
             raise ValueError(f"{visual_tokens} visual tokens do not fill the {rows} x {columns} grid")
         grid = torch.stack([torch.zeros(visual_tokens, dtype=torch.long), torch.arange(rows).repeat_interleave(columns),
                             torch.arange(columns).repeat(rows)])
         return torch.cat([grid, (max(rows, columns) + torch.arange(text_tokens)).expand(3, -1)], dim=1)
+
+    def attention(self, mask: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a forward pass over new columns. `mask` [rows, keys]: 1 where a column is real;
+        `prompt` [rows, new columns]: the new columns that are prompt (image and the text after it; not answer, not
+        padding). A causal LM takes `mask` as it is; a prefix LM (PaliGemma) an additive [rows, 1, new, keys] one:
+        prompt columns see every prompt column of their row, the others the real columns up to themselves (a
+        padding column that sees none gets the dtype's minimum everywhere: uniform weights, not NaN)."""
+        if not self.layout.prefix_lm:
+            return mask
+        rows, keys = mask.shape
+        start = keys - prompt.shape[1]
+        query = torch.arange(start, keys, device=mask.device)[:, None]
+        key = torch.arange(keys, device=mask.device)[None, :]
+        prompt_keys = torch.cat([prompt.new_zeros(rows, start), prompt], dim=1)
+        allowed = ((key <= query) | (prompt[:, :, None] & prompt_keys[:, None, :])) & mask[:, None, :].bool()
+        additive = torch.zeros(rows, 1, *allowed.shape[1:], dtype=self.dtype, device=mask.device)
+        return additive.masked_fill(~allowed[:, None], torch.finfo(self.dtype).min)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.encode(answer) + [self.eos_id]
@@ -124,15 +157,15 @@ class LanguageModel:
         from transformers import DynamicCache
 
         prefix_of: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        prefixes, suffixes = [], []
+        prefixes, suffixes, prompt_lengths = [], [], []
         for row, instruction in enumerate(instructions):
             pre, post = self.prompt_ids(instruction)
             if instruction not in prefix_of:
                 prefix_of[instruction] = self.prefix(pre, lora)
             prefixes.append(prefix_of[instruction])
             ans = self.answer_ids(answers[row])
-            suffixes.append((torch.cat([visual[row], self.embed(post + ans)]),
-                             [-100] * (visual.shape[1] + len(post)) + ans))
+            prompt_lengths.append(visual.shape[1] + len(post))
+            suffixes.append((torch.cat([visual[row], self.embed(post + ans)]), [-100] * prompt_lengths[-1] + ans))
         rows, lengths = len(suffixes), [p[0][0].shape[2] for p in prefixes]
         width, length = max(lengths), max(len(lab) for _, lab in suffixes)
         emb = torch.zeros(rows, length, self.hidden_size, dtype=self.dtype, device=self.device)  # `visual` cast in
@@ -141,13 +174,16 @@ class LanguageModel:
         for i, ((e, lab), n) in enumerate(zip(suffixes, lengths)):
             emb[i, : len(lab)], labels[i, : len(lab)] = e, torch.tensor(lab)
             mask[i, width - n : width + len(lab)] = 1
-        labels, mask = labels.to(self.device), mask.to(self.device)
+        prompt = torch.zeros(rows, length, dtype=torch.bool)  # the image and the text after it, not the answer
+        for i, own in enumerate(prompt_lengths):
+            prompt[i, :own] = True
+        labels, mask, prompt = labels.to(self.device), mask.to(self.device), prompt.to(self.device)
         kv = [tuple(torch.cat([pad_left(p[layer][part], width - n) for p, n in zip(prefixes, lengths)])
                     for part in (0, 1)) for layer in range(len(prefixes[0]))]
         relative = self.image_text_positions(visual.shape[1], length - visual.shape[1])  # [axes, length]
         positions = unaxed(torch.tensor(lengths).view(1, -1, 1) + relative.unsqueeze(1)).to(self.device)
         with self.loras.rows([lora] * rows):
-            hidden = self.model.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+            hidden = self.model.model(inputs_embeds=emb, attention_mask=self.attention(mask, prompt), position_ids=positions,
                                       cache=DynamicCache(kv, config=self.model.config), use_cache=True).last_hidden_state
         # Logits only where an answer token is predicted: the 49k-wide head is a fifth of the model's compute.
         targets = labels[:, 1:]
@@ -157,6 +193,11 @@ class LanguageModel:
     def prefix(self, ids: list[int], lora: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) [1, heads, len, dim] of a prompt prefix; an LRU of the latest prefixes.
         A LoRA being trained changes the prefix at every step: it is recomputed, with gradients, each time."""
+        if not ids:  # a prompt that starts with the image (PaliGemma's): no keys, no values
+            config = self.model.config
+            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            empty = torch.zeros(1, config.num_key_value_heads, 0, dim, dtype=self.dtype, device=self.device)
+            return [(empty, empty)] * config.num_hidden_layers
         if self.loras.training(lora):
             with self.loras.rows([lora]):
                 out = self.model.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)

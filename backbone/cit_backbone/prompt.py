@@ -5,10 +5,11 @@ instruction, and no system prompt (24 constant tokens a row that teach the conne
 image is then the same for every row of a task, so training and decoding take it from the prefix cache.
 
 A Hugging Face checkpoint's backbone writes what its own chat template writes (`from_chat_template`), with the image
-where its family puts it: first in the user turn (LLaVA, Qwen2-VL, Idefics3, PaliGemma all do). The text before the
-image is then the template's constant markup (one prefix-cache entry for every request), and the instruction runs
-with the image and the assistant markup in each row's own prefill: the running batch pads those per-row parts to a
-common width (decode_batch.DecodeBatch.join), so rows of different instructions still batch.
+where its family puts it: first in the user turn (LLaVA, Qwen2-VL, Idefics3 all do). The text before the image is
+then the template's constant markup (one prefix-cache entry for every request), and the instruction runs with the
+image and the assistant markup in each row's own prefill: the running batch pads those per-row parts to a common
+width (decode_batch.DecodeBatch.join), so rows of different instructions still batch. PaliGemma has no template:
+its processor's prompt starts with the image (nothing before it: an empty prefix).
 """
 from __future__ import annotations
 

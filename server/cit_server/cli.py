@@ -48,7 +48,7 @@ def serve(
     metrics_top_tasks: Annotated[int, typer.Option(help="the busiest tasks get per-task metrics (requests, latency, tokens, fall-backs by task and version); the rest count as 'other'")] = _default("metrics_top_tasks"),
     metrics_host: Annotated[str, typer.Option(help="address the unauthenticated metrics listen on (loopback unless you mean it)")] = _default("metrics_host"),
     grace_seconds: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: time in-flight requests get to finish")] = _default("grace_seconds"),
-    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local Hugging Face checkpoint directory as the backbone (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, BLIP-2, Idefics3 / SmolVLM) (default: cit's own); the registry's tasks must have been trained on it")] = None,
+    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local Hugging Face checkpoint directory as the backbone (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, PaliGemma, BLIP-2, Idefics3 / SmolVLM) (default: cit's own); the registry's tasks must have been trained on it")] = None,
     device: Annotated[str, typer.Option(envvar="CIT_DEVICE", help=DEVICE_HELP)] = _default("device"),
     dtype: Annotated[str, typer.Option(envvar="CIT_DTYPE", help=DTYPE_HELP)] = _default("dtype"),
     engine: Annotated[str, typer.Option(help="where the LM decodes: 'embedded' (in this process) or 'vllm' (a vLLM worker process)")] = _default("engine"),

@@ -178,9 +178,10 @@ class Engine:
         self.adapters = AdapterStore(self.registry, self.backbone, config.adapter_cache_size,
                                      config.adapter_cache_bytes, config.pinned_tasks)
         self._check_backbone()
-        if config.engine == "vllm" and self.backbone.lm.visual_grid is not None:
-            raise ValueError("--engine vllm takes prompt embeddings with one position per token; this backbone's LM "
-                             "(Qwen2-VL's) places image tokens by multimodal RoPE: serve it with --engine embedded")
+        if config.engine == "vllm" and not self.backbone.lm.layout.plain:
+            raise ValueError("--engine vllm takes prompt embeddings with one position per token under causal "
+                             f"attention; this backbone's LM does not ({self.backbone.lm.layout}: multimodal RoPE or a "
+                             "prompt seen both ways): serve it with --engine embedded")
         self.metrics = Metrics(self.adapters, config.metrics_top_tasks)
         self.admission = Admission(config.max_requests)
         self._model_lock = threading.Lock()  # one forward pass at a time: 2 cores gain nothing from more

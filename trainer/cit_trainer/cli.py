@@ -104,7 +104,7 @@ def add_task_cmd(
     seed: int = 0,
     max_train: Annotated[int | None, typer.Option(help="use at most N training samples")] = None,
     max_eval: Annotated[int | None, typer.Option(help="evaluate on at most N test samples")] = 300,
-    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local Hugging Face checkpoint directory as the backbone (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, BLIP-2, Idefics3 / SmolVLM) (default: cit's own); the server must use the same")] = None,
+    backbone: Annotated[Path | None, typer.Option(envvar="CIT_BACKBONE", help="a local Hugging Face checkpoint directory as the backbone (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, PaliGemma, BLIP-2, Idefics3 / SmolVLM) (default: cit's own); the server must use the same")] = None,
     max_forgetting: Annotated[float | None, typer.Option(help="points of accuracy the new version may lose on any data set its adapter already served (re-measured); more, and it is committed as a candidate that serves nothing until `cit-registry promote` (default: no gate)")] = None,
     device: DEVICE = "auto",
     dtype: DTYPE = "float32",
