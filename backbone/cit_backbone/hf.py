@@ -1,11 +1,12 @@
 """Backbones from Hugging Face multimodal checkpoints in a local directory.
 
 LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower -> multi_modal_projector -> LM), LLaVA-NeXT and
-LLaVA-OneVision (the same, on tiles: see below), Qwen2-VL (below), BLIP-2 (`Blip2ForConditionalGeneration`: ViT ->
-Q-Former -> language_projection -> LM) and Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle
--> connector.modality_projection -> LM; one global image, no splitting into tiles). The checkpoint's projection
-becomes the base connector and the shape of every task's projection (EProj: `token_mlp` or `token_linear`); the
-vision side (with Idefics3's pixel shuffle, which has no weights) and the LM stay frozen. The LM is written once into
+LLaVA-OneVision (the same, on tiles), Qwen2-VL / Qwen2.5-VL and PaliGemma (each below), BLIP-2
+(`Blip2ForConditionalGeneration`: ViT -> Q-Former -> language_projection -> LM) and Idefics3 / SmolVLM
+(`Idefics3ForConditionalGeneration`: SigLIP tower -> pixel shuffle -> connector.modality_projection -> LM; one global
+image, no splitting into tiles). The checkpoint's projection becomes the base connector and the shape of every
+task's projection (EProj: `token_mlp`, `token_linear` or `merger`); the vision side (with Idefics3's pixel shuffle,
+which has no weights) and the LM stay frozen. The LM is written once into
 the local cache as a plain causal LM, so that LanguageModel (decode loop, LoRAs, prefix cache) runs it like the
 default one.
 
@@ -57,7 +58,7 @@ from .numerics import CPU
 from .paths import cache_dir
 from .prompt import INSTRUCTION, PromptFormat
 
-# CLIP's and BLIP-2's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD); Idefics3's (0.5, 0.5)
+# CLIP's image normalisation (transformers.image_utils.OPENAI_CLIP_MEAN / _STD); SigLIP's (Idefics3, PaliGemma) 0.5, 0.5
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALISATION = {"llava": (CLIP_MEAN, CLIP_STD), "llava_next": (CLIP_MEAN, CLIP_STD),
@@ -180,7 +181,7 @@ class HfVision:
         as one grid, row by row (pack_image_features' order; the projection is per token, so ordering the vision
         tokens before it equals ordering the projected ones after it)."""
         rows, n, dim = tokens.shape[0], self.side, self.dim
-        h = round((tokens.shape[2]) ** 0.5)
+        h = round(tokens.shape[2] ** 0.5)  # patches a side of one view
         grid = tokens[:, 1:].reshape(rows, n, n, h, h, dim).permute(0, 1, 3, 2, 4, 5).reshape(rows, -1, dim)
         return torch.cat((tokens[:, 0], grid), dim=1)
 
