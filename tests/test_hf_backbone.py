@@ -28,6 +28,11 @@ def tiny_text_config():
                        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=False)
 
 
+# every tiny vision tower: 32 x 32 pixels in 8-pixel patches (16 patches), two 32-wide layers
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 32, "patch_size": 8}
+
+
 def save_checkpoint(model, directory):
     from transformers import AutoTokenizer
 
@@ -41,8 +46,7 @@ def llava_dir(tmp_path_factory):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
+    vision = CLIPVisionConfig(**TINY_VISION)
     config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     return save_checkpoint(LlavaForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("llava"))
@@ -54,8 +58,7 @@ def blip2_dir(tmp_path_factory):
 
     torch.manual_seed(1)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        vision_config=Blip2VisionConfig(**TINY_VISION).to_dict(),
         qformer_config=Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, encoder_hidden_size=32, vocab_size=100).to_dict(),
         text_config=tiny_text_config().to_dict(), num_query_tokens=4, image_token_index=IMAGE_TOKEN)
@@ -68,8 +71,7 @@ def idefics3_dir(tmp_path_factory):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
 
     torch.manual_seed(2)
-    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=32, patch_size=8)
+    vision = Idefics3VisionConfig(**TINY_VISION)
     config = Idefics3Config(vision_config=vision.to_dict(), text_config=tiny_text_config().to_dict(), scale_factor=2,
                             image_token_id=IMAGE_TOKEN)
     return save_checkpoint(Idefics3ForConditionalGeneration(config).eval(), tmp_path_factory.mktemp("idefics3"))
@@ -85,8 +87,7 @@ def llava_next_dir(tmp_path_factory):
     from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(3)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
+    vision = CLIPVisionConfig(**TINY_VISION)
     config = LlavaNextConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=TINY_PINPOINTS)
@@ -99,8 +100,7 @@ def llava_onevision_dir(tmp_path_factory):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
 
     torch.manual_seed(4)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=32, patch_size=8)
+    vision = SiglipVisionConfig(**TINY_VISION)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=tiny_text_config(), image_token_index=IMAGE_TOKEN,
                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
                                   image_grid_pinpoints=TINY_PINPOINTS)
@@ -148,8 +148,7 @@ def paligemma_dir(tmp_path_factory):
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
 
     torch.manual_seed(7)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=32, patch_size=8, projection_dim=64)
+    vision = SiglipVisionConfig(**TINY_VISION, projection_dim=64)
     text = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512)
     config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projection_dim=64)
