@@ -128,6 +128,32 @@ def test_vllm_gives_the_embedded_engines_greedy_tokens_in_one_mixed_batch_and_ou
     assert steps > at_most_two, "the three requests never ran in one batch"
 
 
+def test_a_worker_with_two_data_parallel_replicas_answers_as_the_embedded_engine_does(mixed_registry, backbone,
+                                                                                      vllm_python):
+    """--vllm-data-parallel-size reaches vLLM: two replicas of the LM in one worker (vLLM's CPU build runs them as
+    two engine cores), base, EProj and LoRA rows answered with the embedded engine's greedy tokens."""
+    config = dict(registry=mixed_registry, routing_margin=1.0, batch_window_ms=2000, adapter_cache_size=5,
+                  max_batch_size=5)
+    results = {}
+    for engine_kind, extra in (("embedded", {}), ("vllm", dict(engine="vllm", vllm_python=vllm_python,
+                                                               vllm_max_model_len=MAX_MODEL_LEN,
+                                                               vllm_data_parallel_size=2))):
+        engine = Engine(ServerConfig(**config, **extra), backbone=backbone)
+        try:
+            if engine_kind == "vllm":
+                import psutil
+
+                cores = [p for p in psutil.Process(engine.supervisor.worker.proc.pid).children(recursive=True)
+                         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+                assert len(cores) == 2, [p.name() for p in cores]
+            results[engine_kind] = answers(engine)
+        finally:
+            engine.close()
+            for adapter in engine.adapters.resident():
+                engine.adapters.evict(adapter)
+    assert results["vllm"] == results["embedded"] and len({text for _, text, _ in results["embedded"]}) == 3
+
+
 @pytest.fixture(scope="module")
 def checkpoint_backbone(tmp_path_factory):
     """A tiny random LLaVA checkpoint whose chat template is not ChatML (the image first in the user turn), its

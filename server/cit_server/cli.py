@@ -56,6 +56,7 @@ def serve(
     vllm_python: Annotated[str | None, typer.Option(help="with --engine vllm: the python of vLLM's environment (default: $CIT_VLLM_PYTHON, else ./.venv-vllm/bin/python)")] = None,
     vllm_max_model_len: Annotated[int, typer.Option(help="with --engine vllm: the worker's context length (prompt + generated tokens)")] = _default("vllm_max_model_len"),
     vllm_tensor_parallel_size: Annotated[int, typer.Option(help="with --engine vllm on GPUs: how many GPUs the worker shards the LM over")] = _default("vllm_tensor_parallel_size"),
+    vllm_data_parallel_size: Annotated[int, typer.Option(help="with --engine vllm: replicas of the LM in the worker (vLLM's data parallelism, each with --vllm-tensor-parallel-size GPUs); vLLM spreads the rows over them")] = _default("vllm_data_parallel_size"),
     vllm_gpu_memory_utilization: Annotated[float, typer.Option(help="with --engine vllm on GPUs: the share of each GPU's memory the worker may take")] = _default("vllm_gpu_memory_utilization"),
 ) -> None:
     """Start the server; it prints `cit-server listening on HOST:PORT` once it accepts requests."""

@@ -45,6 +45,7 @@ class ServerConfig:
     vllm_python: str | None = None     # the interpreter of vLLM's environment for that worker
     vllm_max_model_len: int = 2048     # the worker's context length (prompt + generated tokens)
     vllm_tensor_parallel_size: int = 1  # GPUs the worker shards the LM over (vLLM's tensor parallelism)
+    vllm_data_parallel_size: int = 1   # replicas of the LM in the worker, each on its own GPUs; vLLM balances rows
     vllm_gpu_memory_utilization: float = 0.9  # share of each GPU's memory the worker may take (vLLM's default)
 
     def __post_init__(self) -> None:
@@ -79,8 +80,10 @@ class ServerConfig:
                 raise FileNotFoundError(f"no such file: {path}")
         if self.engine not in ("embedded", "vllm"):
             raise ValueError(f"engine must be 'embedded' or 'vllm', got {self.engine!r}")
-        if self.vllm_tensor_parallel_size < 1 or not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            raise ValueError("vllm_tensor_parallel_size must be >= 1 and vllm_gpu_memory_utilization in (0, 1]")
+        if min(self.vllm_tensor_parallel_size, self.vllm_data_parallel_size) < 1 \
+                or not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError("vllm_tensor_parallel_size and vllm_data_parallel_size must be >= 1 and "
+                             "vllm_gpu_memory_utilization in (0, 1]")
         if not 0 <= self.metrics_top_tasks <= 1000:
             raise ValueError("metrics_top_tasks must be in 0..1000 (each task adds a dozen series)")
         if self.grace_seconds < 0:

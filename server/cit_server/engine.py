@@ -223,7 +223,8 @@ class Engine:
                              self.config.adapter_cache_size, self.config.vllm_max_model_len,
                              dtype=self.backbone.numerics.dtype_name,
                              tensor_parallel_size=self.config.vllm_tensor_parallel_size,
-                             gpu_memory_utilization=self.config.vllm_gpu_memory_utilization)
+                             gpu_memory_utilization=self.config.vllm_gpu_memory_utilization,
+                             data_parallel_size=self.config.vllm_data_parallel_size)
 
     def _follow_worker(self) -> None:
         """Scheduler thread, before rows join or step: when the worker has changed or died, the running rows end

@@ -140,14 +140,15 @@ class WorkerProcess:
     def __init__(self, python: str, model: Path, max_loras: int,
                  max_model_len: int = ServerConfig.vllm_max_model_len, timeout: float = WORKER_START_TIMEOUT_S,
                  dtype: str = ServerConfig.dtype, tensor_parallel_size: int = ServerConfig.vllm_tensor_parallel_size,
-                 gpu_memory_utilization: float = ServerConfig.vllm_gpu_memory_utilization) -> None:
+                 gpu_memory_utilization: float = ServerConfig.vllm_gpu_memory_utilization,
+                 data_parallel_size: int = ServerConfig.vllm_data_parallel_size) -> None:
         """The defaults are the server's (ServerConfig owns them)."""
         # Its log (stderr) goes where the server's goes.
         self.proc = subprocess.Popen(
             [python, "-m", "cit_server.vllm_worker", "--model", str(model), "--port", "0",
              "--max-loras", str(max_loras), "--max-model-len", str(max_model_len), "--dtype", dtype,
-             "--tensor-parallel-size", str(tensor_parallel_size), "--gpu-memory-utilization",
-             str(gpu_memory_utilization), "--parent-pid", str(os.getpid())],
+             "--tensor-parallel-size", str(tensor_parallel_size), "--data-parallel-size", str(data_parallel_size),
+             "--gpu-memory-utilization", str(gpu_memory_utilization), "--parent-pid", str(os.getpid())],
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             self.target = self._wait_for_port(timeout)

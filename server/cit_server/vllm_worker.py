@@ -77,7 +77,8 @@ async def start_engine(args: argparse.Namespace):
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
-        tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prompt_embeds=True, enable_lora=True, max_lora_rank=args.max_lora_rank,
         # One slot more than adapters in use: vLLM gives base rows the last slot when all are full (STACK.md).
         max_loras=args.max_loras + 1, max_cpu_loras=args.max_loras + 1, lora_target_modules=LORA_TARGETS))
@@ -128,6 +129,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the LM's precision (cit-server passes its --dtype)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the LM over")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="replicas of the LM (each on --tensor-parallel-size GPUs); vLLM spreads requests over them")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU's memory vLLM may take (ignored by vLLM's CPU build)")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
