@@ -8,7 +8,9 @@ tiny random LLaVA checkpoint and a word-level tokenizer are built here.
 
 Prints: greedy tokens on the device against a float32 CPU run of the same checkpoint (agreement, and the worst
 logit gap of a disagreeing token), a task projection trained on the device (loss before and after), that task
-served by the embedded engine on the device (routed, answered), and decode throughput at batch 8.
+served by the embedded engine on the device (routed, answered), decode throughput at batch 8, and greedy tokens
+of tiny Qwen2-VL and PaliGemma checkpoints on the device against the CPU (the families whose positions, masks
+and rotary embedding cit builds itself).
 """
 from __future__ import annotations
 
@@ -33,34 +35,55 @@ from cit_backbone.backbone import Backbone  # noqa: E402
 from cit_backbone.numerics import Numerics  # noqa: E402
 from cit_backbone.sampling import Sampling  # noqa: E402
 
-WORDS = ["<pad>", "<eos>", "<eot>", "User", "Assistant", ":", "\n", "the", "a", "what", "is", "in", "image", "picture",
+WORDS = ["<pad>", "<eos>", "<eot>", "<bos>", "User", "Assistant", ":", "\n", "the", "a", "what", "is", "in", "image", "picture",
          "describe", "name", "it", "this", "?", ".", "red", "blue", "circle", "square", "noise", "static", "one", "two"]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{{ m['content'] }}<eot>\n{% endfor %}"
             "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def tiny_checkpoint(directory: Path) -> Path:
-    """A tiny random LLaVA (CLIP tower, Llama LM) and a word-level tokenizer with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+VOCAB = {w: i for i, w in enumerate(WORDS + ["<image>", "<unk>"])}
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": len(VOCAB), "max_position_embeddings": 512}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
 
-    vocab = {w: i for i, w in enumerate(WORDS + ["<image>", "<unk>"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+
+def tiny_checkpoint(directory: Path, family: str = "llava") -> Path:
+    """A tiny random checkpoint of a family (LLaVA: CLIP tower, Llama LM; Qwen2-VL: its tower and a Qwen2 LM with
+    multimodal RoPE; PaliGemma: SigLIP and Gemma) and a word-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>", additional_special_tokens=["<eot>", "<image>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=["<eot>", "<image>"])
     tokenizer.chat_template = TEMPLATE
     torch.manual_seed(0)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=256,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+    _tiny_model(family).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _tiny_model(family: str):
+    import transformers as tf
+
+    image = VOCAB["<image>"]
+    if family == "qwen2_vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 8,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2}
+        return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+            text_config={**TEXT, "rope_parameters": rope}, vision_config=vision, image_token_id=image))
+    if family == "paligemma":
+        return tf.PaliGemmaForConditionalGeneration(tf.PaliGemmaConfig(
+            vision_config=tf.SiglipVisionConfig(**VISION, projection_dim=64),
+            text_config=tf.GemmaConfig(**TEXT, head_dim=16), image_token_index=image, projection_dim=64))
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(**VISION), text_config=tf.LlamaConfig(**TEXT, tie_word_embeddings=False),
+        image_token_index=image, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu"))
 
 
 def images(n: int) -> list[Image.Image]:
@@ -120,6 +143,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"decode: {rows} rows x 64 tokens in {seconds:.2f} s, {rows * 64 / seconds:.0f} tokens/s "
               "(tiny model: this times cit's loop, not the GPU's arithmetic)")
+
+        for family in ("qwen2_vl", "paligemma"):
+            directory = tiny_checkpoint(Path(tmp) / family, family)
+            reference, device = Backbone.load(directory), Backbone.load(directory, numerics)
+            cpu_tokens, device_tokens = run(reference), run(device)
+            same = sum(a == b for a, b in zip(cpu_tokens, device_tokens))
+            print(f"{family}: greedy tokens, {numerics} vs cpu float32: {same} of 8 rows equal")
 
 
 def serve(backbone: Backbone, task, tmp: Path, features: torch.Tensor) -> None:

@@ -145,5 +145,6 @@ def test_the_gpu_check_script_runs_its_steps_on_the_cpu():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for step in ("greedy tokens, cpu bfloat16 vs cpu float32", "a projection trained on cpu",
-                 "served by the embedded engine", "decode: 8 rows x 64 tokens"):
+                 "served by the embedded engine", "decode: 8 rows x 64 tokens", "qwen2_vl: greedy tokens",
+                 "paligemma: greedy tokens"):
         assert step in proc.stdout, proc.stdout
