@@ -165,8 +165,8 @@ def family_inputs(vision, ids, image, prompt):
     pixels in the family's shape and what else its forward needs. `prompt`: how many ids are prompt."""
     pixels = vision.views([image])  # [batch, views, channels, height, width]: Idefics3's and anyres' own shape
     if vision.kind == "qwen2_vl":  # flat patches, their grid, and which tokens are the image's (for M-RoPE)
-        side = vision.size // vision.patch
-        return {"pixel_values": vision._patches(pixels[:, 0]), "image_grid_thw": torch.tensor([[1, side, side]]),
+        side = vision.tower.per_side
+        return {"pixel_values": vision.tower.patches(pixels[:, 0]), "image_grid_thw": torch.tensor([[1, side, side]]),
                 "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
     if vision.side:  # the image's size, as the family's processor reports it for cit's square tiled view
         return {"pixel_values": pixels, "image_sizes": torch.tensor([[vision.side * vision.size] * 2])}
@@ -251,7 +251,7 @@ def test_qwen2_vl_images_are_patched_as_its_image_processor_patches_them(qwen2_v
     processor = Qwen2VLImageProcessor(do_resize=False, patch_size=8, merge_size=2, temporal_patch_size=2)
     theirs = processor(square, return_tensors="pt")
     assert theirs.image_grid_thw.tolist() == [[1, 32, 32]]
-    ours = vision._patches(vision.views([square])[:, 0])
+    ours = vision.tower.patches(vision.views([square])[:, 0])
     assert ours.shape == theirs.pixel_values.shape and torch.allclose(ours, theirs.pixel_values, atol=1e-5)
 
 

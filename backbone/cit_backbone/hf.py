@@ -92,35 +92,14 @@ class HfVision:
     their mean over tokens (`pooled`), generation the tokens themselves."""
 
     def __init__(self, model, kind: str, device: torch.device = CPU, normalisation: Normalisation | None = None) -> None:
-        """`model`: the checkpoint's model, whose vision side this takes over (Qwen2-VL's merger then folds its
-        input instead of projecting it)."""
+        """`model`: the checkpoint's model, whose vision side this takes over (`vision_tower`)."""
         config = model.config
         self.device = device  # float32, features returned on the CPU, as VisionTower's
         self.kind, self.size = kind, square_size(config, kind)
         self.normalisation = normalisation or NORMALISATION[kind]
         self.tokens, self.dim = vision_tokens(config, kind)
         self.side = anyres_side(config, kind) if kind in ANYRES else 0  # tiles per side of the tiled view
-        if kind == "qwen2_vl":
-            vision = config.vision_config
-            self.tower, self.patch, self.merge = model.model.visual, vision.patch_size, vision.spatial_merge_size
-            self.temporal = vision.temporal_patch_size
-            # the tower's output path, with each merged token's patches folded instead of projected: the patches
-            # before the merger, grouped and ordered as the merger's output is (Qwen2.5-VL reorders it)
-            self.tower.merger.register_forward_hook(lambda merger, args, out: args[0].reshape(out.shape[0], -1))
-        elif kind in ("llava", "paligemma") or kind in ANYRES:
-            self.tower = model.model.vision_tower
-            if kind != "paligemma":  # PaliGemma reads the tower's last hidden state
-                self.layer, self.strategy = config.vision_feature_layer, config.vision_feature_select_strategy
-        elif kind == "idefics3":
-            self.tower, self.patch = model.model.vision_model, config.vision_config.patch_size
-            connector = model.model.connector
-            self.shuffle = lambda hidden: connector.pixel_shuffle(hidden, connector.scale_factor)
-        else:
-            self.tower, self.qformer, self.query = model.vision_model, model.qformer, model.query_tokens
-        for module in [self.tower] + ([self.qformer] if kind == "blip2" else []):
-            module.eval().requires_grad_(False).to(device)
-        if kind == "blip2":
-            self.query = self.query.to(device)
+        self.tower = vision_tower(model, kind).eval().requires_grad_(False).to(device)
 
     @property
     def feature_dim(self) -> int:
@@ -145,36 +124,10 @@ class HfVision:
     @torch.inference_mode()
     def encode_pixels(self, views: torch.Tensor) -> torch.Tensor:
         """[B, views, 3, size, size] (`views`) -> [B, tokens * dim]."""
-        rows, pixels = views.shape[0], views.flatten(0, 1)
-        if self.kind == "llava" or self.side:
-            hidden = self.tower(pixels, output_hidden_states=True).hidden_states[self.layer]
-            tokens = hidden[:, 1:] if self.strategy == "default" else hidden  # "default" drops the first (CLS)
-            if self.side:
-                tokens = self._base_then_grid(tokens.view(rows, 1 + self.side ** 2, -1, self.dim))
-        elif self.kind == "paligemma":
-            tokens = self.tower(pixels).last_hidden_state
-        elif self.kind == "qwen2_vl":
-            side = self.size // self.patch
-            grid = torch.tensor([[1, side, side]] * rows, device=pixels.device)
-            tokens = self.tower(self._patches(pixels), grid_thw=grid).pooler_output  # the merger folds (above)
-        elif self.kind == "idefics3":
-            side = self.size // self.patch  # every patch is image: no padding to mask
-            mask = torch.ones(pixels.shape[0], side, side, dtype=torch.bool, device=pixels.device)
-            tokens = self.shuffle(self.tower(pixel_values=pixels, patch_attention_mask=mask).last_hidden_state)
-        else:
-            image = self.tower(pixel_values=pixels).last_hidden_state
-            mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-            tokens = self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
-                                  encoder_attention_mask=mask).last_hidden_state
+        rows, tokens = views.shape[0], self.tower(views.flatten(0, 1))
+        if self.side:
+            tokens = self._base_then_grid(tokens.view(rows, 1 + self.side ** 2, -1, self.dim))
         return tokens.reshape(rows, -1)
-
-    def _patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, size, size] -> Qwen2-VL's flat patches [B * patches, 3 * temporal * patch^2]: merge x merge blocks
-        of patches in a row, each patch repeated over the temporal patch (an image is a one-frame video), as the
-        family's image processor lays them out."""
-        rows, m, p, g = pixels.shape[0], self.merge, self.patch, self.size // (self.merge * self.patch)
-        blocks = pixels.reshape(rows, 3, g, m, p, g, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-        return blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1).reshape(rows * (g * m) ** 2, -1)
 
     def _base_then_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, 1 + side^2 views, patches, dim] -> [B, tokens, dim]: the base view's patches, then the tiles' patches
@@ -187,6 +140,92 @@ class HfVision:
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         return features.view(features.shape[0], self.tokens, self.dim).mean(dim=1)
+
+
+def vision_tower(model, kind: str) -> torch.nn.Module:
+    """A family's vision side up to its projection: views [N, 3, size, size] -> vision tokens [N, tokens, dim]
+    (Qwen2-VL: [N * tokens, dim])."""
+    config = model.config
+    if kind == "qwen2_vl":
+        return MergerTower(model.model.visual, model.model.visual.merger, config.vision_config,
+                           square_size(config, kind))
+    if kind == "idefics3":
+        return ShuffledTower(model.model.vision_model, model.model.connector, config.vision_config.patch_size)
+    if kind == "blip2":
+        return QFormerTower(model.vision_model, model.qformer, model.query_tokens)
+    if kind == "paligemma":
+        return HiddenStateTower(model.model.vision_tower)
+    return HiddenStateTower(model.model.vision_tower, config.vision_feature_layer,
+                            config.vision_feature_select_strategy)
+
+
+class HiddenStateTower(torch.nn.Module):
+    """LLaVA, NeXT, OneVision: the tower's hidden states at `layer` ("default" selection: the first, CLS, dropped);
+    PaliGemma: its last hidden state."""
+
+    def __init__(self, tower: torch.nn.Module, layer: int | None = None, strategy: str = "full") -> None:
+        super().__init__()
+        self.tower, self.layer, self.strategy = tower, layer, strategy
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            return self.tower(pixels).last_hidden_state
+        hidden = self.tower(pixels, output_hidden_states=True).hidden_states[self.layer]
+        return hidden[:, 1:] if self.strategy == "default" else hidden
+
+
+class ShuffledTower(torch.nn.Module):
+    """Idefics3 / SmolVLM: the SigLIP tower's last hidden state after the connector's pixel shuffle (no weights)."""
+
+    def __init__(self, tower: torch.nn.Module, connector, patch: int) -> None:
+        super().__init__()
+        self.tower, self.scale, self.patch = tower, connector.scale_factor, patch
+        self.shuffle = connector.pixel_shuffle  # a method of the connector, not a module of this tower
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        side = pixels.shape[-1] // self.patch  # every patch is image: no padding to mask
+        mask = torch.ones(pixels.shape[0], side, side, dtype=torch.bool, device=pixels.device)
+        return self.shuffle(self.tower(pixel_values=pixels, patch_attention_mask=mask).last_hidden_state, self.scale)
+
+
+class QFormerTower(torch.nn.Module):
+    """BLIP-2: the Q-Former's query outputs over the ViT's last hidden state."""
+
+    def __init__(self, tower: torch.nn.Module, qformer: torch.nn.Module, query: torch.Tensor) -> None:
+        super().__init__()
+        self.tower, self.qformer, self.query = tower, qformer, query
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = self.tower(pixel_values=pixels).last_hidden_state
+        mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        return self.qformer(query_embeds=self.query.expand(image.shape[0], -1, -1), encoder_hidden_states=image,
+                            encoder_attention_mask=mask).last_hidden_state
+
+
+class MergerTower(torch.nn.Module):
+    """Qwen2-VL / Qwen2.5-VL: the tower on flat patches, its states before visual.merger as vision tokens, each
+    token the merge x merge patches the merger would fold. They come from the tower's own output path, the merger
+    folding its input instead of projecting it (a hook): grouped and ordered as the merger's output is (Qwen2.5-VL
+    runs patches in window order and puts the merger's output back)."""
+
+    def __init__(self, tower: torch.nn.Module, merger: torch.nn.Module, vision, size: int) -> None:
+        super().__init__()
+        self.tower, self.patch, self.merge, self.temporal = (tower, vision.patch_size, vision.spatial_merge_size,
+                                                             vision.temporal_patch_size)
+        self.per_side = size // self.patch  # patches a side of the square
+        merger.register_forward_hook(lambda module, args, out: args[0].reshape(out.shape[0], -1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor([[1, self.per_side, self.per_side]] * pixels.shape[0], device=pixels.device)
+        return self.tower(self.patches(pixels), grid_thw=grid).pooler_output
+
+    def patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, size, size] -> the family's flat patches [B * patches, 3 * temporal * patch^2]: merge x merge
+        blocks of patches in a row, each patch repeated over the temporal patch (an image is a one-frame video), as
+        its image processor lays them out."""
+        rows, m, p, g = pixels.shape[0], self.merge, self.patch, self.per_side // self.merge
+        blocks = pixels.reshape(rows, 3, g, m, p, g, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        return blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1).reshape(rows * self.per_side ** 2, -1)
 
 
 def square_size(config, kind: str) -> int:
