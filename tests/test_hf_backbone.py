@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cit_backbone.adapters import Connector, TaskAdapter
+from cit_backbone.adapters import Connector, ConnectorConfig, TaskAdapter
 from cit_backbone.backbone import Backbone
 from cit_backbone.conversion import converted_lm_dir
 from cit_backbone.hf import NORMALISATION
@@ -222,6 +222,33 @@ def test_prompts_come_from_the_checkpoints_chat_template_with_the_image_first(ll
     other = Backbone.load(other_template_dir).lm
     assert other.prompt.texts("What is it?") == ("User:", "\nWhat is it?<|endoftext|>\nAssistant:")
     assert other.eos_id == other.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # answers end, labels end, there
+
+
+def test_qwen2_vl_prompts_put_the_instruction_right_after_the_image(qwen2_vl_dir):
+    """Qwen2-VL's processor writes <|vision_start|><|image_pad|>...<|vision_end|> and then the text, no line break
+    (LLaVA's writes "<image>\n")."""
+    assert Backbone.load(qwen2_vl_dir).lm.prompt.texts("What is it?")[1].startswith("What is it?<|im_end|>")
+
+
+def test_a_prefix_lm_mask_lets_every_column_see_something(paligemma_dir):
+    """With nothing before the image, a shorter row's padding columns see no real column; each must still see
+    itself, or float16 kernels that add the mask in float16 turn the row to NaN, and the next layer spreads it."""
+    lm = Backbone.load(paligemma_dir).lm
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # no prefix columns; row 0 padded on the left by 2
+    prompt = mask.bool()
+    additive = lm.attention(mask, prompt)[:, 0]
+    assert (additive == 0).any(dim=-1).all()
+    assert (additive[0, 2:, 2:] == 0).all() and (additive[0, 2:, :2] < 0).all()  # the prompt sees itself both ways
+
+
+def test_a_connectors_family_options_belong_to_its_projector():
+    """A newline grid on a merger (which would write fewer tokens than it promises), or a merger's options on
+    another projector (silently unused), are refused when the config is made."""
+    ConnectorConfig(feature_dim=8, hidden_size=4, num_tokens=4, projector="token_mlp", grid_rows=2, grid_columns=2)
+    for bad in ({"projector": "merger", "merged_patches": 2, "grid_rows": 2, "grid_columns": 2},
+                {"projector": "token_mlp", "merged_patches": 2}, {"projector": "token_linear", "norm": "rms"}):
+        with pytest.raises(ValueError):
+            ConnectorConfig(**{"feature_dim": 8, "hidden_size": 4, "num_tokens": 4, **bad})
 
 
 def test_each_familys_image_normalisation_is_its_image_processors():

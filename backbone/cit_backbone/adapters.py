@@ -56,12 +56,14 @@ class ConnectorConfig:
             raise ValueError(f"connector dimensions must be positive: {self}")
         grid = self.grid_rows * self.grid_columns
         if (self.grid_rows > 0) != (self.grid_columns > 0) or min(self.grid_rows, self.grid_columns) < 0 \
-                or grid > self.num_tokens or (grid and self.projector == "linear"):
-            raise ValueError(f"a newline grid is rows x columns of a token projector's tokens: {self}")
+                or grid > self.num_tokens or (grid and self.projector not in ("token_mlp", "token_linear")):
+            raise ValueError(f"a newline grid is rows x columns of a token_mlp or token_linear projector's tokens: {self}")
         if self.merged_patches < 1 or self.feature_dim % self.merged_patches:
             raise ValueError(f"a merged token's width is a whole number of patches: {self}")
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"unknown norm {self.norm!r}; choose from layer, rms")
+        if self.projector != "merger" and (self.merged_patches != 1 or self.norm != "layer"):
+            raise ValueError(f"merged_patches and norm belong to the merger projector: {self}")
 
     @property
     def output_tokens(self) -> int:

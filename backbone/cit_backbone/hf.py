@@ -309,7 +309,8 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         if not set(before + after) <= tokenizer.get_vocab().keys():
             before, after = (), ()  # a tokenizer without the family's image markup (a test checkpoint's)
         try:
-            prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)))
+            prompt = PromptFormat.from_chat_template(tokenizer, ("".join(before), "".join(after)),
+                                                     separator="" if kind == "qwen2_vl" else "\n")
         except ValueError as exc:
             raise ValueError(f"{directory}: {exc}") from None
         if kind == "qwen2_vl":

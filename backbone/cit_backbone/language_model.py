@@ -111,8 +111,10 @@ class LanguageModel:
         """The attention mask of a forward pass over new columns. `mask` [rows, keys]: 1 where a column is real;
         `prompt` [rows, new columns]: the new columns that are prompt (image and the text after it; not answer, not
         padding). A causal LM takes `mask` as it is; a prefix LM (PaliGemma) an additive [rows, 1, new, keys] one:
-        prompt columns see every prompt column of their row, the others the real columns up to themselves (a
-        padding column that sees none gets the dtype's minimum everywhere: uniform weights, not NaN)."""
+        prompt columns see every prompt column of their row, the others the real columns up to themselves, and every
+        column itself: a padding column with an empty prefix (PaliGemma's) would otherwise see nothing, and a row of
+        nothing but the dtype's minimum turns to -inf and NaN where float16 adds scores and mask in float16, a NaN
+        that reaches the real rows through the next layer's keys and values."""
         if not self.layout.prefix_lm:
             return mask
         rows, keys = mask.shape
@@ -121,6 +123,7 @@ class LanguageModel:
         key = torch.arange(keys, device=mask.device)[None, :]
         prompt_keys = torch.cat([prompt.new_zeros(rows, start), prompt], dim=1)
         allowed = ((key <= query) | (prompt[:, :, None] & prompt_keys[:, None, :])) & mask[:, None, :].bool()
+        allowed |= key == query
         additive = torch.zeros(rows, 1, *allowed.shape[1:], dtype=self.dtype, device=mask.device)
         return additive.masked_fill(~allowed[:, None], torch.finfo(self.dtype).min)
 

@@ -46,23 +46,22 @@ class PromptFormat:
         return self.before.replace(INSTRUCTION, instruction), self.after.replace(INSTRUCTION, instruction)
 
     @classmethod
-    def from_chat_template(cls, tokenizer, around_image: tuple[str, str] = ("", "")) -> PromptFormat:
-        """The format a tokenizer's chat template writes for one user turn holding the image, a line break and the
-        instruction, followed by the assistant's turn; `around_image`: markup the family writes just before and
-        after the image's tokens. ValueError when it has no template or the template does not keep the user's text
-        as given (a template that, say, strips or escapes it cannot place the image)."""
+    def from_chat_template(cls, tokenizer, around_image: tuple[str, str] = ("", ""),
+                           separator: str = "\n") -> PromptFormat:
+        """The format a tokenizer's chat template writes for one user turn holding the image, `separator` (a line
+        break; Qwen2-VL's processor writes none) and the instruction, followed by the assistant's turn;
+        `around_image`: markup the family writes just before and after the image's tokens. ValueError when it has no
+        template or the template does not keep the user's text as given (a template that, say, strips or escapes it
+        cannot place the image)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the checkpoint's tokenizer has no chat template: cit writes prompts with it")
-        user = {"role": "user", "content": f"{IMAGE}\n{INSTRUCTION}"}
+        user = {"role": "user", "content": f"{IMAGE}{separator}{INSTRUCTION}"}
         prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
         answered = tokenizer.apply_chat_template([user, {"role": "assistant", "content": ANSWER}], tokenize=False)
         if prompt.count(IMAGE) != 1 or prompt.count(INSTRUCTION) != 1 or answered.count(ANSWER) != 1:
             raise ValueError("the checkpoint's chat template does not keep the user's text as given, so cit cannot "
                              "place the image in it")
         before, after = prompt.split(IMAGE)
-        if not before:
-            raise ValueError("the checkpoint's chat template writes nothing before the image; cit needs at least one "
-                             "token there (the prompt prefix every row shares)")
         end_of_turn = answered.split(ANSWER)[1] or (tokenizer.eos_token or "")
         return cls(before + around_image[0], around_image[1] + after, end_of_turn)
 
