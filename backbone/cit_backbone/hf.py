@@ -99,7 +99,7 @@ class HfVision:
         self.normalisation = normalisation or NORMALISATION[kind]
         self.tokens, self.dim = vision_tokens(config, kind)
         self.side = anyres_side(config, kind) if kind in ANYRES else 0  # tiles per side of the tiled view
-        self.tower = vision_tower(model, kind).eval().requires_grad_(False).to(device)
+        self.tower = vision_tower(model, kind, self.size).eval().requires_grad_(False).to(device)
 
     @property
     def feature_dim(self) -> int:
@@ -142,13 +142,12 @@ class HfVision:
         return features.view(features.shape[0], self.tokens, self.dim).mean(dim=1)
 
 
-def vision_tower(model, kind: str) -> torch.nn.Module:
-    """A family's vision side up to its projection: views [N, 3, size, size] -> vision tokens [N, tokens, dim]
-    (Qwen2-VL: [N * tokens, dim])."""
+def vision_tower(model, kind: str, size: int) -> torch.nn.Module:
+    """A family's vision side up to its projection: views [N, 3, size, size] (`size`: square_size's) -> vision
+    tokens [N, tokens, dim] (Qwen2-VL: [N * tokens, dim])."""
     config = model.config
     if kind == "qwen2_vl":
-        return MergerTower(model.model.visual, model.model.visual.merger, config.vision_config,
-                           square_size(config, kind))
+        return MergerTower(model.model.visual, model.model.visual.merger, config.vision_config, size)
     if kind == "idefics3":
         return ShuffledTower(model.model.vision_model, model.model.connector, config.vision_config.patch_size)
     if kind == "blip2":
